@@ -1,0 +1,47 @@
+"""Row copies between a dense tensor and its masked rows, driven by a row map.
+
+The row map is the inverse of the mask's exclusive prefix sum: with ``offsets = cumsum(mask) - mask``,
+``rows[offsets[i]] = i`` for every true ``mask[i]``. Iterating over ``rows`` sizes the grid by the M rows
+that move, so no program idles on an unmasked row.
+"""
+import triton
+import triton.language as tl
+
+from .row_tiles import move_rows
+
+# MODE values (the kernels compare literals: a jit function reads no plain module globals).
+COPY = 0  # dense[rows[j]] = cast(compact[j])
+ADD = 1  # dense[rows[j]] += cast(compact[j])
+GATHER = 2  # compact[j] = cast(dense[rows[j]])
+ZERO = 3  # dense[rows[j]] = 0 (compact is not read)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def row_copy_kernel(
+    # pointers
+    dense_ptr,  # [N, H], unit column stride
+    compact_ptr,  # [M, H], unit column stride
+    rows_ptr,  # [>= M] int32: rows_ptr[j] = index of the j-th true mask row
+    count_ptr,  # [1] int32: how many entries of rows_ptr are valid (read only if HAS_COUNT)
+    # sizes
+    n_rows,  # M
+    H,
+    # strides, in elements
+    stride_dense_row,
+    stride_compact_row,
+    # meta-parameters
+    MODE: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Program p moves compact rows j in [p*ROWS, p*ROWS + ROWS). Only rows j < min(n_rows, count) move,
+    so a row map with fewer (or more) valid rows than n_rows never reads or writes out of bounds."""
+    limit = n_rows
+    if HAS_COUNT:
+        limit = tl.minimum(tl.load(count_ptr), n_rows)
+    j = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = j < limit
+    dense_row = tl.load(rows_ptr + j, mask=row_ok, other=0).to(tl.int64)
+    move_rows(dense_ptr, compact_ptr, dense_row, j.to(tl.int64), row_ok, H, stride_dense_row, stride_compact_row,
+              MODE, BLOCK_H)

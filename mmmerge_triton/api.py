@@ -1,0 +1,195 @@
+"""Public API: the vLLM-compatible merge, and the general masked row scatter, in place and out of place."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import inputs
+from .autograd import TritonScatter
+from .dispatch import choose
+from .inputs import NestedTensors
+from .paths import RUNNERS, merge_triton
+from .plan import MergePlan
+from .rowmap import CountMismatch
+
+
+def _eager(*tensors: torch.Tensor) -> bool:
+    """Whether the call can skip the torch.library dispatcher: plain tensors, no tracing, no dispatch mode.
+    (The dispatcher costs 40-55 µs per eager call, MEASUREMENTS.md; torch.compile and tensor subclasses
+    need the registered op.)"""
+    return (
+        not torch.compiler.is_compiling()
+        and all(type(t) is torch.Tensor for t in tensors)
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+def _mask_of(mask, plan, mask_name: str) -> torch.Tensor:
+    if plan is None:
+        if mask is None:
+            raise TypeError(f"{mask_name} is required (or pass plan=)")
+        return mask
+    if mask is not None:
+        raise ValueError(f"pass {mask_name} or plan=, not both")
+    if not isinstance(plan, MergePlan):
+        raise TypeError(f"plan must be a MergePlan, got {type(plan).__name__}")
+    return plan.mask
+
+
+def _placeholders(mask, plan, check_count: bool) -> int | None:
+    """The mask's true rows, where knowing them costs no sync (a CPU mask), or where the caller asked for
+    the sync (check_count=True); else None."""
+    if mask.device.type == "cpu":
+        return plan.host_count if plan is not None else int(np.count_nonzero(mask.numpy()))
+    if check_count:
+        return int(plan.count.item() if plan is not None else mask.sum().item())
+    return None
+
+
+def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expression=None) -> None:
+    """Check everything, then write dst[mask] = src (or +=) in place. Raises before any write."""
+    dst_name, mask_name, src_name = names
+    inputs.check_dst(dst, dst_name)
+    inputs.check_mask(mask, dst, mask_name, dst_name)
+    inputs.check_src(src, dst, src_name, dst_name)
+    if plan is not None and plan.device != dst.device:
+        raise ValueError(f"plan was built for {plan.device}; {dst_name} is on {dst.device}")
+    if path == "auto":
+        path, config = choose(dst, mask, src)
+    elif path in RUNNERS:
+        config = None
+    else:
+        raise ValueError(f"path must be 'auto' or one of {tuple(RUNNERS)}, got {path!r}")
+    n_rows = src.shape[0]
+    empty = n_rows == 0 or dst.shape[-1] == 0
+    # The Triton path counts a CPU mask itself, from the row map it stages (CountMismatch, before any write).
+    if path != "triton" or plan is not None or empty or mask.device.type != "cpu":
+        placeholders = _placeholders(mask, plan, check_count)
+        if placeholders is not None and placeholders != n_rows:
+            raise inputs.count_mismatch(n_rows, placeholders, expression)
+    if empty:
+        return
+    try:
+        if path != "triton":
+            RUNNERS[path](dst, mask, src, accumulate)
+        elif torch.is_grad_enabled() and (dst.requires_grad or src.requires_grad):
+            TritonScatter.apply(dst, src, mask, plan, accumulate, config)
+        else:
+            merge_triton(dst, mask, src, accumulate, plan.rowmap if plan is not None else None, config)
+            if not dst.is_inference():
+                torch.autograd.graph.increment_version(dst)  # the kernel wrote behind autograd's back
+    except CountMismatch as error:
+        raise inputs.count_mismatch(error.num_rows, error.num_placeholders, expression) from None
+
+
+def masked_row_scatter_(
+    dst: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    src: torch.Tensor | None = None,
+    *,
+    accumulate: bool = False,
+    path: str = "auto",
+    plan: MergePlan | None = None,
+    check_count: bool = False,
+) -> torch.Tensor:
+    """In place: ``dst[mask] = src`` row by row, src cast to dst's dtype (``+=`` with ``accumulate``).
+
+    Args:
+        dst: [..., H] float32/float16/bfloat16, CUDA (or CPU).
+        mask: bool of shape dst.shape[:-1], on the CPU or on dst's device. Its true rows, in order, take
+            src's rows. Or pass ``plan=`` (a MergePlan of the mask) instead.
+        src: [M, H] float32/float16/bfloat16 on dst's device; M must equal the mask's true rows.
+        accumulate: add src's rows (rounded to dst's dtype, added in fp32) instead of overwriting.
+        path: "auto" (the dispatcher), or one of mmmerge_triton.PATHS.
+        check_count: with a mask on the GPU, count its true rows on the host (one sync) and raise on a
+            mismatch. Without it a device mask is never synced: on a mismatch the first min(K, M) true
+            rows take src's first rows, later true rows keep their values, later src rows are unused, and
+            no memory out of bounds is touched. A CPU mask is always checked, at no cost.
+
+    Returns:
+        dst. Differentiable (dst is marked dirty, as any in-place op), except for a leaf that requires grad.
+
+    Raises:
+        ValueError: count mismatch ("Attempted to assign M multimodal tokens to K placeholders"), wrong
+            shapes or devices. TypeError: wrong dtypes or types. Nothing is written when it raises.
+    """
+    mask = _mask_of(mask, plan, "mask")
+    if src is None:
+        raise TypeError("src is required")
+    if not _eager(dst, mask, src):
+        torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, accumulate, path, check_count)
+        return dst
+    _merge_(dst, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
+            names=("dst", "mask", "src"))
+    return dst
+
+
+def masked_row_scatter(
+    dst: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    src: torch.Tensor | None = None,
+    *,
+    accumulate: bool = False,
+    path: str = "auto",
+    plan: MergePlan | None = None,
+    check_count: bool = False,
+) -> torch.Tensor:
+    """Out of place and differentiable in dst and src: a copy of dst with ``[mask] = src`` (or ``+=``).
+
+    Replaces ``dst.masked_scatter(mask[..., None].expand_as(dst), src)``, e.g. [B, S, H] embeddings with a
+    [B, S] mask. Arguments as masked_row_scatter_. Returns a new [..., H] tensor of dst's dtype.
+    """
+    mask = _mask_of(mask, plan, "mask")
+    if src is None:
+        raise TypeError("src is required")
+    if not _eager(dst, mask, src):
+        return torch.ops.mmmerge_triton.masked_row_scatter(dst, mask, src, accumulate, path, check_count)
+    inputs.check_dst(dst, "dst")
+    out = dst.clone()
+    _merge_(out, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
+            names=("dst", "mask", "src"))
+    return out
+
+
+def merge_multimodal_embeddings(
+    inputs_embeds: torch.Tensor,
+    multimodal_embeddings: NestedTensors,
+    is_multimodal: torch.Tensor | None = None,
+    *,
+    path: str = "auto",
+    plan: MergePlan | None = None,
+    check_count: bool = False,
+) -> torch.Tensor:
+    """vLLM's merge, in place: the rows of ``inputs_embeds`` where ``is_multimodal`` is true take the rows of
+    ``multimodal_embeddings``, in order, cast to inputs_embeds' dtype.
+
+    Args:
+        inputs_embeds: [N, H] (or [..., H]) float32/float16/bfloat16.
+        multimodal_embeddings: [M, H] tensor, or a (nested) list/tuple of tensors [..., H] taken in order
+            with their leading dims flattened. An empty list leaves inputs_embeds as it is (as vLLM does).
+        is_multimodal: bool of shape inputs_embeds.shape[:-1], on the CPU (checked and staged without a
+            sync) or on inputs_embeds' device (no sync; see ``check_count``). Or ``plan=``.
+        path, plan, check_count: as masked_row_scatter_.
+
+    Returns:
+        inputs_embeds.
+
+    Raises:
+        ValueError: "Attempted to assign {expr} = {M} multimodal tokens to {K} placeholders" (vLLM's text),
+            or a shape/device error naming the argument. TypeError: bad dtypes. Nothing is written then.
+    """
+    if isinstance(multimodal_embeddings, (list, tuple)) and len(multimodal_embeddings) == 0:
+        return inputs_embeds
+    is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")
+    items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
+    inputs.check_dst(inputs_embeds, "inputs_embeds")
+    for item in items:
+        inputs.check_src(item, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
+    src = items[0] if len(items) == 1 else torch.cat(items)
+    if not _eager(inputs_embeds, is_multimodal, src):
+        torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
+        return inputs_embeds
+    _merge_(inputs_embeds, is_multimodal, src, accumulate=False, path=path, plan=plan, check_count=check_count,
+            names=("inputs_embeds", "is_multimodal", "multimodal_embeddings"),
+            expression=inputs.count_expression(multimodal_embeddings))
+    return inputs_embeds

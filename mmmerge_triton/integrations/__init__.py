@@ -1,0 +1,1 @@
+"""Drop-in switches for model libraries and serving engines."""

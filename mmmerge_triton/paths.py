@@ -1,0 +1,104 @@
+"""The merge paths, one signature each: ``run(dst, mask, src, accumulate, rowmap=None, config=None)``.
+
+Every path writes ``dst[mask] = src`` (or ``+=``) in place, with src cast to dst's dtype. Inputs arrive
+checked (see inputs.py): dst [..., H] fp32/fp16/bf16; mask bool of shape dst.shape[:-1], on the CPU or on
+dst's device; src [M, H] fp32/fp16/bf16 on dst's device. ``rowmap`` (from a MergePlan) and ``config``
+matter to the Triton path only.
+"""
+from __future__ import annotations
+
+import torch
+
+from .rowmap import RowMap, device_rows, host_rows, staged_rows
+from .scatter import ADD, COPY, KernelConfig, as_rows, default_config, mask_row_copy, row_copy, supports
+
+
+def _rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
+    view = as_rows(dst)
+    if view is None:
+        raise ValueError(
+            f"path={path!r} needs the destination's leading dims to flatten to rows without a copy "
+            f"(shape {tuple(dst.shape)}, strides {dst.stride()}); use path='index_put' or 'auto'"
+        )
+    return view
+
+
+def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, config: KernelConfig | None = None):
+    """The Triton row copy. A CPU mask: one launch, its row map staged in pinned memory and read in place.
+    A device mask: one launch that finds offsets in-kernel (``config.fused``), or a row-map build then the
+    copy. Extra device memory: none for a CPU mask or a fused launch, 4 bytes per source row otherwise."""
+    if not supports(dst.device):
+        raise RuntimeError(
+            "path='triton' runs on CUDA tensors; to run it on the CPU, set TRITON_INTERPRET=1 "
+            "before importing mmmerge_triton"
+        )
+    dst2d = _rows_view(dst, "triton")
+    src2d = as_rows(src)
+    if src2d is None:
+        src2d = src.contiguous()
+    n_rows = src2d.shape[0]
+    on_device = dst.is_cuda and mask.device.type != "cpu"
+    cfg = config or default_config(dst2d.shape[1], n_rows, dst2d.shape[0], on_device)
+    mode = ADD if accumulate else COPY
+    if rowmap is None:
+        if not on_device:
+            rowmap = staged_rows(mask, n_rows, dst.device)
+        elif cfg.fused:
+            mask_row_copy(dst2d, src2d, mask.reshape(-1).view(torch.uint8), mode, cfg)
+            return
+        else:
+            rowmap = device_rows(mask, n_rows)
+    row_copy(dst2d, src2d, rowmap.rows, rowmap.count, mode, cfg)
+
+
+def merge_index_put(dst, mask, src, accumulate, rowmap=None, config=None):
+    """``dst[mask] = src.to(dst.dtype)``: what vLLM runs. Since PyTorch 2.9 a CPU mask costs no sync (a
+    host nonzero, then an async copy of K int64 indices); a GPU mask syncs."""
+    dst.index_put_((mask,), src.to(dst.dtype), accumulate=accumulate)
+
+
+def merge_masked_scatter(dst, mask, src, accumulate, rowmap=None, config=None):
+    """Legacy ``dst.masked_scatter_(mask[..., None], src)``: no sync, but it takes a prefix sum over the
+    N*H broadcast mask (about 9 bytes per element of dst). ``accumulate`` adds a dense scattered copy, as
+    engines add deepstack features today."""
+    expanded = mask.to(dst.device, non_blocking=True).unsqueeze(-1)
+    values = src.to(dst.dtype)
+    if accumulate:
+        dst.add_(torch.zeros_like(dst).masked_scatter_(expanded, values))
+    else:
+        dst.masked_scatter_(expanded, values)
+
+
+def merge_index_copy(dst, mask, src, accumulate, rowmap=None, config=None):
+    """Row indices then ``index_copy_`` (``index_add_`` to accumulate). A GPU mask takes SGLang's recipe
+    (cumsum ranks scattered into a row list: no sync, O(N) int64; a count mismatch there ends in a
+    device-side assert); a CPU mask, ``np.flatnonzero`` and a pinned copy."""
+    dst2d = _rows_view(dst, "index_copy")
+    n, m = dst2d.shape[0], src.shape[0]
+    if mask.device.type == "cpu":
+        index = torch.from_numpy(host_rows(mask))
+        if dst.is_cuda:
+            index = index.pin_memory().to(dst.device, non_blocking=True)
+    else:
+        flat = mask.reshape(-1)
+        ranks = torch.cumsum(flat, 0) - 1
+        ranks.masked_fill_(~flat, m)
+        rows = torch.full((m + 1,), n, dtype=torch.long, device=dst.device)
+        rows.scatter_(0, ranks, torch.arange(n, device=dst.device))
+        index = rows[:m]
+    values = src.to(dst.dtype)
+    if accumulate:
+        dst2d.index_add_(0, index, values)
+    else:
+        dst2d.index_copy_(0, index, values)
+
+
+RUNNERS = {
+    "triton": merge_triton,
+    "index_put": merge_index_put,
+    "masked_scatter": merge_masked_scatter,
+    "index_copy": merge_index_copy,
+}
+
+PATHS: tuple[str, ...] = tuple(RUNNERS)
+"""Names accepted by ``path=`` (besides "auto")."""

@@ -1,0 +1,65 @@
+"""MergePlan: a mask's row map built once and kept on the device, for merges that reuse one mask."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .rowmap import RowMap, host_rows
+from .scatter import mask_to_rows
+
+
+class MergePlan:
+    """The row map of a bool mask, resident on one device: ``rows`` [N] int32 (``rows[offsets[i]] = i``
+    for every true ``mask[i]``) and ``count`` [1] int32, the number of true rows.
+
+    Build it once per prompt and pass ``plan=`` to every merge that uses the same mask: deepstack layers
+    (one accumulate launch per layer, no prefix sum redone), or a CUDA graph (the captured kernel reads
+    ``rows`` and ``count`` from the device, so ``update_`` with a new mask of the same N, then a replay,
+    merges the new prompt).
+
+    mask: bool [...] (flattened to N rows), on the CPU or on a CUDA device.
+    device: where the merges run; defaults to the mask's device.
+    """
+
+    def __init__(self, mask: torch.Tensor, device: torch.device | str | None = None):
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        self.device = torch.device(device) if device is not None else mask.device
+        if mask.device.type != "cpu" and mask.device != self.device:
+            raise ValueError(f"mask is on {mask.device}; it must be on the CPU or on the plan's device ({self.device})")
+        self.shape = mask.shape
+        self.num_rows = mask.numel()
+        self.rows = torch.empty(max(self.num_rows, 1), dtype=torch.int32, device=self.device)
+        self.count = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.update_(mask)
+
+    def update_(self, mask: torch.Tensor) -> "MergePlan":
+        """Rebuild the row map in place from a new mask of the same shape (no sync; capturable in a CUDA
+        graph when the mask is on the plan's device)."""
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != self.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}; this plan was built for {tuple(self.shape)}")
+        if mask.device.type != "cpu" and mask.device != self.device:
+            raise ValueError(f"mask is on {mask.device}; it must be on the CPU or on the plan's device ({self.device})")
+        self.mask = mask
+        if mask.device.type == "cpu":
+            rows = host_rows(mask)
+            self.host_count = int(rows.size)
+            staged = torch.from_numpy(np.append(rows, rows.size).astype(np.int32))
+            if self.device.type == "cuda":
+                staged = staged.pin_memory()  # the caching host allocator keeps it until the copy is done
+            self.rows[: rows.size].copy_(staged[:-1], non_blocking=True)
+            self.count.copy_(staged[-1:], non_blocking=True)
+        else:
+            self.host_count = None
+            mask_to_rows(mask.reshape(-1).view(torch.uint8), self.rows, self.count, self.num_rows)
+        return self
+
+    @property
+    def rowmap(self) -> RowMap:
+        return RowMap(self.rows, self.count)
+
+    def __repr__(self) -> str:
+        known = f"count={self.host_count}" if self.host_count is not None else "count on device"
+        return f"MergePlan(num_rows={self.num_rows}, {known}, device={self.device})"

@@ -1,0 +1,145 @@
+"""Host side of the Triton path: kernel configurations, row views, and the launches of the three kernels."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from .kernels import ADD, COPY, GATHER, ZERO, mask_row_copy_kernel, mask_to_rows_kernel, row_copy_kernel
+from .launch import INTERPRET, FastKernel, int_class
+
+_row_copy = FastKernel(row_copy_kernel)
+_mask_row_copy = FastKernel(mask_row_copy_kernel)
+_mask_to_rows = FastKernel(mask_to_rows_kernel)
+
+PREFIX_CHUNK = 4096  # mask bytes per step when a program counts the true rows before its block
+
+
+class KernelConfig(NamedTuple):
+    """How the Triton path runs: a [rows, block_h] tile per program, looped over H.
+
+    fused: for a mask on the device, one launch of mask_row_copy_kernel (each program counts its own
+    prefix) instead of mask_to_rows_kernel + row_copy_kernel. Ignored for a CPU mask.
+    """
+
+    rows: int
+    block_h: int
+    num_warps: int = 8
+    num_stages: int = 1
+    fused: bool = False
+
+
+def default_config(hidden: int, n_rows: int, n_mask: int, mask_on_device: bool) -> KernelConfig:
+    """The untuned rule, used where no tuned table fits (see dispatch.py).
+
+    Tiles of about 8192 elements. Up to 16 rows per program once there are enough rows to fill the GPU:
+    a CPU mask's row map is read over PCIe, one read per program, and on an H100 one row per program made
+    52k reads that cost 1.34x a copy at N=65536, H=5120 (bench/results/probe_h100.md). A device mask of up
+    to 16384 rows takes the one-launch kernel (its prefix re-reads stay small there).
+    """
+    rows = min(16, max(1, 1 << max(0, (n_rows // 512).bit_length() - 1)))
+    block_h = min(triton.next_power_of_2(max(hidden, 1)), max(256, 8192 // rows))
+    fused = mask_on_device and n_mask <= 16384
+    if fused:
+        rows = 16
+        block_h = min(triton.next_power_of_2(max(hidden, 1)), 512)
+    return KernelConfig(rows, block_h, 8, 1, fused)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """A [rows, H] view of ``t`` [..., H] with unit column stride, without a copy; None if there is none."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return None
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def supports(device: torch.device) -> bool:
+    """Whether the Triton path can run on tensors of ``device``."""
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> None:
+    """Move rows between ``dense`` [N, H] and ``compact`` [M, H] (unit column strides) through a row map.
+
+    rows: [>= M] int32 (a tensor, or a RawPointer into pinned memory), 16-byte aligned.
+    count: [1] int32 on the device, the valid entries of rows (only j < min(count, M) move); None: all M.
+    mode: COPY or ADD write dense rows, GATHER writes compact rows, ZERO clears dense rows.
+    """
+    n_rows, hidden = compact.shape
+    if n_rows == 0 or hidden == 0:
+        return
+    device = dense.device.index
+    sd, sc = dense.stride(0), compact.stride(0)
+    has_count = count is not None
+    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16 == 0, compact.data_ptr() % 16 == 0,
+           int_class(hidden), int_class(sd), int_class(sc), mode, has_count, cfg)
+    _row_copy.launch(
+        key,
+        (triton.cdiv(n_rows, cfg.rows), 1),
+        (dense, compact, rows, count if has_count else rows, n_rows, hidden, sd, sc),
+        (mode, has_count, cfg.rows, cfg.block_h),
+        (cfg.num_warps, cfg.num_stages),
+        device,
+    )
+
+
+def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> None:
+    """Move rows between ``dense`` [N, H] and ``compact`` [M, H] straight from ``mask_bytes`` [N] uint8 on the
+    device, in one launch. True rows past M, and compact rows past the mask's count, are left alone."""
+    n = dense.shape[0]
+    n_rows, hidden = compact.shape
+    if n == 0 or n_rows == 0 or hidden == 0:
+        return
+    device = dense.device.index
+    sd, sc = dense.stride(0), compact.stride(0)
+    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16 == 0, compact.data_ptr() % 16 == 0,
+           mask_bytes.data_ptr() % 16 == 0, int_class(hidden), int_class(sd), int_class(sc), mode, cfg)
+    _mask_row_copy.launch(
+        key,
+        (triton.cdiv(n, cfg.rows), 1),
+        (dense, compact, mask_bytes, n, n_rows, hidden, sd, sc),
+        (mode, cfg.rows, cfg.block_h, PREFIX_CHUNK),
+        (cfg.num_warps, cfg.num_stages),
+        device,
+    )
+
+
+def scan_block(n: int) -> int:
+    """Mask bytes per program of mask_to_rows_kernel: 1024 to 16384, about 64 programs up to N = 1M."""
+    return min(max(1024, triton.next_power_of_2(triton.cdiv(n, 64))), 16384)
+
+
+def mask_to_rows(mask_bytes: torch.Tensor, rows: torch.Tensor, count: torch.Tensor, capacity: int) -> None:
+    """Write the row map of ``mask_bytes`` [N] uint8 into ``rows`` [>= capacity] int32 and its true-row count
+    into ``count`` [1] int32, on the device; entries past ``capacity`` are dropped."""
+    n = mask_bytes.numel()
+    if n == 0:
+        count.zero_()
+        return
+    block = scan_block(n)
+    device = mask_bytes.device.index
+    key = (device, mask_bytes.data_ptr() % 16 == 0, block)
+    _mask_to_rows.launch(key, (triton.cdiv(n, block), 1), (mask_bytes, rows, count, n, capacity),
+                         (block, PREFIX_CHUNK), (8, 1), device)
+
+
+def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig) -> torch.Tensor:
+    """out[j] = dense2d[rows[j]] cast to ``dtype``: [n_rows, H]; rows past the map's count are zero."""
+    out = torch.zeros(n_rows, dense2d.shape[1], dtype=dtype, device=dense2d.device)
+    row_copy(dense2d, out, rows, count, GATHER, cfg)
+    return out
+
+
+def zero_rows(dense2d, rows, count, n_rows: int, cfg: KernelConfig) -> None:
+    """dense2d[rows[j]] = 0 for the first n_rows entries of the map (j < count)."""
+    shape_only = dense2d.new_empty(()).expand(n_rows, dense2d.shape[1])  # ZERO never reads it
+    row_copy(dense2d, shape_only, rows, count, ZERO, cfg)
+
+
+__all__ = ["KernelConfig", "COPY", "ADD", "GATHER", "ZERO"]

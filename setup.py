@@ -1,0 +1,29 @@
+from setuptools import setup
+
+# The kernels live in the top-level kernels/ folder (pure Triton) and install as mmmerge_triton.kernels:
+# never as a top-level module named `kernels`, a name another popular package owns.
+setup(
+    name="mmmerge_triton",
+    version="0.1.0",
+    description="Triton kernels for the multimodal embedding merge of vision-language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["mmmerge_triton", "mmmerge_triton.kernels", "mmmerge_triton.integrations"],
+    package_dir={"mmmerge_triton": "mmmerge_triton", "mmmerge_triton.kernels": "kernels"},
+    package_data={"mmmerge_triton": ["configs/*.json"]},
+    # Triton: 3.6 on the H100 image; CI's interpreter runs 3.9. Capped below the next minor, whose
+    # compiled-launcher contract this package has not been checked against.
+    install_requires=["torch>=2.9", "triton>=3.6,<3.10", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "bench": ["matplotlib", "tqdm"],
+        "models": ["transformers>=4.57"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mmmerge-bench=mmmerge_triton.bench.__main__:main",
+            "mmmerge-tune=mmmerge_triton.tune:main",
+        ],
+    },
+)
