@@ -22,7 +22,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mmmerge-bench=mmmerge_triton.bench.__main__:main",
+            "mmmerge-bench=mmmerge_triton.bench:main",
             "mmmerge-tune=mmmerge_triton.tune:main",
         ],
     },

@@ -34,5 +34,6 @@ def mask_row_copy_kernel(
     is_true = tl.load(mask_ptr + i, mask=i < n, other=0).to(tl.int32)
     offsets = prefix + tl.cumsum(is_true, axis=0) - is_true
     row_ok = (is_true != 0) & (offsets < n_rows)
-    move_rows(dense_ptr, compact_ptr, i.to(tl.int64), offsets.to(tl.int64), row_ok, H, stride_dense_row,
-              stride_compact_row, MODE, BLOCK_H)
+    dense_rows = dense_ptr + i.to(tl.int64)[:, None] * stride_dense_row  # 64-bit: N*H may pass 2**31
+    compact_rows = compact_ptr + offsets.to(tl.int64)[:, None] * stride_compact_row
+    move_rows(dense_rows, compact_rows, row_ok, H, MODE, BLOCK_H)

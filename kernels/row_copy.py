@@ -42,6 +42,7 @@ def row_copy_kernel(
         limit = tl.minimum(tl.load(count_ptr), n_rows)
     j = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = j < limit
-    dense_row = tl.load(rows_ptr + j, mask=row_ok, other=0).to(tl.int64)
-    move_rows(dense_ptr, compact_ptr, dense_row, j.to(tl.int64), row_ok, H, stride_dense_row, stride_compact_row,
-              MODE, BLOCK_H)
+    dense_row = tl.load(rows_ptr + j, mask=row_ok, other=0).to(tl.int64)  # 64-bit: N*H may pass 2**31
+    dense_rows = dense_ptr + dense_row[:, None] * stride_dense_row
+    compact_rows = compact_ptr + j.to(tl.int64)[:, None] * stride_compact_row
+    move_rows(dense_rows, compact_rows, row_ok, H, MODE, BLOCK_H)

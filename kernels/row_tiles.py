@@ -5,32 +5,26 @@ import triton.language as tl
 
 @triton.jit
 def move_rows(
-    dense_ptr,  # [N, H]
-    compact_ptr,  # [M, H]
-    dense_row,  # [ROWS] int64: row of dense for each lane row
-    compact_row,  # [ROWS] int64: row of compact for each lane row
+    dense_rows,  # [ROWS, 1] pointers: the start of each lane's dense row
+    compact_rows,  # [ROWS, 1] pointers: the start of each lane's compact row
     row_ok,  # [ROWS] bool: which lane rows move
     H,
-    stride_dense_row,
-    stride_compact_row,
     MODE: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Move the ROWS rows of this program, all H columns, BLOCK_H at a time (rows are loaded once and
-    reused across the loop: a row map read over PCIe costs one read per program, not one per tile).
+    """Move the ROWS rows of this program, all H columns, BLOCK_H at a time. A program's row indices are
+    loaded once, before this loop: a row map read over PCIe costs one read per program, not one per tile.
 
     MODE 0 COPY: dense = cast(compact). 1 ADD: dense = dense + cast(compact), as torch's
     ``index_put_(..., src.to(dst.dtype), accumulate=True)``: src rounded to dst's dtype, added in fp32.
     2 GATHER: compact = cast(dense). 3 ZERO: dense = 0.
     """
-    dense_base = dense_ptr + dense_row[:, None] * stride_dense_row  # 64-bit: N*H may pass 2**31
-    compact_base = compact_ptr + compact_row[:, None] * stride_compact_row
-    dense_ty = dense_ptr.dtype.element_ty
+    dense_ty = dense_rows.dtype.element_ty
     for c0 in range(0, H, BLOCK_H):
         cols = c0 + tl.arange(0, BLOCK_H)
         ok = row_ok[:, None] & (cols < H)[None, :]
-        dense_ptrs = dense_base + cols[None, :]
-        compact_ptrs = compact_base + cols[None, :]
+        dense_ptrs = dense_rows + cols[None, :]
+        compact_ptrs = compact_rows + cols[None, :]
         if MODE == 0:
             tl.store(dense_ptrs, tl.load(compact_ptrs, mask=ok).to(dense_ty), mask=ok)
         elif MODE == 1:
@@ -38,7 +32,7 @@ def move_rows(
             acc = tl.load(dense_ptrs, mask=ok).to(tl.float32)
             tl.store(dense_ptrs, (acc + add).to(dense_ty), mask=ok)
         elif MODE == 2:
-            tl.store(compact_ptrs, tl.load(dense_ptrs, mask=ok).to(compact_ptr.dtype.element_ty), mask=ok)
+            tl.store(compact_ptrs, tl.load(dense_ptrs, mask=ok).to(compact_rows.dtype.element_ty), mask=ok)
         else:
             tl.store(dense_ptrs, tl.zeros(ok.shape, dtype=dense_ty), mask=ok)
 

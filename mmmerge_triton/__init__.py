@@ -4,7 +4,8 @@
 and O(N) integers of extra memory. See README.md.
 """
 from . import ops as _ops  # noqa: F401  (registers torch.ops.mmmerge_triton.*)
-from .api import masked_row_scatter, masked_row_scatter_, merge_multimodal_embeddings
+from .api import explain, masked_row_scatter, masked_row_scatter_, merge_multimodal_embeddings
+from .dispatch import Decision
 from .paths import PATHS
 from .plan import MergePlan
 from .scatter import KernelConfig
@@ -14,6 +15,8 @@ __all__ = [
     "masked_row_scatter_",
     "masked_row_scatter",
     "MergePlan",
+    "explain",
+    "Decision",
     "KernelConfig",
     "PATHS",
 ]

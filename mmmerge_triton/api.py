@@ -6,11 +6,13 @@ import torch
 
 from . import inputs
 from .autograd import TritonScatter
-from .dispatch import choose
+from .dispatch import Decision, choose, decide
 from .inputs import NestedTensors
+from .items import common_row_stride, merge_items
 from .paths import RUNNERS, merge_triton
 from .plan import MergePlan
 from .rowmap import CountMismatch
+from .scatter import as_rows, default_config
 
 
 def _eager(*tensors: torch.Tensor) -> bool:
@@ -47,20 +49,26 @@ def _placeholders(mask, plan, check_count: bool) -> int | None:
 
 
 def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expression=None) -> None:
-    """Check everything, then write dst[mask] = src (or +=) in place. Raises before any write."""
+    """Check everything, then write dst[mask] = src (or +=) in place. Raises before any write.
+
+    src: [M, H], or a list of [m_i, H] items (already checked) that the Triton path reads in place.
+    """
     dst_name, mask_name, src_name = names
     inputs.check_dst(dst, dst_name)
     inputs.check_mask(mask, dst, mask_name, dst_name)
-    inputs.check_src(src, dst, src_name, dst_name)
+    if isinstance(src, list):
+        n_rows, src_dtype = sum(item.shape[0] for item in src), src[0].dtype
+    else:
+        inputs.check_src(src, dst, src_name, dst_name)
+        n_rows, src_dtype = src.shape[0], src.dtype
     if plan is not None and plan.device != dst.device:
         raise ValueError(f"plan was built for {plan.device}; {dst_name} is on {dst.device}")
     if path == "auto":
-        path, config = choose(dst, mask, src)
+        path, config = choose(dst, mask, src_dtype, n_rows)
     elif path in RUNNERS:
         config = None
     else:
         raise ValueError(f"path must be 'auto' or one of {tuple(RUNNERS)}, got {path!r}")
-    n_rows = src.shape[0]
     empty = n_rows == 0 or dst.shape[-1] == 0
     # The Triton path counts a CPU mask itself, from the row map it stages (CountMismatch, before any write).
     if path != "triton" or plan is not None or empty or mask.device.type != "cpu":
@@ -69,17 +77,35 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
             raise inputs.count_mismatch(n_rows, placeholders, expression)
     if empty:
         return
+    needs_grad = torch.is_grad_enabled() and (dst.requires_grad or _requires_grad(src))
     try:
+        if isinstance(src, list):
+            stride = common_row_stride(src) if path == "triton" and not needs_grad else None
+            if stride is not None:
+                cfg = config or default_config(dst.shape[-1], n_rows, mask.numel(), mask.device.type != "cpu")
+                merge_items(as_rows(dst), mask, src, stride, accumulate, cfg, plan.rowmap if plan is not None else None)
+                _bump_version(dst)
+                return
+            src = torch.cat(src)
         if path != "triton":
             RUNNERS[path](dst, mask, src, accumulate)
-        elif torch.is_grad_enabled() and (dst.requires_grad or src.requires_grad):
+        elif needs_grad:
             TritonScatter.apply(dst, src, mask, plan, accumulate, config)
         else:
             merge_triton(dst, mask, src, accumulate, plan.rowmap if plan is not None else None, config)
-            if not dst.is_inference():
-                torch.autograd.graph.increment_version(dst)  # the kernel wrote behind autograd's back
+            _bump_version(dst)
     except CountMismatch as error:
         raise inputs.count_mismatch(error.num_rows, error.num_placeholders, expression) from None
+
+
+def _requires_grad(src) -> bool:
+    return any(t.requires_grad for t in src) if isinstance(src, list) else src.requires_grad
+
+
+def _bump_version(dst: torch.Tensor) -> None:
+    """The kernels write behind autograd's back: bump dst's version counter as any in-place op does."""
+    if not dst.is_inference():
+        torch.autograd.graph.increment_version(dst)
 
 
 def masked_row_scatter_(
@@ -185,11 +211,26 @@ def merge_multimodal_embeddings(
     inputs.check_dst(inputs_embeds, "inputs_embeds")
     for item in items:
         inputs.check_src(item, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
-    src = items[0] if len(items) == 1 else torch.cat(items)
-    if not _eager(inputs_embeds, is_multimodal, src):
+    src = items[0] if len(items) == 1 else items  # several items: read in place where the Triton path runs
+    if not _eager(inputs_embeds, is_multimodal, *items):
+        src = src if len(items) == 1 else torch.cat(items)
         torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
         return inputs_embeds
     _merge_(inputs_embeds, is_multimodal, src, accumulate=False, path=path, plan=plan, check_count=check_count,
             names=("inputs_embeds", "is_multimodal", "multimodal_embeddings"),
             expression=inputs.count_expression(multimodal_embeddings))
     return inputs_embeds
+
+
+def explain(
+    inputs_embeds: torch.Tensor, multimodal_embeddings: NestedTensors, is_multimodal: torch.Tensor
+) -> Decision:
+    """What path="auto" would do for these inputs: ``Decision(path, config, reason)``, the reason naming the
+    tuned table entry and its measured loop times, or the heuristic rule. Nothing is written."""
+    items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
+    inputs.check_dst(inputs_embeds, "inputs_embeds")
+    inputs.check_mask(is_multimodal, inputs_embeds, "is_multimodal", "inputs_embeds")
+    for item in items:
+        inputs.check_src(item, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
+    src_dtype = items[0].dtype if items else inputs_embeds.dtype
+    return decide(inputs_embeds, is_multimodal, src_dtype, sum(item.shape[0] for item in items))

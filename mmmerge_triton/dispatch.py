@@ -1,30 +1,143 @@
-"""path="auto": which path, and which kernel configuration, merges a given input."""
+"""path="auto": which path, and which kernel configuration, merges a given input.
+
+Tuned tables (written by ``mmmerge-tune``) live in ``configs/<device name>.json``, the name as
+``torch.cuda.get_device_name()`` gives it with spaces made underscores; ``MMMERGE_CONFIG_DIR`` points to
+another folder. Each entry holds, for one (mask device, src dtype, dst dtype, N, H, M), the path with the
+lowest loop time and the best Triton configuration. At run time the nearest entry wins: same mask device,
+the closest dtype pair (by element sizes), then the smallest distance in log2 N, log2 H and log2 M.
+Without a usable table (none for this device, unreadable, or written for another device) the heuristic
+below decides, after one warning. Decisions are cached per (device, dtypes, H, log2 N, log2 M, mask
+device), so dispatch costs a dict lookup per call.
+"""
 from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from .paths import PATHS
 from .scatter import KernelConfig, as_rows, default_config
+
+TABLE_VERSION = 1
+_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_NAME_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class Decision:
+    path: str
+    config: KernelConfig | None
+    reason: str
+
+
+def table_file_name(device_name: str) -> str:
+    """The table's file name for a device, shared by the tuner and the loader."""
+    return device_name.replace(" ", "_") + ".json"
+
+
+def table_dir() -> Path:
+    return Path(os.environ.get("MMMERGE_CONFIG_DIR") or Path(__file__).parent / "configs")
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(device_name: str) -> dict | None:
+    """The tuned table of ``device_name``, or None (with one warning) if it is missing, unreadable, or foreign."""
+    path = table_dir() / table_file_name(device_name)
+    if not path.exists():
+        warnings.warn(f"mmmerge_triton: no tuned table for {device_name} ({path}); path='auto' uses the heuristic "
+                      "rule. Run `mmmerge-tune` to write one.", stacklevel=3)
+        return None
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        _check_table(table, device_name)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        warnings.warn(f"mmmerge_triton: ignoring the tuned table {path} ({error}); path='auto' uses the heuristic "
+                      "rule.", stacklevel=3)
+        return None
+    return table
+
+
+def _check_table(table: dict, device_name: str) -> None:
+    if table.get("version") != TABLE_VERSION:
+        raise ValueError(f"table version {table.get('version')!r}, expected {TABLE_VERSION}")
+    if table.get("device") != device_name:
+        raise ValueError(f"written for {table.get('device')!r}")
+    if not table["entries"]:
+        raise ValueError("no entries")
+    for entry in table["entries"]:
+        if set(entry["key"]) != {"mask", "src", "dst", "n", "hidden", "rows"}:
+            raise ValueError(f"bad key {entry['key']}")
+        if entry["best"]["path"] not in PATHS:
+            raise ValueError(f"unknown path {entry['best']['path']!r}")
+        if entry["best"]["config"] is not None:
+            KernelConfig(**entry["best"]["config"])
+
+
+def _distance(key: dict, mask: str, src: str, dst: str, n: int, hidden: int, rows: int) -> tuple:
+    dtype_gap = abs(_NAME_SIZES[key["src"]] - _NAME_SIZES[src]) + abs(_NAME_SIZES[key["dst"]] - _NAME_SIZES[dst])
+    exact = (key["src"], key["dst"]) != (src, dst)
+    shape_gap = (abs(math.log2(key["n"]) - math.log2(max(n, 1))) + abs(math.log2(key["hidden"]) - math.log2(max(hidden, 1)))
+                 + abs(math.log2(key["rows"] + 1) - math.log2(rows + 1)))
+    return (key["mask"] != mask, dtype_gap, exact, shape_gap)
+
+
+def nearest_entry(table: dict, mask: str, src: str, dst: str, n: int, hidden: int, rows: int) -> dict:
+    return min(table["entries"], key=lambda e: _distance(e["key"], mask, src, dst, n, hidden, rows))
+
+
+def _heuristic(dst: torch.Tensor, mask_on_device: bool, n: int, rows: int) -> Decision:
+    if not dst.is_cuda:
+        return Decision("index_put", None, "CPU tensors: index_put (Triton has no compiled CPU path)")
+    if as_rows(dst) is None:
+        return Decision("index_put", None, "dst's leading dims do not flatten to rows: index_put takes any layout")
+    cfg = default_config(dst.shape[-1], rows, n, mask_on_device)
+    return Decision("triton", cfg, "heuristic: the Triton row copy on CUDA (scatter.default_config)")
+
+
+def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int) -> Decision:
+    """The decision for merging ``rows`` source rows of ``src_dtype`` into ``dst`` at ``mask``, with its reason
+    (uncached: explain() and the cache below use it)."""
+    n, hidden = mask.numel(), dst.shape[-1]
+    on_device = mask.device.type != "cpu"
+    if not dst.is_cuda or as_rows(dst) is None:
+        return _heuristic(dst, on_device, n, rows)
+    table = load_table(torch.cuda.get_device_name(dst.device).replace(" ", "_"))
+    if table is None:
+        return _heuristic(dst, on_device, n, rows)
+    mask_name, src_name, dst_name = ("gpu" if on_device else "cpu"), _NAMES[src_dtype], _NAMES[dst.dtype]
+    entry = nearest_entry(table, mask_name, src_name, dst_name, n, hidden, rows)
+    best = entry["best"]
+    config = KernelConfig(**best["config"]) if best["config"] else None
+    times = ", ".join(f"{p} {t:.1f}" for p, t in sorted(entry["loop_us"].items(), key=lambda kv: kv[1]))
+    reason = f"tuned table {table_file_name(table['device'])}, nearest key {entry['key']}: loop µs {times}"
+    return Decision(best["path"], config, reason)
+
 
 _decisions: dict = {}
 
 
-def choose(dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor) -> tuple[str, KernelConfig | None]:
-    """The rule: the Triton path on CUDA whenever dst's rows form a 2-D view with unit column stride;
-    otherwise index_put, which takes any layout (and on the CPU, where Triton has no compiled path).
-    Decisions are cached per (device, dtypes, H, log2 N, log2 M, mask device, layout)."""
+def choose(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int) -> tuple[str, KernelConfig | None]:
+    """(path, config) for path="auto", cached per (device, dtypes, H, log2 N, log2 M, mask device, layout)."""
     n = mask.numel()
-    m = src.shape[0]
-    on_device = mask.device.type != "cpu"
-    key = (dst.device, dst.dtype, src.dtype, dst.shape[-1], n.bit_length(), m.bit_length(), on_device,
-           dst.dim() == 2 and dst.stride(-1) == 1)
+    key = (dst.device, dst.dtype, src_dtype, dst.shape[-1], n.bit_length(), rows.bit_length(),
+           mask.device.type != "cpu", dst.dim() == 2 and dst.stride(-1) == 1)
     found = _decisions.get(key)
     if found is None:
-        if not dst.is_cuda:
-            found = ("index_put", None)
-        elif as_rows(dst) is None:
-            found = ("index_put", None)
-        else:
-            found = ("triton", default_config(dst.shape[-1], m, n, on_device))
-        if key[-1]:  # only cache plain 2-D layouts: others recheck as_rows
+        decision = decide(dst, mask, src_dtype, rows)
+        found = (decision.path, decision.config)
+        if key[-1]:  # other layouts depend on strides beyond the key: decide each time
             _decisions[key] = found
     return found
+
+
+def clear_cache() -> None:
+    """Forget loaded tables and cached decisions (after writing a new table, or in tests)."""
+    _decisions.clear()
+    load_table.cache_clear()

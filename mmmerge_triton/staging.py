@@ -48,19 +48,36 @@ class PinnedArena:
         self._streams: list[set[int]] = [set() for _ in range(_QUARTERS)]
         self._events: list[list[torch.cuda.Event]] = [[] for _ in range(_QUARTERS)]
 
-    def put_int32(self, values: np.ndarray, stream: int) -> RawPointer:
-        """Copy ``values`` (any integer dtype) into the arena as int32; the kernel that reads the result
-        must be launched on ``stream`` (a raw CUDA stream handle) before the next call."""
-        nbytes = 4 * values.size
+    def _reserve(self, nbytes: int, stream: int) -> int:
+        """Byte offset of ``nbytes`` free bytes, 16-byte aligned, to be read by work queued on ``stream``."""
+        nbytes = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
         if nbytes > self.quarter_bytes:
             self._grow(nbytes)
         if self._offset + nbytes > self.quarter_bytes:
             self._next_quarter()
         start = self._quarter * self.quarter_bytes + self._offset
-        np.copyto(self._bytes[start : start + nbytes].view(np.int32), values, casting="unsafe")
-        self._offset += -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        self._offset += nbytes
         self._streams[self._quarter].add(stream)
+        return start
+
+    def put_int32(self, values: np.ndarray, stream: int) -> RawPointer:
+        """Copy ``values`` (any integer dtype) into the arena as int32; the kernel that reads the result
+        must be launched on ``stream`` (a raw CUDA stream handle) before the next call."""
+        start = self._reserve(4 * values.size, stream)
+        np.copyto(self._bytes[start : start + 4 * values.size].view(np.int32), values, casting="unsafe")
         return RawPointer(self._base + start, torch.int32)
+
+    def put_packed(self, arrays: list[np.ndarray], stream: int) -> tuple[torch.Tensor, list[int]]:
+        """Pack ``arrays`` at 16-byte aligned offsets; returns a pinned uint8 tensor view of the packed bytes
+        (for one non_blocking copy to the device on ``stream``) and each array's byte offset in it."""
+        offsets, total = [], 0
+        for a in arrays:
+            offsets.append(total)
+            total += -(-max(a.nbytes, 1) // _ALIGN) * _ALIGN
+        start = self._reserve(total, stream)
+        for a, offset in zip(arrays, offsets):
+            self._bytes[start + offset : start + offset + a.nbytes] = a.view(np.uint8)
+        return self._buffer[start : start + total], offsets
 
     def _fence(self, quarter: int) -> list[torch.cuda.Event]:
         """Record, on every stream that read from ``quarter``, an event that completes once those reads have."""

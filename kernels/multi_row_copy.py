@@ -1,0 +1,52 @@
+"""Row copies whose compact side is a list of tensors, read in place: no concatenation."""
+import triton
+import triton.language as tl
+
+from .row_tiles import move_rows
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_items"])
+def multi_row_copy_kernel(
+    # pointers
+    dense_ptr,  # [N, H], unit column stride
+    base_ptr,  # the first item's data: every item is addressed relative to it
+    item_offsets_ptr,  # [T] int64: element offset of item t's first row from base_ptr
+    item_starts_ptr,  # [T + 1] int32: compact index of item t's first row (item_starts[T] = M)
+    rows_ptr,  # [>= M] int32 row map: dense row of compact row j
+    count_ptr,  # [1] int32: valid entries of rows_ptr (read only if HAS_COUNT)
+    # sizes
+    n_rows,  # M, the rows of all items together
+    n_items,  # T
+    H,
+    # strides, in elements
+    stride_dense_row,
+    stride_item_row,  # shared by every item
+    # meta-parameters
+    MODE: tl.constexpr,  # 0 COPY or 1 ADD (see row_tiles.move_rows)
+    HAS_COUNT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,  # ceil(log2(T)): binary-search steps to find a row's item
+    ITEM_ALIGN: tl.constexpr,  # every item offset and row start is a multiple of this many elements
+):
+    """Program p moves compact rows j in [p*ROWS, p*ROWS + ROWS) (j < min(n_rows, count)). Row j belongs to
+    the item t with item_starts[t] <= j < item_starts[t+1], found by binary search in the small table, and
+    lives at base_ptr + item_offsets[t] + (j - item_starts[t]) * stride_item_row."""
+    limit = n_rows
+    if HAS_COUNT:
+        limit = tl.minimum(tl.load(count_ptr), n_rows)
+    j = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = j < limit
+    lo = tl.zeros([ROWS], dtype=tl.int32)
+    hi = tl.zeros([ROWS], dtype=tl.int32) + (n_items - 1)
+    for _ in tl.static_range(SEARCH_STEPS):  # largest t with item_starts[t] <= j
+        mid = (lo + hi + 1) // 2
+        below = tl.load(item_starts_ptr + mid, mask=row_ok, other=0) <= j
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid - 1)
+    item_offset = tl.multiple_of(tl.load(item_offsets_ptr + lo, mask=row_ok, other=0), ITEM_ALIGN)
+    local_row = (j - tl.load(item_starts_ptr + lo, mask=row_ok, other=0)).to(tl.int64)
+    dense_row = tl.load(rows_ptr + j, mask=row_ok, other=0).to(tl.int64)
+    dense_rows = dense_ptr + dense_row[:, None] * stride_dense_row
+    compact_rows = base_ptr + (item_offset + local_row * stride_item_row)[:, None]
+    move_rows(dense_rows, compact_rows, row_ok, H, MODE, BLOCK_H)

@@ -1,0 +1,125 @@
+"""How this package measures a merge: device time, loop time, host time and peak extra memory.
+
+- device time: GPU time of one call with L2 flushed, without host gaps. Each rep queues a spin kernel
+  (``torch.cuda._sleep``) long enough for the host to enqueue the flush and the call behind it, so the
+  events time the GPU work alone (the call's kernels back to back), not the host's launch latency.
+- loop time: wall time per call in a back-to-back loop, synchronized at the end: what a caller pays when
+  host overhead and device time overlap (the larger of the two, roughly).
+- host time: wall time of the Python call itself while the GPU is kept busy (the enqueue cost).
+- peak extra memory: ``max_memory_allocated`` during one call minus what was allocated before it.
+On the CPU there are no asynchronous launches: device, loop and host time are all wall time per call.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+_FLUSH: dict[int, torch.Tensor] = {}
+_CYCLES_PER_US: dict[int, float] = {}
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """A buffer twice the L2 size: writing it evicts whatever the timed call would find cached."""
+    found = _FLUSH.get(device.index)
+    if found is None:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+        found = _FLUSH[device.index] = torch.empty(2 * max(l2, 8 << 20), dtype=torch.uint8, device=device)
+    return found
+
+
+def _cycles_per_us(device: torch.device) -> float:
+    """Spin-kernel cycles per microsecond, measured once (the clock varies between cards)."""
+    found = _CYCLES_PER_US.get(device.index)
+    if found is None:
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(1000)
+            start.record()
+            torch.cuda._sleep(2_000_000)
+            end.record()
+            end.synchronize()
+            found = _CYCLES_PER_US[device.index] = 2_000_000 / (start.elapsed_time(end) * 1e3)
+    return found
+
+
+def _wall_us(fn: Callable[[], object], budget_s: float, min_calls: int) -> float:
+    fn()
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < budget_s:
+        fn()
+        calls += 1
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def device_time_us(fn: Callable[[], object], device: torch.device, reps: int = 25, flush: bool = True) -> float:
+    """Median GPU time of ``fn`` in µs, L2 flushed before each rep, host gaps excluded (see module doc)."""
+    if device.type != "cuda":
+        return _wall_us(fn, 0.05, 3)
+    fn()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    host_us = (time.perf_counter() - start) * 1e6
+    torch.cuda.synchronize(device)
+    spin = int((2 * host_us + 50) * _cycles_per_us(device))
+    buffer = _flush_buffer(device) if flush else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for begin, end in zip(starts, ends):
+        torch.cuda._sleep(spin)
+        if buffer is not None:
+            buffer.zero_()
+        begin.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(b.elapsed_time(e) for b, e in zip(starts, ends)) * 1e3
+
+
+def loop_time_us(fn: Callable[[], object], device: torch.device, budget_s: float = 0.05, min_calls: int = 10) -> float:
+    """Wall time per call of ``fn`` called back to back (µs), synchronized before and after."""
+    if device.type != "cuda":
+        return _wall_us(fn, budget_s, min_calls)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize(device)
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < budget_s:
+        fn()
+        calls += 1
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def host_time_us(fn: Callable[[], object], device: torch.device, calls: int = 30) -> float:
+    """Median wall time of the call itself (µs) while a spin kernel keeps the GPU busy, so neither a full
+    launch queue nor an idle GPU shapes it."""
+    if device.type != "cuda":
+        return _wall_us(fn, 0.05, 3)
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(int(20_000 * _cycles_per_us(device)))  # 20 ms of GPU work ahead of the calls
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize(device)
+    return statistics.median(samples)
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak device memory allocated during one call of ``fn`` beyond what was allocated before it
+    (None on the CPU, where PyTorch keeps no such statistic)."""
+    if device.type != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - before)

@@ -1,0 +1,194 @@
+"""The tuning sweep, and the held-out check of what it wrote.
+
+    python -m mmmerge_triton.tune [--quick] [--resume]     (also installed as ``mmmerge-tune``)
+    python -m mmmerge_triton.tune --evaluate [--out FILE]
+
+The sweep runs shapes x (src, dst) dtypes x mask device x mask density; at each point it times every path
+and a set of Triton configurations by loop time (host and device together: at small cases the host
+dominates), and writes ``configs/<device name>.json`` (see dispatch.py). Finished points are appended to a
+``.partial`` file as they complete, so ``--resume`` picks an interrupted sweep up where it stopped.
+``--evaluate`` times path="auto" against every path on a grid the sweep never saw and writes the regret table.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from . import api, dispatch, paths, timing
+from .bench import _progress, device_name, environment
+from .cases import Case, make_inputs
+from .scatter import KernelConfig
+
+SWEEP = {
+    "full": dict(n=(256, 2048, 16384, 65536), hidden=(1024, 4096, 8192), density=(0.1, 0.5, 0.9),
+                 dtypes=(("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32")), mask=("cpu", "gpu")),
+    "quick": dict(n=(2048, 16384), hidden=(4096,), density=(0.5,), dtypes=(("bf16", "bf16"),), mask=("cpu", "gpu")),
+}
+HELD_OUT = dict(n=(512, 3000, 12000, 40000, 100000), hidden=(1536, 2560, 3584, 5120, 7168), density=(0.2, 0.7),
+                dtypes=(("bf16", "bf16"), ("fp32", "bf16")), mask=("cpu", "gpu"))
+BUDGET_S = 0.02  # loop-time budget per measurement
+
+
+def sweep_cases(spec: dict) -> list[Case]:
+    return [Case(n, h, d, "blocks", s, t, m) for n, h, d, (s, t), m in
+            itertools.product(spec["n"], spec["hidden"], spec["density"], spec["dtypes"], spec["mask"])]
+
+
+def triton_configs(hidden: int, mask_on_device: bool) -> list[KernelConfig]:
+    """Tiles of rows x block_h (8 warps, 1 stage), then warps and stages varied around the best (see sweep);
+    for a device mask the one-launch kernel too."""
+    widths = sorted({min(b, triton.next_power_of_2(hidden)) for b in (512, 1024, 4096)})
+    configs = [KernelConfig(r, b, 8, 1, False) for r in (1, 4, 16) for b in widths]
+    if mask_on_device:
+        configs += [KernelConfig(r, b, 8, 1, True) for r in (8, 32) for b in widths]
+    return configs
+
+
+def _time(call, device) -> float:
+    return timing.loop_time_us(call, device, budget_s=BUDGET_S, min_calls=5)
+
+
+def tune_case(case: Case, device: torch.device) -> dict:
+    """Loop µs of every path and Triton configuration at one point, and the winner."""
+    dst, mask, src = make_inputs(case, device)
+    loop_us = {name: _time(lambda r=runner: r(dst, mask, src, False), device)
+               for name, runner in paths.RUNNERS.items() if name != "triton"}
+    configs = {}
+
+    def run_config(cfg: KernelConfig) -> None:
+        configs[cfg] = _time(lambda: paths.merge_triton(dst, mask, src, False, config=cfg), device)
+
+    for cfg in triton_configs(case.hidden, case.mask == "gpu"):
+        run_config(cfg)
+    best = min(configs, key=configs.get)
+    for variant in (best._replace(num_warps=4), best._replace(num_stages=2), best._replace(num_stages=3)):
+        run_config(variant)
+    best = min(configs, key=configs.get)
+    loop_us["triton"] = configs[best]
+    best_path = min(loop_us, key=loop_us.get)
+    del dst, mask, src
+    torch.cuda.empty_cache()
+    return {
+        "key": {"mask": case.mask, "src": case.src, "dst": case.dst, "n": case.n, "hidden": case.hidden,
+                "rows": case.rows},
+        "best": {"path": best_path, "config": best._asdict() if best_path == "triton" else None},
+        "loop_us": loop_us,
+        "triton_configs": {"r{}_b{}_w{}_s{}{}".format(c.rows, c.block_h, c.num_warps, c.num_stages,
+                                                      "_fused" if c.fused else ""): t for c, t in configs.items()},
+    }
+
+
+def sweep(grid_name: str, device: torch.device, out: Path, resume: bool) -> Path:
+    partial = out.with_suffix(".partial")
+    done = {}
+    if resume and partial.exists():
+        for line in partial.read_text().splitlines():
+            entry = json.loads(line)
+            done[json.dumps(entry["key"], sort_keys=True)] = entry
+    elif partial.exists():
+        partial.unlink()
+    cases = sweep_cases(SWEEP[grid_name])
+    todo = [c for c in cases if json.dumps(_key(c), sort_keys=True) not in done]
+    print(f"mmmerge-tune: {len(cases)} points ({len(cases) - len(todo)} done earlier) on {device_name(device)}")
+    with open(partial, "a") as log:
+        for case in _progress(todo, "points"):
+            entry = tune_case(case, device)
+            done[json.dumps(entry["key"], sort_keys=True)] = entry
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+    entries = [done[k] for k in sorted(done)]
+    table = {"version": dispatch.TABLE_VERSION, "device": device_name(device), "grid": grid_name,
+             "environment": environment(device), "entries": entries}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=1))
+    partial.unlink()
+    wins = collections.Counter(e["best"]["path"] for e in entries)
+    print(f"wrote {out}: {len(entries)} entries; best path counts {dict(wins)}")
+    return out
+
+
+def _key(case: Case) -> dict:
+    return {"mask": case.mask, "src": case.src, "dst": case.dst, "n": case.n, "hidden": case.hidden,
+            "rows": case.rows}
+
+
+def evaluate(device: torch.device, rounds: int = 3) -> dict:
+    """Loop time of path="auto" against each path through the public API, on the held-out grid. Paths are
+    timed interleaved, ``rounds`` times, and the median kept, so drift on a shared machine hits all alike."""
+    points = []
+    for case in _progress(sweep_cases(HELD_OUT), "held-out points"):
+        dst, mask, src = make_inputs(case, device)
+        calls = {name: (lambda p=name: api.masked_row_scatter_(dst, mask, src, path=p)) for name in ("auto",) + paths.PATHS}
+        samples = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                samples[name].append(_time(call, device))
+        loop_us = {name: statistics.median(v) for name, v in samples.items()}
+        best = min((p for p in paths.PATHS), key=loop_us.get)
+        decision = api.explain(dst, src, mask)
+        points.append({"case": case.as_dict(), "loop_us": loop_us, "best_path": best, "auto_path": decision.path,
+                       "ratio": loop_us["auto"] / loop_us[best]})
+        del dst, mask, src
+        torch.cuda.empty_cache()
+    ratios = [p["ratio"] for p in points]
+    return {
+        "points": points,
+        "within_5pct": sum(r <= 1.05 for r in ratios) / len(ratios),
+        "worst_ratio": max(ratios),
+        "median_ratio": statistics.median(ratios),
+        "dispatch_us": _dispatch_cost(device),
+    }
+
+
+def _dispatch_cost(device: torch.device, calls: int = 20000) -> float:
+    """Host µs that a cached dispatch decision adds to a call (dispatch.choose on a warm cache)."""
+    dst, mask, src = make_inputs(Case(2048, 4096, 0.5), device)
+    dispatch.choose(dst, mask, src.dtype, src.shape[0])
+    start = time.perf_counter()
+    for _ in range(calls):
+        dispatch.choose(dst, mask, src.dtype, src.shape[0])
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmmerge-tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small sweep, for trying it out")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument("--evaluate", action="store_true", help="time path='auto' on the held-out grid")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="table file (default: the package's configs/<device>.json); with --evaluate, the "
+                             "regret JSON (default: bench/results/regret_<device>.json)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("mmmerge-tune needs a CUDA device: the tables rank paths on the GPU the merge runs on.")
+        return 1
+    device = torch.device("cuda", torch.cuda.current_device())
+    name = device_name(device)
+    if args.evaluate:
+        out = args.out or Path("bench/results") / f"regret_{name}.json"
+        result = evaluate(device)
+        result["environment"] = environment(device)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"held-out points: {len(result['points'])}; auto within 5% of the best path at "
+              f"{100 * result['within_5pct']:.1f}%; worst {result['worst_ratio']:.3f}x, median "
+              f"{result['median_ratio']:.3f}x; cached dispatch {result['dispatch_us']:.2f} µs per call")
+        print(f"wrote {out}")
+        return 0
+    out = args.out or dispatch.table_dir() / dispatch.table_file_name(name)
+    sweep("quick" if args.quick else "full", device, out, args.resume)
+    dispatch.clear_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
