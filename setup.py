@@ -25,5 +25,7 @@ setup(
             "mmmerge-bench=mmmerge_triton.bench:main",
             "mmmerge-tune=mmmerge_triton.tune:main",
         ],
+        # vLLM calls every general plugin in each process; this one switches on with MMMERGE_TRITON_VLLM=1.
+        "vllm.general_plugins": ["mmmerge_triton = mmmerge_triton.integrations.vllm:register"],
     },
 )

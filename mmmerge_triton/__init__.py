@@ -5,6 +5,7 @@ and O(N) integers of extra memory. See README.md.
 """
 from . import ops as _ops  # noqa: F401  (registers torch.ops.mmmerge_triton.*)
 from .api import explain, masked_row_scatter, masked_row_scatter_, merge_multimodal_embeddings
+from .deepstack import deepstack_add
 from .dispatch import Decision
 from .paths import PATHS
 from .plan import MergePlan
@@ -15,6 +16,7 @@ __all__ = [
     "masked_row_scatter_",
     "masked_row_scatter",
     "MergePlan",
+    "deepstack_add",
     "explain",
     "Decision",
     "KernelConfig",

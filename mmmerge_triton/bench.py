@@ -24,6 +24,7 @@ import triton
 from . import api, paths, timing
 from .cases import Case, grid, make_inputs
 from .report import check_targets, plot, print_case
+from .suites import SUITES, print_suite
 
 FLOOR = "copy"
 BASELINES = ("index_put", "masked_scatter", "index_copy")
@@ -103,14 +104,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few cases (under a minute on a 2-core CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON and PNG")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--suite", choices=sorted(SUITES) + ["all"], default=None,
+                        help="run a suite instead of the path grid: many items, plan reuse, deepstack")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     grid_name = "quick" if args.quick else "full"
-    cases = grid(grid_name, device)
     env = environment(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.suite:
+        for name in sorted(SUITES) if args.suite == "all" else [args.suite]:
+            records = SUITES[name](device, args.quick)
+            print_suite(name, records)
+            out = args.out / f"suite_{name}{'_quick' if args.quick else ''}_{env['device']}.json"
+            out.write_text(json.dumps({"environment": env, "suite": name, "records": records}, indent=1))
+            print(f"wrote {out}")
+        return 0
+    cases = grid(grid_name, device)
     print(f"mmmerge-bench: {len(cases)} cases on {env['device']} (torch {env['torch']}, triton {env['triton']})")
     if device.type != "cuda":
         print("CPU run: the Triton path is skipped (the interpreter is not a speed path).")
@@ -124,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         for line in summary["lines"]:
             print("  " + line)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench_{grid_name}_{env['device']}"
     with open(stem.with_suffix(".json"), "w") as f:
         json.dump({"environment": env, "grid": grid_name, "records": records, "targets": summary}, f, indent=1)

@@ -63,10 +63,11 @@ def merge_masked_scatter(dst, mask, src, accumulate, rowmap=None, config=None):
     engines add deepstack features today."""
     expanded = mask.to(dst.device, non_blocking=True).unsqueeze(-1)
     values = src.to(dst.dtype)
+    # The aten op by name: integrations.transformers may have rerouted the Tensor method.
     if accumulate:
-        dst.add_(torch.zeros_like(dst).masked_scatter_(expanded, values))
+        dst.add_(torch.ops.aten.masked_scatter_(torch.zeros_like(dst), expanded, values))
     else:
-        dst.masked_scatter_(expanded, values)
+        torch.ops.aten.masked_scatter_(dst, expanded, values)
 
 
 def merge_index_copy(dst, mask, src, accumulate, rowmap=None, config=None):

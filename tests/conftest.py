@@ -136,7 +136,7 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = 
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if actual.numel() == 0:
         return
-    int_dtype = {4: torch.int32, 2: torch.int16}[actual.element_size()]
+    int_dtype = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[actual.element_size()]
     a = actual.detach().contiguous().view(int_dtype)
     e = expected.detach().contiguous().view(int_dtype)
     bad = (a != e).nonzero()

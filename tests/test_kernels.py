@@ -1,0 +1,253 @@
+"""The Triton kernels called directly (under the interpreter on the CPU): row_copy in its four modes,
+mask_row_copy, the device row map, and merge_triton with explicit kernel configurations.
+
+Tensors sit inside larger guard buffers (extra rows above and below, extra columns on both sides), so a
+read or write out of bounds shows up as a changed guard or as a wrong value in a row that must not move.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mmmerge_triton as mm
+from mmmerge_triton import paths, rowmap, scatter
+from mmmerge_triton.scatter import ADD, COPY, GATHER, ZERO, KernelConfig
+
+from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal, assert_merged, make_mask, randn
+
+pytestmark = pytest.mark.skipif(not scatter.supports(torch.device("cpu")), reason="needs TRITON_INTERPRET=1")
+
+MODES = {"copy": COPY, "add": ADD, "gather": GATHER, "zero": ZERO}
+CONFIGS = [KernelConfig(rows, block_h, num_warps=4) for rows in (1, 2, 16) for block_h in (32, 64, 256)]
+CONFIG_IDS = [f"rows{c.rows}-bh{c.block_h}" for c in CONFIGS]
+N, H = 41, 123  # H: a tail for block_h 32 and 64, a single partial tile for 256
+
+
+class Guarded:
+    """A [rows, cols] view, row-strided, inside a random buffer with GUARD rows above and below it."""
+
+    GUARD = 3
+
+    def __init__(self, rows, cols, dtype, seed):
+        g = self.GUARD
+        self.buffer = randn(rows + 2 * g, cols + 4, dtype=dtype, seed=seed)
+        self.view = self.buffer[g : g + rows, 2 : cols + 2]
+        self.before = self.view.clone()
+        self._buffer_before = self.buffer.clone()
+        self._outside = torch.ones(self.buffer.shape, dtype=torch.bool)
+        self._outside[g : g + rows, 2 : cols + 2] = False
+
+    def assert_guard_intact(self):
+        assert_bits_equal(self.buffer[self._outside], self._buffer_before[self._outside], "guard around the view")
+
+
+def moved_mask(true_rows, n, moved):
+    """The mask of the first ``moved`` of ``true_rows`` (the rows a map of them moves)."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.as_tensor(true_rows[:moved], dtype=torch.long)] = True
+    return mask
+
+
+def assert_rows_moved(mode, dense, compact, true_rows, moved):
+    """dense and compact after a kernel that moved the first ``moved`` rows of the map ``true_rows``."""
+    n = dense.view.shape[0]
+    mask = moved_mask(true_rows, n, moved)
+    if mode in (COPY, ADD):
+        assert_merged(dense.view, dense.before, mask, compact.before[:moved], mode == ADD, "triton")
+    elif mode == ZERO:
+        zeros = torch.zeros(moved, dense.view.shape[1], dtype=dense.view.dtype)
+        assert_merged(dense.view, dense.before, mask, zeros, False, "triton")
+    else:  # GATHER: compact[j] = dense[true_rows[j]] for j < moved, compact rows past that untouched
+        assert_bits_equal(dense.view, dense.before, "dense (read only)")
+        first = torch.arange(compact.view.shape[0]) < moved
+        picked = torch.stack([dense.before[i] for i in true_rows[:moved]]) if moved else dense.before[:0]
+        assert_merged(compact.view, compact.before, first, picked, False, "triton")
+    if mode != GATHER:
+        assert_bits_equal(compact.view, compact.before, "compact (read only)")
+    dense.assert_guard_intact()
+    compact.assert_guard_intact()
+
+
+# ---- row_copy ---------------------------------------------------------------------------------------------
+
+def row_map_case(case: str, mask: torch.Tensor):
+    """(rows int32 tensor, count tensor or None, M) for a mask with K true rows.
+
+    no_count: M = K, every entry valid. count_below_m: M > K, the map holds K valid entries then decoys
+    (rows that must not move) up to M. count_above_m: M < K, the map holds all K entries.
+    """
+    true_rows = np.flatnonzero(mask.numpy())
+    k = true_rows.size
+    if case == "no_count":
+        return torch.from_numpy(true_rows.astype(np.int32)), None, k
+    count = torch.tensor([k], dtype=torch.int32)
+    if case == "count_below_m":
+        decoys = np.flatnonzero(~mask.numpy())[:5]
+        return torch.from_numpy(np.concatenate([true_rows, decoys]).astype(np.int32)), count, k + decoys.size
+    if case == "count_above_m":
+        return torch.from_numpy(true_rows.astype(np.int32)), count, k - 4
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("case", ["no_count", "count_below_m", "count_above_m"])
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+def test_row_copy_moves_the_first_min_count_m_rows(mode, case, config):
+    mask = make_mask("random50", (N,), seed=4)
+    rows, count, m = row_map_case(case, mask)
+    dense = Guarded(N, H, torch.float16, seed=1)
+    compact = Guarded(m, H, torch.bfloat16, seed=2)
+    scatter.row_copy(dense.view, compact.view, rows, count, mode, config)
+    k = int(mask.sum())
+    assert_rows_moved(mode, dense, compact, np.flatnonzero(mask.numpy()), min(k, m))
+
+
+@pytest.mark.parametrize(("compact_dtype", "dense_dtype"), DTYPE_PAIRS, ids=DTYPE_PAIR_IDS)
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+def test_row_copy_casts_between_every_dtype_pair(mode, compact_dtype, dense_dtype):
+    mask = make_mask("random50", (N,), seed=6)
+    rows, count, m = row_map_case("no_count", mask)
+    dense = Guarded(N, H, dense_dtype, seed=1)
+    compact = Guarded(m, H, compact_dtype, seed=2)
+    scatter.row_copy(dense.view, compact.view, rows, count, mode, KernelConfig(2, 64))
+    assert_rows_moved(mode, dense, compact, rows.tolist(), m)
+
+
+def test_row_copy_with_zero_count_moves_nothing():
+    mask = make_mask("random50", (N,))
+    rows, _, m = row_map_case("no_count", mask)
+    dense, compact = Guarded(N, H, torch.float32, 1), Guarded(m, H, torch.float32, 2)
+    scatter.row_copy(dense.view, compact.view, rows, torch.zeros(1, dtype=torch.int32), COPY, KernelConfig(2, 64))
+    assert_rows_moved(COPY, dense, compact, rows.tolist(), 0)
+
+
+@pytest.mark.parametrize("config", CONFIGS[::4], ids=CONFIG_IDS[::4])
+def test_gather_and_zero_rows_helpers(config):
+    mask = make_mask("blocks", (N,))
+    rows, count, m = row_map_case("count_below_m", mask)
+    k = int(mask.sum())
+    dense = randn(N, H, dtype=torch.bfloat16)
+    gathered = scatter.gather_rows(dense, rows, count, m, torch.float32, config)
+    assert_bits_equal(gathered[:k], dense[mask].float(), "gathered rows")
+    assert_bits_equal(gathered[k:], torch.zeros(m - k, H), "rows past the count (zero)")
+    zeroed = dense.clone()
+    scatter.zero_rows(zeroed, rows, count, m, config)
+    assert_merged(zeroed, dense, mask, torch.zeros(k, H, dtype=torch.bfloat16), False, "triton")
+
+
+# ---- mask_row_copy ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("m_vs_k", ["m_equals_k", "m_below_k", "m_above_k"])
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+def test_mask_row_copy_moves_the_first_min_k_m_true_rows(mode, m_vs_k, config):
+    mask = make_mask("random50", (N,), seed=8)
+    k = int(mask.sum())
+    m = {"m_equals_k": k, "m_below_k": k - 5, "m_above_k": k + 6}[m_vs_k]
+    dense = Guarded(N, H, torch.bfloat16, seed=1)
+    compact = Guarded(m, H, torch.float32, seed=2)
+    scatter.mask_row_copy(dense.view, compact.view, mask.view(torch.uint8), mode, config)
+    assert_rows_moved(mode, dense, compact, np.flatnonzero(mask.numpy()), min(k, m))
+
+
+@pytest.mark.parametrize("mode", [COPY, GATHER], ids=["copy", "gather"])
+def test_mask_row_copy_counts_a_prefix_longer_than_one_chunk(mode):
+    n = scatter.PREFIX_CHUNK + 905  # programs past the first chunk sum a multi-step prefix
+    mask = make_mask("random50", (n,), seed=9)
+    k = int(mask.sum())
+    dense = Guarded(n, 8, torch.float32, seed=1)
+    compact = Guarded(k - 3, 8, torch.float32, seed=2)
+    scatter.mask_row_copy(dense.view, compact.view, mask.view(torch.uint8), mode, KernelConfig(16, 8))
+    assert_rows_moved(mode, dense, compact, np.flatnonzero(mask.numpy()), k - 3)
+
+
+# ---- the device row map -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capacity_vs_k", ["equal", "smaller", "larger"])
+@pytest.mark.parametrize("n", [1, 33, 1025, scatter.PREFIX_CHUNK + 905])
+def test_device_rows_builds_the_row_map_and_count(n, capacity_vs_k):
+    mask = make_mask("random50", (n,), seed=n) if n > 1 else torch.ones(1, dtype=torch.bool)
+    true_rows = np.flatnonzero(mask.numpy())
+    k = true_rows.size
+    capacity = {"equal": k, "smaller": k // 2, "larger": k + 7}[capacity_vs_k]
+    rows, count = rowmap.device_rows(mask, capacity)
+    assert rows.dtype == torch.int32 and count.dtype == torch.int32
+    assert count.tolist() == [k]
+    kept = min(k, capacity)
+    assert rows[:kept].tolist() == true_rows[:kept].tolist()
+
+
+@pytest.mark.parametrize("n", [40, 3 * 1024 + 5])
+def test_mask_to_rows_drops_entries_past_capacity(n):
+    mask = make_mask("random90", (n,), seed=1)
+    k = int(mask.sum())
+    capacity = k // 3
+    rows = torch.full((k + 8,), -7, dtype=torch.int32)
+    count = torch.full((1,), -7, dtype=torch.int32)
+    scatter.mask_to_rows(mask.view(torch.uint8), rows, count, capacity)
+    assert count.item() == k
+    assert rows[:capacity].tolist() == np.flatnonzero(mask.numpy())[:capacity].tolist()
+    assert rows[capacity:].eq(-7).all(), "wrote past capacity"
+
+
+def test_device_rows_of_empty_and_all_false_masks():
+    rows, count = rowmap.device_rows(torch.zeros(0, dtype=torch.bool), 0)
+    assert count.tolist() == [0]
+    rows, count = rowmap.device_rows(torch.zeros(50, dtype=torch.bool), 4)
+    assert count.tolist() == [0]
+
+
+def test_device_rows_of_a_2d_mask_uses_flat_row_indices():
+    mask = make_mask("random50", (4, 9), seed=2)
+    rows, count = rowmap.device_rows(mask, int(mask.sum()))
+    assert rows.tolist() == np.flatnonzero(mask.numpy()).tolist()
+
+
+# ---- merge_triton with explicit configurations and row maps ----------------------------------------------
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize(("src_dtype", "dst_dtype"), [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                                      (torch.float16, torch.float32)], ids=["fp32->bf16", "bf16->fp16", "fp16->fp32"])
+def test_merge_triton_with_kernel_config(src_dtype, dst_dtype, config, accumulate):
+    mask = make_mask("random50", (3, 13), seed=3)  # 3-D dst: the rows of [3, 13, H] flattened
+    dst = randn(3, 13, H, dtype=dst_dtype)
+    src = randn(int(mask.sum()), H, dtype=src_dtype, seed=1)
+    assert src.shape[0] % 2 == 1
+    out = dst.clone()
+    paths.merge_triton(out, mask, src, accumulate, rowmap=None, config=config)
+    assert_merged(out, dst, mask, src, accumulate, "triton")
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("m_vs_k", ["m_equals_k", "m_below_k", "m_above_k"])
+def test_merge_triton_with_device_row_map_tolerates_count_mismatch(m_vs_k, accumulate):
+    """A device row map has no host check: the first min(K, M) true rows take src rows 0..min-1, later
+    true rows keep their values, later src rows are unused."""
+    mask = make_mask("random50", (N,), seed=5)
+    k = int(mask.sum())
+    m = {"m_equals_k": k, "m_below_k": k - 4, "m_above_k": k + 4}[m_vs_k]
+    dst = Guarded(N, H, torch.float32, seed=1)
+    src = Guarded(m, H, torch.float16, seed=2)
+    row_map = rowmap.device_rows(mask, m)
+    paths.merge_triton(dst.view, mask, src.view, accumulate, rowmap=row_map, config=KernelConfig(2, 32))
+    assert_rows_moved(ADD if accumulate else COPY, dst, src, np.flatnonzero(mask.numpy()), min(k, m))
+
+
+def test_merge_triton_count_mismatch_with_cpu_mask_raises_before_writing():
+    mask = make_mask("random50", (N,))
+    dst = randn(N, H)
+    before = dst.clone()
+    with pytest.raises(ValueError, match="multimodal tokens to"):
+        paths.merge_triton(dst, mask, randn(int(mask.sum()) + 1, H), False, config=KernelConfig(2, 32))
+    assert_bits_equal(dst, before)
+
+
+def test_merge_triton_rejects_a_destination_without_a_row_view():
+    mask = make_mask("random50", (3, 5))
+    dst = randn(5, 3, H).transpose(0, 1)  # [3, 5, H] whose leading dims do not flatten to a view
+    before = dst.clone()
+    with pytest.raises(ValueError, match="path='triton' needs the destination's leading dims"):
+        mm.masked_row_scatter_(dst, mask, randn(int(mask.sum()), H), path="triton")
+    assert_bits_equal(dst, before)

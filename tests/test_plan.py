@@ -1,0 +1,119 @@
+"""MergePlan: a mask's row map built once, reused by several merges, rebuilt in place by update_."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mmmerge_triton as mm
+
+from .conftest import ALL_PATHS, assert_bits_equal, assert_merged, make_mask, randn
+
+H = 37
+
+
+def test_plan_holds_the_row_map_of_its_mask():
+    mask = make_mask("random50", (3, 11))
+    plan = mm.MergePlan(mask)
+    k = int(mask.sum())
+    assert plan.host_count == k and plan.num_rows == 33 and plan.shape == mask.shape
+    assert plan.count.tolist() == [k]
+    assert plan.rows.dtype == torch.int32
+    assert plan.rows[:k].tolist() == np.flatnonzero(mask.numpy()).tolist()
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_gives_the_same_result_as_the_mask(path, accumulate):
+    mask = make_mask("random50", (3, 11))
+    dst = randn(3, 11, H, dtype=torch.bfloat16)
+    src = randn(int(mask.sum()), H, dtype=torch.float16, seed=1)
+    out = mm.masked_row_scatter_(dst.clone(), src=src, plan=mm.MergePlan(mask), accumulate=accumulate, path=path)
+    assert_merged(out, dst, mask, src, accumulate, path)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_reused_by_several_accumulate_calls_equals_reference(path):
+    """Deepstack: one plan, one accumulate per layer."""
+    mask = make_mask("blocks", (40,))
+    plan = mm.MergePlan(mask)
+    dst = randn(40, H, dtype=torch.float16)
+    expected = dst.clone()
+    for layer in range(4):
+        src = randn(int(mask.sum()), H, dtype=torch.float32, seed=10 + layer)
+        before = dst.clone()
+        mm.masked_row_scatter_(dst, src=src, plan=plan, accumulate=True, path=path)
+        assert_merged(dst, before, mask, src, True, path)
+        mm.masked_row_scatter_(expected, mask, src, accumulate=True, path="index_put")
+    assert_bits_equal(dst, expected)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_update_merges_the_new_mask(path):
+    first, second = make_mask("random10", (50,), seed=1), make_mask("random90", (50,), seed=2)
+    plan = mm.MergePlan(first)
+    assert plan.update_(second) is plan
+    assert plan.host_count == int(second.sum()) and plan.count.tolist() == [int(second.sum())]
+    dst = randn(50, H)
+    src = randn(int(second.sum()), H, seed=3)
+    out = mm.masked_row_scatter_(dst.clone(), src=src, plan=plan, path=path)
+    assert_merged(out, dst, second, src, False, path)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_update_to_fewer_rows_does_not_move_stale_entries(path):
+    """After an update to a mask with fewer true rows the old entries past the count must not be used."""
+    plan = mm.MergePlan(make_mask("full", (20,)))
+    fewer = make_mask("first", (20,))
+    plan.update_(fewer)
+    dst = randn(20, H)
+    src = randn(1, H, seed=1)
+    out = mm.masked_row_scatter_(dst.clone(), src=src, plan=plan, path=path)
+    assert_merged(out, dst, fewer, src, False, path)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_with_merge_multimodal_embeddings(path):
+    mask = make_mask("blocks", (30,))
+    items = [randn(4, H, seed=1), randn(int(mask.sum()) - 4, H, seed=2)]
+    embeds = randn(30, H, dtype=torch.bfloat16)
+    before = embeds.clone()
+    mm.merge_multimodal_embeddings(embeds, items, plan=mm.MergePlan(mask), path=path)
+    assert_merged(embeds, before, mask, torch.cat(items), False, path)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_count_mismatch_raises_and_leaves_dst_unchanged(path):
+    plan = mm.MergePlan(make_mask("random50", (20,)))
+    dst = randn(20, H)
+    before = dst.clone()
+    k = plan.host_count
+    with pytest.raises(ValueError, match=rf"^Attempted to assign {k + 1} multimodal tokens to {k} placeholders$"):
+        mm.masked_row_scatter_(dst, src=randn(k + 1, H), plan=plan, path=path)
+    assert_bits_equal(dst, before)
+
+
+def test_plan_update_with_another_shape_raises_and_keeps_the_plan():
+    mask = make_mask("random50", (20,))
+    plan = mm.MergePlan(mask)
+    with pytest.raises(ValueError, match=r"\bmask\b has shape \(21,\); this plan was built for \(20,\)"):
+        plan.update_(torch.ones(21, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\bmask\b has shape \(4, 5\)"):
+        plan.update_(mask.view(4, 5))
+    assert plan.mask is mask and plan.host_count == int(mask.sum())
+
+
+@pytest.mark.parametrize("bad", [torch.ones(20, dtype=torch.uint8), [True] * 20], ids=["uint8", "list"])
+def test_plan_of_non_bool_mask_raises_type_error(bad):
+    with pytest.raises(TypeError, match=r"\bmask\b must be a bool tensor"):
+        mm.MergePlan(bad)
+    plan = mm.MergePlan(torch.ones(20, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"\bmask\b must be a bool tensor"):
+        plan.update_(bad)
+
+
+def test_plan_of_empty_mask():
+    plan = mm.MergePlan(torch.zeros(0, dtype=torch.bool))
+    assert plan.host_count == 0 and plan.count.tolist() == [0]
+    dst = torch.zeros(0, H)
+    mm.masked_row_scatter_(dst, src=torch.zeros(0, H), plan=plan, path="triton")
