@@ -126,7 +126,7 @@ _decisions: dict = {}
 def choose(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int) -> tuple[str, KernelConfig | None]:
     """(path, config) for path="auto", cached per (device, dtypes, H, log2 N, log2 M, mask device, layout)."""
     n = mask.numel()
-    key = (dst.device, dst.dtype, src_dtype, dst.shape[-1], n.bit_length(), rows.bit_length(),
+    key = (dst.get_device(), dst.dtype, src_dtype, dst.shape[-1], n.bit_length(), rows.bit_length(),
            mask.device.type != "cpu", dst.dim() == 2 and dst.stride(-1) == 1)
     found = _decisions.get(key)
     if found is None:

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from .kernels import multi_row_copy_kernel
-from .launch import FastKernel, int_class
+from .launch import FastKernel
 from .rowmap import CountMismatch, RowMap, device_rows, host_rows
 from .scatter import KernelConfig
 from .staging import arena
@@ -84,8 +84,8 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: list[torch.Tenso
     hidden = dst2d.shape[1]
     has_count = count is not None
     steps = max(1, (len(items) - 1).bit_length())
-    key = (device.index, dst2d.dtype, items[0].dtype, dst2d.data_ptr() % 16 == 0, items[0].data_ptr() % 16 == 0,
-           int_class(hidden), int_class(dst2d.stride(0)), int_class(stride), accumulate, has_count, steps, align, cfg)
+    key = (device.index, dst2d.dtype, items[0].dtype, dst2d.data_ptr() % 16, items[0].data_ptr() % 16, hidden,
+           dst2d.stride(0), stride, accumulate, has_count, steps, align, cfg)
     _multi_row_copy.launch(
         key,
         (triton.cdiv(n_rows, cfg.rows), 1),

@@ -4,8 +4,8 @@
 call: 18 µs per launch on the H100 host against 6.2 µs for ``CompiledKernel.run`` called directly
 (bench/results/host_profile.json). ``FastKernel`` looks the binary up by a key that the caller builds from
 what the JIT specializes on (dtypes, 16-byte alignment of pointers, ints equal to 1 or divisible by 16,
-32- or 64-bit ints, constexprs, launch options, device); on a miss the JIT compiles and launches, and its
-binary is kept under that key. tests/gpu/test_launch.py checks the key against the JIT's own choice.
+32- or 64-bit ints, constexprs, launch options, device), or from finer facts that imply them (the raw
+sizes); on a miss the JIT picks (or compiles) the binary and launches, and the binary is kept under that key. tests/gpu/test_launch.py checks the key against the JIT's own choice.
 Under ``TRITON_INTERPRET=1`` there is no binary: every call goes through the JIT.
 """
 from __future__ import annotations
@@ -16,11 +16,6 @@ import torch
 import triton
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
-
-
-def int_class(value: int) -> int:
-    """The specialization class Triton's binder gives an int argument: 1, divisible by 16, 64-bit, other."""
-    return (value == 1) | ((value % 16 == 0) << 1) | ((value > 0x7FFFFFFF) << 2)
 
 
 class FastKernel:

@@ -7,7 +7,7 @@ import torch
 import triton
 
 from .kernels import ADD, COPY, GATHER, ZERO, mask_row_copy_kernel, mask_to_rows_kernel, row_copy_kernel
-from .launch import INTERPRET, FastKernel, int_class
+from .launch import INTERPRET, FastKernel
 
 _row_copy = FastKernel(row_copy_kernel)
 _mask_row_copy = FastKernel(mask_row_copy_kernel)
@@ -77,8 +77,9 @@ def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> None:
     device = dense.device.index
     sd, sc = dense.stride(0), compact.stride(0)
     has_count = count is not None
-    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16 == 0, compact.data_ptr() % 16 == 0,
-           int_class(hidden), int_class(sd), int_class(sc), mode, has_count, cfg)
+    # Raw sizes in the key, not their classes: they are stable per model, and this is the hot path.
+    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, hidden, sd, sc,
+           n_rows > 0x7FFFFFFF, mode, has_count, cfg)
     _row_copy.launch(
         key,
         (triton.cdiv(n_rows, cfg.rows), 1),
@@ -98,8 +99,8 @@ def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> N
         return
     device = dense.device.index
     sd, sc = dense.stride(0), compact.stride(0)
-    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16 == 0, compact.data_ptr() % 16 == 0,
-           mask_bytes.data_ptr() % 16 == 0, int_class(hidden), int_class(sd), int_class(sc), mode, cfg)
+    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16,
+           mask_bytes.data_ptr() % 16, hidden, sd, sc, mode, cfg)
     _mask_row_copy.launch(
         key,
         (triton.cdiv(n, cfg.rows), 1),

@@ -42,6 +42,7 @@ class PinnedArena:
         self.quarter_bytes = quarter_bytes
         self._buffer = torch.empty(_QUARTERS * quarter_bytes, dtype=torch.uint8, pin_memory=True)
         self._bytes = self._buffer.numpy()
+        self._int32 = self._bytes.view(np.int32)  # kept: a view per call costs as much as the copy itself
         self._base = self._buffer.data_ptr()
         self._quarter = 0
         self._offset = 0  # within the current quarter
@@ -64,7 +65,7 @@ class PinnedArena:
         """Copy ``values`` (any integer dtype) into the arena as int32; the kernel that reads the result
         must be launched on ``stream`` (a raw CUDA stream handle) before the next call."""
         start = self._reserve(4 * values.size, stream)
-        np.copyto(self._bytes[start : start + 4 * values.size].view(np.int32), values, casting="unsafe")
+        np.copyto(self._int32[start >> 2 : (start >> 2) + values.size], values, casting="unsafe")
         return RawPointer(self._base + start, torch.int32)
 
     def put_packed(self, arrays: list[np.ndarray], stream: int) -> tuple[torch.Tensor, list[int]]:
