@@ -9,10 +9,10 @@ from .autograd import TritonScatter
 from .dispatch import Decision, choose, decide
 from .inputs import NestedTensors
 from .items import common_row_stride, merge_items
-from .paths import RUNNERS, merge_triton
+from .paths import RUNNERS, merge_triton, rows_view
 from .plan import MergePlan
 from .rowmap import CountMismatch
-from .scatter import as_rows, default_config
+from .scatter import default_config
 
 
 def _eager(*tensors: torch.Tensor) -> bool:
@@ -21,9 +21,9 @@ def _eager(*tensors: torch.Tensor) -> bool:
     need the registered op.)"""
     return (
         not torch.compiler.is_compiling()
-        and all(type(t) is torch.Tensor for t in tensors)
+        and not any(isinstance(t, torch.Tensor) and type(t) is not torch.Tensor for t in tensors)
         and torch._C._len_torch_dispatch_stack() == 0
-    )
+    )  # a non-tensor argument stays here too: the checks raise its TypeError
 
 
 def _mask_of(mask, plan, mask_name: str) -> torch.Tensor:
@@ -78,12 +78,15 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
     if empty:
         return
     needs_grad = torch.is_grad_enabled() and (dst.requires_grad or _requires_grad(src))
+    if needs_grad and dst.is_leaf and dst.requires_grad:  # PyTorch's own error, raised before the kernel writes
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
     try:
         if isinstance(src, list):
             stride = common_row_stride(src) if path == "triton" and not needs_grad else None
             if stride is not None:
                 cfg = config or default_config(dst.shape[-1], n_rows, mask.numel(), mask.device.type != "cpu")
-                merge_items(as_rows(dst), mask, src, stride, accumulate, cfg, plan.rowmap if plan is not None else None)
+                merge_items(rows_view(dst, "triton"), mask, src, stride, accumulate, cfg,
+                            plan.rowmap if plan is not None else None)
                 _bump_version(dst)
                 return
             src = torch.cat(src)
@@ -142,6 +145,7 @@ def masked_row_scatter_(
     mask = _mask_of(mask, plan, "mask")
     if src is None:
         raise TypeError("src is required")
+    inputs.check_tensor(src, "src")  # a list is for merge_multimodal_embeddings
     if not _eager(dst, mask, src):
         torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, accumulate, path, check_count)
         return dst
@@ -168,6 +172,7 @@ def masked_row_scatter(
     mask = _mask_of(mask, plan, "mask")
     if src is None:
         raise TypeError("src is required")
+    inputs.check_tensor(src, "src")  # a list is for merge_multimodal_embeddings
     if not _eager(dst, mask, src):
         return torch.ops.mmmerge_triton.masked_row_scatter(dst, mask, src, accumulate, path, check_count)
     inputs.check_dst(dst, "dst")

@@ -62,10 +62,10 @@ def make_mask(n: int, rows: int, pattern: str, seed: int = 0) -> torch.Tensor:
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0):
     """(dst [N, H], mask [N] on the case's mask device, src [M, H]), random normal values."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: GBs at the largest cases
     mask = make_mask(case.n, case.rows, case.pattern, seed)
-    dst = torch.randn(case.n, case.hidden, generator=gen).to(device=device, dtype=DTYPES[case.dst])
-    src = torch.randn(case.rows, case.hidden, generator=gen).to(device=device, dtype=DTYPES[case.src])
+    dst = torch.randn(case.n, case.hidden, generator=gen, device=device, dtype=DTYPES[case.dst])
+    src = torch.randn(case.rows, case.hidden, generator=gen, device=device, dtype=DTYPES[case.src])
     if case.mask == "gpu":
         mask = mask.to(device)
     return dst, mask, src

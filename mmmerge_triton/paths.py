@@ -13,7 +13,7 @@ from .rowmap import RowMap, device_rows, host_rows, staged_rows
 from .scatter import ADD, COPY, KernelConfig, as_rows, default_config, mask_row_copy, row_copy, supports
 
 
-def _rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
+def rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
     view = as_rows(dst)
     if view is None:
         raise ValueError(
@@ -32,7 +32,7 @@ def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, confi
             "path='triton' runs on CUDA tensors; to run it on the CPU, set TRITON_INTERPRET=1 "
             "before importing mmmerge_triton"
         )
-    dst2d = _rows_view(dst, "triton")
+    dst2d = rows_view(dst, "triton")
     src2d = as_rows(src)
     if src2d is None:
         src2d = src.contiguous()
@@ -60,12 +60,13 @@ def merge_index_put(dst, mask, src, accumulate, rowmap=None, config=None):
 def merge_masked_scatter(dst, mask, src, accumulate, rowmap=None, config=None):
     """Legacy ``dst.masked_scatter_(mask[..., None], src)``: no sync, but it takes a prefix sum over the
     N*H broadcast mask (about 9 bytes per element of dst). ``accumulate`` adds a dense scattered copy, as
-    engines add deepstack features today."""
+    engines add deepstack features today, then keeps the untouched rows as they were."""
     expanded = mask.to(dst.device, non_blocking=True).unsqueeze(-1)
     values = src.to(dst.dtype)
     # The aten op by name: integrations.transformers may have rerouted the Tensor method.
-    if accumulate:
-        dst.add_(torch.ops.aten.masked_scatter_(torch.zeros_like(dst), expanded, values))
+    if accumulate:  # a dense scattered copy added where the mask is set (untouched rows keep their bits, -0.0 too)
+        scattered = torch.ops.aten.masked_scatter_(torch.zeros_like(dst), expanded, values)
+        dst.copy_(torch.where(expanded, dst + scattered, dst))
     else:
         torch.ops.aten.masked_scatter_(dst, expanded, values)
 
@@ -74,7 +75,7 @@ def merge_index_copy(dst, mask, src, accumulate, rowmap=None, config=None):
     """Row indices then ``index_copy_`` (``index_add_`` to accumulate). A GPU mask takes SGLang's recipe
     (cumsum ranks scattered into a row list: no sync, O(N) int64; a count mismatch there ends in a
     device-side assert); a CPU mask, ``np.flatnonzero`` and a pinned copy."""
-    dst2d = _rows_view(dst, "index_copy")
+    dst2d = rows_view(dst, "index_copy")
     n, m = dst2d.shape[0], src.shape[0]
     if mask.device.type == "cpu":
         index = torch.from_numpy(host_rows(mask))

@@ -46,6 +46,11 @@ def staged_rows(mask: torch.Tensor, n_rows: int, device: torch.device) -> RowMap
     rows = host_rows(mask)
     if rows.size != n_rows:
         raise CountMismatch(n_rows, rows.size)
+    return stage_rows(rows, device)
+
+
+def stage_rows(rows: np.ndarray, device: torch.device) -> RowMap:
+    """Host row indices [K], made readable by a kernel on ``device`` without a sync (a count-less map of K)."""
     if device.type != "cuda":  # the interpreter reads host memory directly
         return RowMap(torch.from_numpy(rows.astype(np.int32)), None)
     if torch._C._cuda_isCurrentStreamCapturing():

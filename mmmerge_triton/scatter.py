@@ -130,10 +130,12 @@ def mask_to_rows(mask_bytes: torch.Tensor, rows: torch.Tensor, count: torch.Tens
                          (block, PREFIX_CHUNK), (8, 1), device)
 
 
-def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig) -> torch.Tensor:
-    """out[j] = dense2d[rows[j]] cast to ``dtype``: [n_rows, H]; rows past the map's count are zero."""
+def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig,
+                valid: int | None = None) -> torch.Tensor:
+    """out[j] = dense2d[rows[j]] cast to ``dtype``: [n_rows, H]. Rows past the map's count, or past ``valid``
+    for a count-less map of fewer than n_rows entries, are zero."""
     out = torch.zeros(n_rows, dense2d.shape[1], dtype=dtype, device=dense2d.device)
-    row_copy(dense2d, out, rows, count, GATHER, cfg)
+    row_copy(dense2d, out if valid is None else out[:valid], rows, count, GATHER, cfg)
     return out
 
 

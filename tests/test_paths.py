@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton.dispatch import choose
 
 from .conftest import (
     ALL_PATHS,
@@ -174,7 +173,7 @@ def test_merge_multimodal_embeddings_takes_nested_items_in_order(path, structure
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_merge_multimodal_embeddings_with_3d_inputs_embeds(path):
     mask = make_mask("blocks", (2, 10))
-    items, rows = [randn(3, H, seed=1), randn(int(mask.sum()) - 3, H, seed=2)], None
+    items = [randn(3, H, seed=1), randn(int(mask.sum()) - 3, H, seed=2)]
     rows = torch.cat(items)
     embeds = randn(2, 10, H, dtype=torch.float16)
     before = embeds.clone()
@@ -211,11 +210,7 @@ def special_values_dst(mask, hidden):
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
 @pytest.mark.parametrize("path", ALL_PATHS)
-def test_untouched_rows_keep_negative_zero_nan_and_inf_bits(path, accumulate, request):
-    if path == "masked_scatter" and accumulate:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="package bug: masked_scatter accumulate adds a dense zero tensor, so -0.0 "
-                                "in untouched rows becomes +0.0"))
+def test_untouched_rows_keep_negative_zero_nan_and_inf_bits(path, accumulate):
     mask = make_mask("random50", (N,), seed=9)
     dst = special_values_dst(mask, 14)
     src = randn(int(mask.sum()), 14, seed=1)
@@ -248,8 +243,18 @@ def test_merge_under_inference_mode(path):
     assert_merged(dst, before, mask, src, True, path)
 
 
-def test_auto_picks_index_put_on_cpu():
+@pytest.mark.parametrize("shape", [(N,), (3, 11)], ids=["2d", "3d"])
+def test_auto_picks_index_put_on_cpu(shape):
+    mask = make_mask("random50", shape)
+    dst, src = merge_inputs(mask, H, torch.float16, torch.float32)
+    decision = mm.explain(dst, [src[:2], src[2:]], mask)
+    assert (decision.path, decision.config) == ("index_put", None)
+    assert "CPU" in decision.reason
+    assert_bits_equal(dst, merge_inputs(mask, H, torch.float16, torch.float32)[0], "explain wrote nothing")
+
+
+def test_explain_checks_its_inputs():
     mask = make_mask("random50", (N,))
     dst, src = merge_inputs(mask, H, torch.float32, torch.float32)
-    assert choose(dst, mask, src)[0] == "index_put"
-    assert choose(dst.unsqueeze(0), mask.unsqueeze(0), src)[0] == "index_put"
+    with pytest.raises(ValueError, match=r"\bis_multimodal\b has shape"):
+        mm.explain(dst, src, mask[1:])

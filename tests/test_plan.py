@@ -117,3 +117,30 @@ def test_plan_of_empty_mask():
     assert plan.host_count == 0 and plan.count.tolist() == [0]
     dst = torch.zeros(0, H)
     mm.masked_row_scatter_(dst, src=torch.zeros(0, H), plan=plan, path="triton")
+
+
+# ---- deepstack_add: one plan, one accumulate per layer ------------------------------------------------------
+
+def test_deepstack_add_in_inference_adds_in_place():
+    mask = make_mask("random50", (2, 15), seed=4)
+    plan = mm.MergePlan(mask)
+    hidden = randn(2, 15, H, dtype=torch.bfloat16)
+    before = hidden.clone()
+    visual = randn(int(mask.sum()), H, dtype=torch.bfloat16, seed=1)
+    with torch.no_grad():
+        assert mm.deepstack_add(hidden, visual, plan) is hidden
+    assert_merged(hidden, before, mask, visual, True, "auto")
+
+
+def test_deepstack_add_with_grad_is_out_of_place_and_differentiable():
+    mask = make_mask("random50", (2, 15), seed=4)
+    plan = mm.MergePlan(mask)
+    hidden = randn(2, 15, H).requires_grad_()
+    visual = randn(int(mask.sum()), H, seed=1).requires_grad_()
+    out = mm.deepstack_add(hidden, visual, plan)
+    assert out is not hidden
+    assert_merged(out, hidden.detach(), mask, visual.detach(), True, "auto")
+    upstream = randn(2, 15, H, seed=2)
+    (out * upstream).sum().backward()
+    assert_bits_equal(hidden.grad, upstream, "grad hidden_states (accumulate: unchanged)")
+    assert_bits_equal(visual.grad, upstream[mask], "grad visual_embeds")

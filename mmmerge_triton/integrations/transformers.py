@@ -4,7 +4,7 @@ Transformers VLMs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA and others) merge image
 ``inputs_embeds.masked_scatter(mask, features)``, the mask [B, S, 1] (or expanded to [B, S, H]). While
 enabled, ``torch.Tensor.masked_scatter`` / ``masked_scatter_`` calls whose mask is constant along the last dim
 run as a row scatter (``masked_row_scatter``: no N*H prefix sum, differentiable as before); every other call
-goes to PyTorch unchanged. Qwen3-VL's deepstack add (``_deepstack_process``) becomes one accumulate launch over
+goes to PyTorch unchanged (the same result or error, bit for bit). Qwen3-VL's deepstack add (``_deepstack_process``) becomes one accumulate launch over
 the visual rows with a row map built once per forward, instead of a clone plus two bool-mask index ops (two
 host syncs) per layer. It stays out of place, as HF's own is: callers may hold the layer's output.
 """
@@ -26,9 +26,18 @@ _DEEPSTACK_CLASSES = (
 _stock: dict = {}  # what enable() replaced, for disable()
 
 
-def _row_mask(self: torch.Tensor, mask, source) -> torch.Tensor | None:
-    """The [..., N] row mask of a masked_scatter call that broadcasts one flag per row over the last dim and
-    that a row scatter reproduces exactly; None for any other call."""
+class MaskedScatterCountError(ValueError, RuntimeError):
+    """Fewer source rows than true mask rows: a count mismatch (ValueError) where PyTorch raises RuntimeError."""
+
+
+def _row_merge(self: torch.Tensor, mask, source) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row mask [...], source rows [K, H]) of a masked_scatter call that broadcasts one flag per row over the
+    last dim and that a row scatter reproduces bit for bit; None for any other call, left to PyTorch.
+
+    Like PyTorch, the K true rows take the first K*H source elements. A source with fewer raises, before any
+    write, an error that is both the ValueError of a count mismatch and PyTorch's RuntimeError. Counting K
+    syncs for a GPU mask, as HF's own count check before the merge already does.
+    """
     if not (isinstance(mask, torch.Tensor) and isinstance(source, torch.Tensor) and mask.dtype == torch.bool):
         return None
     if self.dim() < 2 or mask.dim() != self.dim() or mask.shape[:-1] != self.shape[:-1]:
@@ -36,24 +45,30 @@ def _row_mask(self: torch.Tensor, mask, source) -> torch.Tensor | None:
     if not (mask.shape[-1] == 1 or (mask.shape[-1] == self.shape[-1] and mask.stride(-1) == 0)):
         return None
     hidden = self.shape[-1]
-    if (self.dtype not in FLOAT_DTYPES or source.dtype != self.dtype or source.device != self.device or hidden == 0
-            or source.numel() % hidden):
-        return None  # PyTorch's own call raises or behaves as documented for these
-    return mask[..., 0]
+    if (self.dtype not in FLOAT_DTYPES or source.dtype != self.dtype or source.device != self.device
+            or mask.device != self.device or hidden == 0):
+        return None
+    rows = mask[..., 0]
+    placeholders = int(rows.sum())
+    if source.numel() < placeholders * hidden:
+        raise MaskedScatterCountError(
+            f"Attempted to assign {source.numel() // hidden} multimodal tokens to {placeholders} placeholders "
+            f"(masked_scatter: number of elements of source < number of ones in mask)")
+    return rows, source.reshape(-1)[:placeholders * hidden].view(-1, hidden)
 
 
 def _masked_scatter(self, mask, source):
-    rows = _row_mask(self, mask, source)
-    if rows is None:
+    merge = _row_merge(self, mask, source)
+    if merge is None:
         return _stock["masked_scatter"](self, mask, source)
-    return masked_row_scatter(self, rows, source.reshape(-1, self.shape[-1]), check_count=True)
+    return masked_row_scatter(self, merge[0], merge[1])
 
 
 def _masked_scatter_(self, mask, source):
-    rows = _row_mask(self, mask, source)
-    if rows is None:
+    merge = _row_merge(self, mask, source)
+    if merge is None:
         return _stock["masked_scatter_"](self, mask, source)
-    return masked_row_scatter_(self, rows, source.reshape(-1, self.shape[-1]), check_count=True)
+    return masked_row_scatter_(self, merge[0], merge[1])
 
 
 def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):

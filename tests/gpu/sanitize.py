@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Memory-safety run of every kernel and mode of mmmerge_triton on small shapes (not a pytest file).
+
+On the GPU machine:
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
+        python tests/gpu/sanitize.py
+
+(without the caching allocator every tensor is its own allocation, so memcheck sees an access one element
+past a tensor). It also checks every result against torch, so without the sanitizer it is a quick
+correctness run (well under a minute of GPU work). Covered: row_copy_kernel in COPY/ADD/GATHER/ZERO with
+row maps whose count is below and above M (and maps only as long as their count), the fused
+mask_row_copy_kernel and the two-pass mask_to_rows_kernel + row_copy_kernel with device masks whose true
+rows K differ from M both ways (no host check: the kernels alone must stay in bounds), N=1, H=1, odd H,
+empty and full masks, CPU-mask staging (many calls, and a row map larger than an arena quarter), plans,
+the backward (GATHER/ZERO), misaligned and strided views, every dtype pair. Cases that hit a suspected
+package bug (device masks whose flattened view is strided or expanded) run last, so a fault there cannot
+hide the others. Prints "sanitize: N cases run" (and the failures); exits 1 if any case failed.
+"""
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+RAN = 0
+FAILURES = []
+
+
+def case(name, fn):
+    global RAN
+    RAN += 1
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001 - every failure is reported, the run goes on
+        FAILURES.append(name)
+        print(f"FAIL {name}: {type(error).__name__}: {error}", file=sys.stderr)
+        traceback.print_exc(limit=3, file=sys.stderr)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sanitize: CUDA is not available, 0 cases run")
+        return 2
+
+    import mmmerge_triton as mt
+    from mmmerge_triton import paths, scatter
+    from mmmerge_triton.scatter import KernelConfig
+
+    from gpu_helpers import DTYPE_PAIRS, assert_same, dev, first_true, pair_id, rand, random_mask, reference
+
+    DEV = dev()
+    CFG = KernelConfig(4, 32, 4, 1, False)  # small tiles: H=33 and H=130 have column tails
+    CFG_FUSED = CFG._replace(fused=True)
+
+    def merge(kind, dst, mask_cpu, src, acc, cfg=CFG):
+        """Run one merge with a mask of ``kind`` (no host-side count check for device masks)."""
+        if kind == "cpu":
+            paths.merge_triton(dst, mask_cpu, src, acc, config=cfg)
+        elif kind == "fused":
+            paths.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=True))
+        elif kind == "two_pass":
+            paths.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=False))
+        elif kind == "plan":
+            plan = mt.MergePlan(mask_cpu.to(DEV))
+            paths.merge_triton(dst, plan.mask, src, acc, rowmap=plan.rowmap, config=cfg)
+        elif kind == "plan_cpu":
+            plan = mt.MergePlan(mask_cpu, device=DEV)
+            paths.merge_triton(dst, mask_cpu, src, acc, rowmap=plan.rowmap, config=cfg)
+        elif kind == "api":
+            mt.masked_row_scatter_(dst, mask_cpu.to(DEV), src, accumulate=acc, path="triton")
+        else:
+            raise AssertionError(kind)
+
+    def expected_mismatch(dst, mask, src, acc):
+        j = min(int(mask.sum()), src.shape[0])
+        return reference(dst, first_true(mask, j), src[:j], acc)
+
+    # A. every dtype pair x shapes (N=1, H=1, odd H) x copy/add x every kernel
+    for pair in DTYPE_PAIRS:
+        for n, h, m in [(1, 1, 1), (7, 33, 3), (64, 130, 40)]:
+            for acc in (False, True):
+                for kind in ("cpu", "fused", "two_pass"):
+                    def run(pair=pair, n=n, h=h, m=m, acc=acc, kind=kind):
+                        mask = random_mask((n,), m, seed=n + h)
+                        dst = rand((n, h), pair[1], seed=1)
+                        src = rand((m, h), pair[0], seed=2)
+                        expected = reference(dst, mask, src, acc)
+                        merge(kind, dst, mask, src, acc)
+                        assert_same(dst, expected)
+                    case(f"A {pair_id(pair)} N{n} H{h} M{m} {'add' if acc else 'copy'} {kind}", run)
+
+    # B. device masks whose true rows K differ from M, both ways; empty and full masks
+    shapes_b = [(50, 20, 30), (50, 30, 20), (5000, 3000, 1000), (5000, 1000, 3000), (20, 0, 5), (20, 20, 3),
+                (20, 20, 20), (1, 1, 4), (1, 0, 1), (17000, 9000, 100), (17000, 100, 9000)]
+    for pair in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]:
+        for n, k, m in shapes_b:
+            for acc in (False, True):
+                for kind in ("fused", "two_pass", "plan", "api"):
+                    def run(pair=pair, n=n, k=k, m=m, acc=acc, kind=kind):
+                        mask = random_mask((n,), k, seed=n + k + m)
+                        dst = rand((n, 40), pair[1], seed=3)
+                        src = rand((m, 40), pair[0], seed=4)
+                        expected = expected_mismatch(dst, mask, src, acc)
+                        merge(kind, dst, mask, src, acc)
+                        assert_same(dst, expected)
+                    case(f"B {pair_id(pair)} N{n} K{k} M{m} {'add' if acc else 'copy'} {kind}", run)
+
+    # C. row_copy through explicit row maps: every mode, count None / below M / above M, tight maps
+    for dense_dt, compact_dt in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)]:
+        for mode in (scatter.COPY, scatter.ADD, scatter.GATHER, scatter.ZERO):
+            for count_kind in ("none", "below", "below_tight", "above", "zero", "zero_tight"):
+                for cfg in (CFG, KernelConfig(1, 16, 4, 1, False)):
+                    def run(dense_dt=dense_dt, compact_dt=compact_dt, mode=mode, count_kind=count_kind, cfg=cfg):
+                        n, h, m = 60, 37, 25
+                        k = {"none": m, "below": 9, "below_tight": 9, "above": 40, "zero": 0, "zero_tight": 0}[
+                            count_kind]
+                        moved = min(k, m)
+                        perm = torch.randperm(n, generator=torch.Generator().manual_seed(5))[:max(k, m)]
+                        length = max(k, 1) if count_kind.endswith("tight") else m
+                        rows_host = torch.full((length,), 2 ** 30, dtype=torch.int32)  # junk: out of bounds
+                        rows_host[:min(length, moved)] = perm[:min(length, moved)].to(torch.int32)
+                        rows = rows_host.to(DEV)
+                        count = None if count_kind == "none" else torch.tensor([k], dtype=torch.int32, device=DEV)
+                        dense = rand((n, h), dense_dt, seed=6)
+                        if mode == scatter.ZERO:
+                            compact = dense.new_empty(()).expand(m, h)
+                        else:
+                            compact = rand((m, h), compact_dt, seed=7)
+                        idx = perm[:moved].to(DEV)
+                        exp_dense, exp_compact = dense.clone(), compact.clone()
+                        if mode == scatter.COPY:
+                            exp_dense[idx] = compact[:moved].to(dense_dt)
+                        elif mode == scatter.ADD:
+                            exp_dense[idx] = (dense[idx].float() + compact[:moved].to(dense_dt).float()).to(dense_dt)
+                        elif mode == scatter.GATHER:
+                            exp_compact[:moved] = dense[idx].to(compact_dt)
+                        else:
+                            exp_dense[idx] = 0
+                        scatter.row_copy(dense, compact, rows, count, mode, cfg)
+                        assert_same(dense, exp_dense, "dense")
+                        if mode != scatter.ZERO:
+                            assert_same(compact, exp_compact, "compact")
+                    case(f"C dense {dense_dt} compact {compact_dt} mode {mode} count {count_kind} {cfg}", run)
+
+    # D. gather_rows / zero_rows helpers with maps of a device mask whose count is below and above M
+    for n, k, m in [(100, 30, 50), (100, 50, 30), (100, 0, 10)]:
+        def run(n=n, k=k, m=m):
+            mask = random_mask((n,), k, seed=8)
+            plan = mt.MergePlan(mask.to(DEV))
+            dense = rand((n, 24), torch.bfloat16, seed=9)
+            moved = min(k, m)
+            rows_used = first_true(mask, moved).to(DEV)
+            out = scatter.gather_rows(dense, plan.rows, plan.count, m, torch.float32, CFG)
+            exp = torch.zeros(m, 24, device=DEV)
+            exp[:moved] = dense[rows_used].float()
+            assert_same(out, exp, "gather_rows")
+            exp_dense = dense.clone()
+            exp_dense[rows_used] = 0
+            scatter.zero_rows(dense, plan.rows, plan.count, m, CFG)
+            assert_same(dense, exp_dense, "zero_rows")
+        case(f"D gather/zero N{n} K{k} M{m}", run)
+
+    # E. the empty cases the host skips, launched directly
+    def run_empty():
+        dst = rand((10, 16), torch.float32, seed=10)
+        before = dst.clone()
+        none = torch.zeros(10, dtype=torch.bool)
+        for kind in ("cpu", "fused", "two_pass", "plan"):
+            merge(kind, dst, none, rand((0, 16), torch.float32, seed=11), False)
+        scatter.mask_to_rows(torch.zeros(0, dtype=torch.uint8, device=DEV),
+                             torch.empty(1, dtype=torch.int32, device=DEV),
+                             torch.empty(1, dtype=torch.int32, device=DEV), 0)
+        assert_same(dst, before)
+    case("E empty masks and sources", run_empty)
+
+    # F. CPU-mask staging: back-to-back calls with different masks, then a map larger than a quarter
+    def run_staging():
+        n, h, k = 3000, 8, 1000
+        src = torch.randint(-8, 8, (k, h), device=DEV).float()
+        dst = torch.zeros(n, h, device=DEV)
+        expected = dst.clone()
+        for i in range(60):
+            mask = random_mask((n,), k, seed=100 + i)
+            mt.masked_row_scatter_(dst, mask, src, accumulate=True, path="triton")
+            expected = reference(expected, mask, src, True)
+        assert_same(dst, expected)
+    case("F staging: 60 calls", run_staging)
+
+    def run_staging_grow():
+        from mmmerge_triton import staging
+        q_rows = staging.arena(DEV.index).quarter_bytes // 4
+        n, k = q_rows + 5000, q_rows + 16
+        mask = random_mask((n,), k, seed=12)
+        src = rand((k, 1), torch.float32, seed=13)
+        dst = rand((n, 1), torch.float16, seed=14)
+        expected = reference(dst, mask, src)
+        mt.masked_row_scatter_(dst, mask, src, path="triton")
+        assert_same(dst, expected)
+    case("F staging: a row map larger than a quarter", run_staging_grow)
+
+    # G. plans (GPU and CPU masks), update_, accumulate
+    for kind in ("plan", "plan_cpu"):
+        for acc in (False, True):
+            def run(kind=kind, acc=acc):
+                for seed in (15, 16):
+                    mask = random_mask((300,), 120, seed=seed)
+                    dst = rand((300, 70), torch.float16, seed=seed)
+                    src = rand((120, 70), torch.float32, seed=seed + 1)
+                    expected = reference(dst, mask, src, acc)
+                    merge(kind, dst, mask, src, acc)
+                    assert_same(dst, expected)
+            case(f"G {kind} {'add' if acc else 'copy'}", run)
+
+    def run_plan_update():
+        mask = random_mask((300,), 120, seed=17)
+        plan = mt.MergePlan(mask.to(DEV))
+        for seed in (18, 19):
+            mask = random_mask((300,), 120, seed=seed)
+            plan.update_(mask.to(DEV))
+            dst = rand((300, 70), torch.bfloat16, seed=seed)
+            src = rand((120, 70), torch.bfloat16, seed=seed + 1)
+            expected = reference(dst, mask, src)
+            mt.masked_row_scatter_(dst, src=src, plan=plan)
+            assert_same(dst, expected)
+    case("G plan update_", run_plan_update)
+
+    # H. the backward (GATHER and ZERO through autograd), CPU and GPU masks
+    for mask_kind in ("cpu", "gpu"):
+        for acc in (False, True):
+            def run(mask_kind=mask_kind, acc=acc):
+                mask = random_mask((200,), 80, seed=20)
+                if mask_kind == "gpu":
+                    mask = mask.to(DEV)
+                dst = rand((200, 45), torch.bfloat16, seed=21)
+                src = rand((80, 45), torch.float32, seed=22)
+                grad = rand((200, 45), torch.bfloat16, seed=23)
+                d, s = dst.clone().requires_grad_(), src.clone().requires_grad_()
+                mt.masked_row_scatter(d, mask, s, accumulate=acc).backward(grad)
+                d2, s2 = dst.clone().requires_grad_(), src.clone().requires_grad_()
+                d2.index_put((mask.to(DEV),), s2.to(torch.bfloat16), accumulate=acc).backward(grad)
+                assert_same(d.grad, d2.grad, "dst.grad")
+                assert_same(s.grad, s2.grad, "src.grad")
+            case(f"H backward {mask_kind} {'add' if acc else 'copy'}", run)
+
+    # I. misaligned and strided views, 3-D
+    def views():
+        n, h, m = 40, 50, 15
+        yield "dst misaligned", (lambda t: t.view(-1)[1:1 + n * h].view(n, h)), (n * h + 4,), None, (m, h)
+        yield "dst row stride", (lambda t: t[:, :h]), (n, h + 3), None, (m, h)
+        yield "src misaligned", None, (n, h), (lambda t: t.view(-1)[3:3 + m * h].view(m, h)), (m * h + 4,)
+        yield "src row stride", None, (n, h), (lambda t: t[:, :h]), (m, h + 5)
+        yield "src column stride", None, (n, h), (lambda t: t.t()), (h, m)
+        yield "3-D", (lambda t: t.view(4, 10, h)), (n, h), None, (m, h)
+
+    for name, dview, dshape, sview, sshape in views():
+        for kind in ("cpu", "fused", "two_pass"):
+            def run(dview=dview, dshape=dshape, sview=sview, sshape=sshape, kind=kind):
+                storage = rand(dshape, torch.float16, seed=24)
+                dv = dview or (lambda t: t)
+                dst = dv(storage)
+                src = (sview or (lambda t: t))(rand(sshape, torch.float32, seed=25))
+                mask = random_mask(dst.shape[:-1], src.shape[0], seed=26)
+                ref_storage = storage.clone()
+                dv(ref_storage).index_put_((mask.to(DEV),), src.to(torch.float16))
+                if kind == "cpu":
+                    mt.masked_row_scatter_(dst, mask, src, path="triton")
+                else:
+                    paths.merge_triton(dst, mask.to(DEV), src, False,
+                                       config=CFG_FUSED if kind == "fused" else CFG)
+                assert_same(storage, ref_storage)
+            case(f"I {name} {kind}", run)
+
+    # J. the torch paths on small shapes (memcheck covers torch's kernels too)
+    for path in ("index_put", "index_copy", "masked_scatter"):
+        for mask_kind in ("cpu", "gpu"):
+            for acc in (False, True):
+                def run(path=path, mask_kind=mask_kind, acc=acc):
+                    mask = random_mask((90,), 30, seed=27)
+                    m = mask.to(DEV) if mask_kind == "gpu" else mask
+                    dst = rand((90, 20), torch.bfloat16, seed=28)
+                    src = rand((30, 20), torch.float32, seed=29)
+                    expected = reference(dst, mask, src, acc)
+                    mt.masked_row_scatter_(dst, m, src, accumulate=acc, path=path)
+                    assert_same(dst, expected)
+                case(f"J {path} {mask_kind} {'add' if acc else 'copy'}", run)
+
+    # K (last): device masks whose flattened view is strided or expanded (a suspected package bug: the
+    # kernels read mask.reshape(-1).view(torch.uint8) as contiguous bytes).
+    for mask_layout in ("strided", "expanded"):
+        for kind in ("fused", "two_pass", "plan"):
+            def run(mask_layout=mask_layout, kind=kind):
+                n, h = 300, 16
+                if mask_layout == "strided":
+                    host = random_mask((n,), 100, seed=30)
+                    big = torch.zeros(2 * n, dtype=torch.bool, device=DEV)
+                    big[::2] = host.to(DEV)
+                    mask = big[::2]
+                else:
+                    host = torch.ones(n, dtype=torch.bool)
+                    mask = torch.ones(1, dtype=torch.bool, device=DEV).expand(n)
+                m = int(host.sum())
+                dst = rand((n, h), torch.float32, seed=31)
+                src = rand((m, h), torch.float32, seed=32)
+                expected = reference(dst, host, src)
+                if kind == "plan":
+                    mt.masked_row_scatter_(dst, src=src, plan=mt.MergePlan(mask))
+                else:
+                    paths.merge_triton(dst, mask, src, False, config=CFG_FUSED if kind == "fused" else CFG)
+                assert_same(dst, expected)
+            case(f"K {mask_layout} device mask {kind}", run)
+
+    summary = f"sanitize: {RAN} cases run"
+    if FAILURES:
+        summary += f", {len(FAILURES)} failed: " + "; ".join(FAILURES[:20]) + (" ..." if len(FAILURES) > 20 else "")
+    print(summary)
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

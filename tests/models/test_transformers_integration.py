@@ -1,0 +1,357 @@
+"""HF transformers, one line: ``mmmerge_triton.integrations.transformers.enable()`` / ``enabled()``.
+
+With the integration on, a transformers VLM's image merge (``inputs_embeds.masked_scatter(mask [B, S, 1], ...)``)
+and Qwen3-VL's deepstack add (``Qwen3VLTextModel._deepstack_process``) run through mmmerge_triton. These tests
+prove, on tiny random models (tiny_vlms.py): the logits and every gradient are bit-identical to the stock run;
+aten's masked_scatter no longer runs (an mmmerge_triton op runs instead); a count mismatch raises ValueError
+and writes nothing; every other ``masked_scatter`` call still goes to PyTorch; ``disable()`` restores exactly
+what ``enable()`` replaced.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import re
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("transformers")
+
+import tiny_vlms  # noqa: E402  (tests/models is on sys.path: pytest's rootdir-relative "prepend" import)
+from mmmerge_triton.integrations import transformers as hf  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+MODELS = [
+    pytest.param(name, marks=pytest.mark.skipif(not tiny_vlms.available(name), reason=f"transformers lacks {name}"))
+    for name in tiny_vlms.MODELS
+]
+DEEPSTACK_CLASSES = (
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextModel"),
+    ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeTextModel"),
+)
+
+ATEN_MASKED_SCATTER = {torch.ops.aten.masked_scatter.default, torch.ops.aten.masked_scatter_.default}
+
+
+def _deepstack_classes() -> list[type]:
+    classes = []
+    for module_name, class_name in DEEPSTACK_CLASSES:
+        try:
+            classes.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):
+            pass
+    return classes
+
+
+@pytest.fixture(autouse=True)
+def integration_off():
+    """Every test starts and ends with the integration off (even when a test fails while it is on)."""
+    hf.disable()
+    yield
+    hf.disable()
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every op that reaches the dispatcher while active (aten ops, and mmmerge_triton's registered
+    ops: the package calls those instead of its eager path while a dispatch mode is active)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+    def count(self, ops) -> int:
+        return sum(op in ops for op in self.ops)
+
+    def mmmerge_ops(self) -> collections.Counter:
+        return collections.Counter(op.name() for op in self.ops if op.namespace == "mmmerge_triton")
+
+
+def _row_mask(device, shape=(2, 6), seed=0) -> torch.Tensor:
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.5
+    mask.view(-1)[0] = True
+    return mask.to(device)
+
+
+def _randn(*shape, device, seed=0, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_and_gradients_match_stock(name, n_images, device):
+    """``with enabled():`` the forward gives the stock logits bit for bit, and the backward of a fixed random
+    projection of them the stock gradients: image features, vision tower, projector and text model. Qwen3-VL
+    includes the deepstack add after each of its first two layers."""
+    model, inputs = tiny_vlms.build(name, n_images, device=device)
+    stock = tiny_vlms.forward_backward(model, lambda: model(**inputs).logits)
+    with hf.enabled():
+        merged = tiny_vlms.forward_backward(model, lambda: model(**inputs).logits)
+    tiny_vlms.assert_runs_equal(merged, stock)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_enable_disable_calls(device):
+    """The explicit ``enable()`` / ``disable()`` pair works as ``enabled()`` does (Qwen3-VL, or Qwen2-VL on a
+    transformers without it), and the model runs stock again after ``disable()``."""
+    name = "qwen3vl" if tiny_vlms.available("qwen3vl") else "qwen2vl"
+    model, inputs = tiny_vlms.build(name, 2, device=device)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        hf.enable()
+        try:
+            with OpRecorder() as recorder:
+                logits = model(**inputs).logits
+        finally:
+            hf.disable()
+        assert recorder.mmmerge_ops() and torch.equal(logits, expected)
+        with OpRecorder() as recorder:
+            assert torch.equal(model(**inputs).logits, expected)
+    assert not recorder.mmmerge_ops() and recorder.count(ATEN_MASKED_SCATTER) == 1
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_aten_masked_scatter_replaced(name, device):
+    """The stock forward runs aten's masked_scatter once (the image merge); with the integration it never runs,
+    and mmmerge_triton's masked_row_scatter op runs instead: once for the merge, plus once per deepstack level
+    for Qwen3-VL, whose stock bool-mask index_put_ per level is gone too. The logits stay identical."""
+    model, inputs = tiny_vlms.build(name, 2, device=device)
+    with torch.no_grad():
+        with OpRecorder() as stock:
+            expected = model(**inputs).logits
+        with hf.enabled(), OpRecorder() as merged:
+            logits = model(**inputs).logits
+    assert torch.equal(logits, expected)
+    assert stock.count(ATEN_MASKED_SCATTER) == 1
+    assert not stock.mmmerge_ops()
+    assert merged.count(ATEN_MASKED_SCATTER) == 0
+    levels = len(getattr(model.config.vision_config, "deepstack_visual_indexes", ()))
+    assert merged.mmmerge_ops() == {"mmmerge_triton::masked_row_scatter": 1 + levels}
+    index_put = {torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default}
+    assert stock.count(index_put) - merged.count(index_put) == levels
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_count_mismatch_raises(name, device, monkeypatch):
+    """One image token dropped from input_ids, integration on: transformers' own count check raises its
+    ValueError before the merge, and the inputs are left as they were."""
+    model, inputs = mismatched_inputs(name, device)
+    monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK", raising=False)
+    before = {k: v.clone() for k, v in inputs.items()}
+    n_tokens = int((inputs["input_ids"] == tiny_vlms.IMG).sum())
+    expected = rf"Image features and image tokens do not match, tokens: {n_tokens}"
+    with torch.no_grad(), hf.enabled(), pytest.raises(ValueError, match=expected):
+        model(**inputs)
+    for key, value in inputs.items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_count_mismatch_without_hf_check_behaves_as_stock(name, device, monkeypatch):
+    """With transformers' check switched off (TRANSFORMERS_DISABLE_TORCH_CHECK=1) the merge sees one more
+    feature row than placeholders. PyTorch's masked_scatter then takes the first rows; so does the
+    integration: the forward ends the same way with and without it (same logits, or the same error)."""
+    model, inputs = mismatched_inputs(name, device)
+    monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+
+    def outcome():
+        try:
+            with torch.no_grad():
+                return model(**inputs).logits
+        except Exception as error:  # noqa: BLE001 (the outcome compared is the error's type and text)
+            return (type(error), str(error))
+
+    stock = outcome()
+    with hf.enabled():
+        merged = outcome()
+    if isinstance(stock, torch.Tensor):
+        assert torch.equal(stock, merged)
+    else:
+        assert stock == merged
+
+
+def mismatched_inputs(name, device):
+    """A model and its 2-image inputs with the first image token turned into text: one feature row too many."""
+    model, inputs = tiny_vlms.build(name, 2, device=device)
+    input_ids = inputs["input_ids"].clone()
+    first = (input_ids[0] == tiny_vlms.IMG).nonzero()[0, 0]
+    input_ids[0, first] = 5  # a text token
+    inputs = dict(inputs, input_ids=input_ids)
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = (input_ids == tiny_vlms.IMG).int()
+    return model, inputs
+
+
+# ------------------------------------------------------------------------------------------------ direct calls
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["masked_scatter", "masked_scatter_"])
+@pytest.mark.parametrize("expanded", [False, True], ids=["mask[B,S,1]", "mask.expand_as(emb)"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_masks_go_to_mmmerge(device, expanded, in_place):
+    """A bool mask [B, S, 1], or one broadcast over the last dim (``expand_as``: stride 0), routes to
+    mmmerge_triton and gives PyTorch's result bit for bit; the in-place form returns ``self``."""
+    emb = _randn(2, 6, 8, device=device)
+    mask = _row_mask(device)[..., None]
+    if expanded:
+        mask = mask.expand_as(emb)
+    src = _randn(int(mask[..., 0].sum()), 8, device=device, seed=1)
+    expected = emb.clone().masked_scatter_(mask, src)
+    with hf.enabled(), OpRecorder() as recorder:
+        if in_place:
+            out = emb.clone()
+            assert out.masked_scatter_(mask, src) is out
+        else:
+            out = emb.masked_scatter(mask, src)
+    assert torch.equal(out, expected)
+    assert recorder.count(ATEN_MASKED_SCATTER) == 0
+    assert sum(recorder.mmmerge_ops().values()) == 1
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["masked_scatter", "masked_scatter_"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_count_mismatch_raises_and_writes_nothing(device, in_place):
+    """``emb.masked_scatter(mask, fewer_rows)`` while enabled raises ValueError (PyTorch would raise a
+    RuntimeError), and ``emb`` is left unchanged, also by the in-place form."""
+    emb = _randn(2, 6, 8, device=device)
+    mask = _row_mask(device)
+    fewer = _randn(int(mask.sum()) - 1, 8, device=device, seed=1)
+    before = emb.clone()
+    with hf.enabled(), pytest.raises(ValueError, match="multimodal tokens to"):
+        (emb.masked_scatter_ if in_place else emb.masked_scatter)(mask[..., None], fewer)
+    assert torch.equal(emb, before)
+
+
+def _other_calls(device):
+    """masked_scatter calls that are not a row scatter: (self, mask, source)."""
+    emb = _randn(2, 6, 8, device=device)
+    elementwise = torch.rand(2, 6, 8, generator=torch.Generator().manual_seed(3)).lt(0.5).to(device)
+    row = _row_mask(device)
+    n_row = int(row.sum())
+    return {
+        "elementwise mask": (emb, elementwise, _randn(int(elementwise.sum()), device=device, seed=1)),
+        "1-D tensor": (_randn(10, device=device), torch.arange(10, device=device) % 3 == 0,
+                       _randn(4, device=device, seed=1)),
+        "mask [S, 1] broadcast over B": (emb, row[0][:, None], _randn(2 * int(row[0].sum()), 8, device=device)),
+        "materialized [B, S, H] row mask": (emb, row[..., None].expand_as(emb).contiguous(),
+                                            _randn(n_row, 8, device=device)),
+        "source of another dtype": (emb, row[..., None], _randn(n_row, 8, device=device, dtype=torch.float64)),
+        "int tensor": (torch.arange(96, device=device).view(2, 6, 8), row[..., None],
+                       torch.arange(n_row * 8, device=device)),
+    }
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["masked_scatter", "masked_scatter_"])
+@pytest.mark.parametrize("case", list(_other_calls("cpu")))
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_masked_scatter_calls_go_to_pytorch(device, case, in_place):
+    """Calls that are not a row scatter (an elementwise mask, a 1-D tensor, a broadcast in a leading dim, a
+    materialized mask, a source of another dtype, an integer tensor) run PyTorch's own op while enabled: the
+    same result bit for bit, or the same error, and no mmmerge_triton op."""
+
+    def call(self, mask, source):
+        if in_place:
+            out = self.clone()
+            return out.masked_scatter_(mask, source)
+        return self.masked_scatter(mask, source)
+
+    args = _other_calls(device)[case]
+    try:
+        expected = call(*args)
+    except RuntimeError as error:
+        expected = error
+    with hf.enabled(), OpRecorder() as recorder:
+        if isinstance(expected, Exception):
+            with pytest.raises(type(expected), match=re.escape(str(expected))):
+                call(*args)
+        else:
+            assert torch.equal(call(*args), expected)
+    assert recorder.count(ATEN_MASKED_SCATTER) == 1
+    assert not recorder.mmmerge_ops()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_call_gradients(device):
+    """A direct ``emb.masked_scatter(mask [B, S, 1], src)`` on tensors that need grad keeps PyTorch's
+    gradients for both inputs while enabled (the merged rows pass theirs to src, the others to emb)."""
+    mask = _row_mask(device)[..., None]
+    weight = _randn(2, 6, 8, device=device, seed=5)
+    grads = []
+    for on in (False, True):
+        emb = _randn(2, 6, 8, device=device).requires_grad_()
+        src = _randn(int(mask.sum()), 8, device=device, seed=1).requires_grad_()
+        with hf.enabled() if on else torch.enable_grad():
+            (emb.masked_scatter(mask, src) * weight).sum().backward()
+        grads.append((emb.grad, src.grad))
+    assert torch.equal(grads[1][0], grads[0][0]) and torch.equal(grads[1][1], grads[0][1])
+
+
+# --------------------------------------------------------------------------------------------- enable/disable
+
+
+def test_disable_restores_exactly():
+    """``disable()`` puts back the very function objects ``enable()`` replaced: ``torch.Tensor.masked_scatter``,
+    ``masked_scatter_`` and the Qwen3-VL ``_deepstack_process`` methods. A second ``enable()`` is a no-op (a
+    later ``disable()`` still restores the originals), and ``enabled()`` inside ``enable()`` leaves it on."""
+    classes = _deepstack_classes()
+    originals = (torch.Tensor.masked_scatter, torch.Tensor.masked_scatter_,
+                 *(cls.__dict__["_deepstack_process"] for cls in classes))
+
+    def current():
+        return (torch.Tensor.masked_scatter, torch.Tensor.masked_scatter_,
+                *(cls.__dict__["_deepstack_process"] for cls in classes))
+
+    hf.enable()
+    patched = current()
+    assert all(new is not old for new, old in zip(patched, originals))
+    hf.enable()
+    assert all(new is same for new, same in zip(current(), patched))
+    with hf.enabled():
+        pass
+    assert all(new is same for new, same in zip(current(), patched)), "enabled() switched off an enable()"
+    hf.disable()
+    assert all(new is old for new, old in zip(current(), originals))
+    hf.disable()  # a second disable() is a no-op
+    assert all(new is old for new, old in zip(current(), originals))
+    with hf.enabled():
+        assert all(new is same for new, same in zip(current(), patched))
+    assert all(new is old for new, old in zip(current(), originals))
+
+
+@pytest.mark.skipif(not tiny_vlms.available("qwen3vl"), reason="transformers lacks Qwen3-VL")
+def test_deepstack_method_replaced():
+    """Qwen3-VL's deepstack add runs the integration's method while enabled (once per deepstack level), and
+    HF's own once disabled."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+    model, inputs = tiny_vlms.build("qwen3vl", 1)
+    calls = []
+    with hf.enabled():
+        replacement = Qwen3VLTextModel._deepstack_process
+
+        def spy(self, *args):
+            calls.append("mmmerge")
+            return replacement(self, *args)
+
+        Qwen3VLTextModel._deepstack_process = spy
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            Qwen3VLTextModel._deepstack_process = replacement
+    assert replacement.__module__ == hf.__name__
+    assert calls == ["mmmerge"] * len(model.config.vision_config.deepstack_visual_indexes)
+    assert Qwen3VLTextModel._deepstack_process.__module__ == Qwen3VLTextModel.__module__

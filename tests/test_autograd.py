@@ -1,0 +1,182 @@
+"""Gradients: grad_src[j] = grad[j-th true row] (cast to src's dtype); grad_dst = grad with the true rows
+zeroed (unchanged with accumulate). In place on a non-leaf and out of place, 2-D and [B, S, H]."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mmmerge_triton as mm
+
+from .conftest import (
+    ALL_PATHS,
+    DTYPE_PAIR_IDS,
+    DTYPE_PAIRS,
+    assert_bits_equal,
+    assert_close_ulps,
+    make_mask,
+    merge_tolerance,
+    randn,
+)
+
+H = 19
+
+
+def expected_grads(upstream, mask, accumulate):
+    """(grad_dst, grad_src) of sum(out * upstream), by a loop over rows."""
+    hidden = upstream.shape[-1]
+    grad_dst = upstream.clone()
+    rows = grad_dst.view(-1, hidden)
+    picked = []
+    for i, selected in enumerate(mask.reshape(-1).tolist()):
+        if selected:
+            picked.append(upstream.reshape(-1, hidden)[i].clone())
+            if not accumulate:
+                rows[i].zero_()
+    grad_src = torch.stack(picked) if picked else upstream.new_zeros(0, hidden)
+    return grad_dst, grad_src
+
+
+def run_backward(scatter_kind, path, mask, accumulate, dst_dtype=torch.float32, src_dtype=torch.float32, seed=0):
+    """Merge with autograd and backpropagate sum(out * upstream). Returns (upstream, dst.grad, src.grad)."""
+    dst = randn(*mask.shape, H, dtype=dst_dtype, seed=seed).requires_grad_()
+    src = randn(int(mask.sum()), H, dtype=src_dtype, seed=seed + 1).requires_grad_()
+    upstream = randn(*mask.shape, H, dtype=dst_dtype, seed=seed + 2)
+    if scatter_kind == "in_place":
+        out = mm.masked_row_scatter_(dst * 1, mask, src, accumulate=accumulate, path=path)  # non-leaf dst
+    else:
+        out = mm.masked_row_scatter(dst, mask, src, accumulate=accumulate, path=path)
+    (out * upstream).sum().backward()
+    return upstream, dst.grad, src.grad
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("shape", [(29,), (3, 10)], ids=["2d", "3d"])
+@pytest.mark.parametrize("scatter_kind", ["in_place", "out_of_place"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_grads_match_the_row_rule(path, scatter_kind, shape, accumulate):
+    mask = make_mask("random50", shape, seed=1)
+    upstream, grad_dst, grad_src = run_backward(scatter_kind, path, mask, accumulate)
+    want_dst, want_src = expected_grads(upstream, mask, accumulate)
+    assert_bits_equal(grad_dst, want_dst, "grad_dst")
+    assert_bits_equal(grad_src, want_src, "grad_src")
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("mask_kind", ["empty", "full", "last", "blocks"])
+def test_triton_grads_equal_index_put_grads(mask_kind, accumulate):
+    mask = make_mask(mask_kind, (4, 8))
+    for scatter_kind in ("in_place", "out_of_place"):
+        _, triton_dst, triton_src = run_backward(scatter_kind, "triton", mask, accumulate)
+        _, torch_dst, torch_src = run_backward(scatter_kind, "index_put", mask, accumulate)
+        assert_bits_equal(triton_dst, torch_dst, "grad_dst")
+        if mask_kind == "empty":  # nothing merged: src (0 rows) never joins the graph on either path
+            assert triton_src is None and torch_src is None
+        else:
+            assert_bits_equal(triton_src, torch_src, "grad_src")
+
+
+@pytest.mark.parametrize(("src_dtype", "dst_dtype"), DTYPE_PAIRS, ids=DTYPE_PAIR_IDS)
+@pytest.mark.parametrize("path", ["triton", "index_put"])
+def test_grads_are_cast_to_each_input_dtype(path, src_dtype, dst_dtype):
+    mask = make_mask("random50", (29,), seed=2)
+    upstream, grad_dst, grad_src = run_backward("in_place", path, mask, False, dst_dtype, src_dtype)
+    want_dst, want_src = expected_grads(upstream, mask, False)
+    assert grad_dst.dtype == dst_dtype and grad_src.dtype == src_dtype
+    assert_bits_equal(grad_dst, want_dst, "grad_dst")
+    # grad_src is grad's rows cast from dst's dtype to src's: the same rounding caveat as a merge that way.
+    tol = merge_tolerance(dst_dtype, src_dtype, False, path)
+    assert not tol.truncated_src
+    assert_close_ulps(grad_src, [want_src.to(src_dtype)], tol.ulps, "grad_src")
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_only_src_requires_grad_with_plain_dst(path):
+    """inputs_embeds without grad, vision features with grad: dst joins the graph through the write."""
+    mask = make_mask("random50", (3, 7))
+    dst = randn(3, 7, H)
+    src = randn(int(mask.sum()), H, seed=1).requires_grad_()
+    upstream = randn(3, 7, H, seed=2)
+    out = mm.masked_row_scatter_(dst, mask, src, path=path)
+    assert out.requires_grad
+    (out * upstream).sum().backward()
+    assert_bits_equal(src.grad, expected_grads(upstream, mask, False)[1], "grad_src")
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_only_dst_requires_grad(path):
+    mask = make_mask("random50", (29,))
+    dst = randn(29, H).requires_grad_()
+    src = randn(int(mask.sum()), H, seed=1)
+    upstream = randn(29, H, seed=2)
+    (mm.masked_row_scatter(dst, mask, src, path=path) * upstream).sum().backward()
+    assert_bits_equal(dst.grad, expected_grads(upstream, mask, False)[0], "grad_dst")
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_merge_multimodal_embeddings_backward(path):
+    mask = make_mask("blocks", (30,))
+    embeds = randn(30, H).requires_grad_()
+    items = [randn(3, H, seed=1).requires_grad_(), randn(int(mask.sum()) - 3, H, seed=2).requires_grad_()]
+    upstream = randn(30, H, seed=3)
+    out = mm.merge_multimodal_embeddings(embeds * 1, items, mask, path=path)
+    (out * upstream).sum().backward()
+    want_dst, want_src = expected_grads(upstream, mask, False)
+    assert_bits_equal(embeds.grad, want_dst, "grad inputs_embeds")
+    assert_bits_equal(torch.cat([items[0].grad, items[1].grad]), want_src, "grad items")
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_in_place_on_leaf_requiring_grad_raises_runtime_error(path):
+    mask = make_mask("random50", (29,))
+    dst = randn(29, H).requires_grad_()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        mm.masked_row_scatter_(dst, mask, randn(int(mask.sum()), H), path=path)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_in_place_on_leaf_requiring_grad_leaves_it_unchanged(path):
+    mask = make_mask("random50", (29,))
+    dst = randn(29, H).requires_grad_()
+    before = dst.detach().clone()
+    with pytest.raises(RuntimeError):
+        mm.masked_row_scatter_(dst, mask, randn(int(mask.sum()), H), path=path)
+    assert_bits_equal(dst.detach(), before, "leaf")
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_updated_between_forward_and_backward_keeps_forward_grads(path):
+    first, second = make_mask("random50", (29,), seed=1), make_mask("random50", (29,), seed=2)
+    assert int(first.sum()) == int(second.sum()) and not torch.equal(first, second)
+    plan = mm.MergePlan(first)
+    dst = randn(29, H).requires_grad_()
+    src = randn(int(first.sum()), H, seed=1).requires_grad_()
+    upstream = randn(29, H, seed=2)
+    out = mm.masked_row_scatter(dst, src=src, plan=plan, path=path)
+    plan.update_(second)
+    (out * upstream).sum().backward()
+    want_dst, want_src = expected_grads(upstream, first, False)
+    assert_bits_equal(dst.grad, want_dst, "grad_dst")
+    assert_bits_equal(src.grad, want_src, "grad_src")
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_gradcheck_float32(path, accumulate):
+    """The API takes fp32/fp16/bf16 only (float64 is a TypeError), so gradcheck runs in fp32 with loose
+    tolerances: the op is linear, so central differences are exact up to fp32 rounding."""
+    mask = make_mask("random50", (2, 5), seed=3)
+    dst = randn(2, 5, 3).requires_grad_()
+    src = randn(int(mask.sum()), 3, seed=1).requires_grad_()
+
+    def in_place(d, s):
+        return mm.masked_row_scatter_(d.clone(), mask, s, accumulate=accumulate, path=path)
+
+    def out_of_place(d, s):
+        return mm.masked_row_scatter(d, mask, s, accumulate=accumulate, path=path)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*double precision floating point.*")
+        for fn in (in_place, out_of_place):
+            assert torch.autograd.gradcheck(fn, (dst, src), eps=1e-2, atol=1e-2, rtol=1e-2)
