@@ -12,18 +12,23 @@ from .items import common_row_stride, merge_items
 from .paths import RUNNERS, merge_triton, rows_view
 from .plan import MergePlan
 from .rowmap import CountMismatch
-from .scatter import default_config
+from .scatter import as_rows, default_config
 
 
-def _eager(*tensors: torch.Tensor) -> bool:
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+def _eager(*tensors) -> bool:
     """Whether the call can skip the torch.library dispatcher: plain tensors, no tracing, no dispatch mode.
     (The dispatcher costs 40-55 µs per eager call, MEASUREMENTS.md; torch.compile and tensor subclasses
-    need the registered op.)"""
-    return (
-        not torch.compiler.is_compiling()
-        and not any(isinstance(t, torch.Tensor) and type(t) is not torch.Tensor for t in tensors)
-        and torch._C._len_torch_dispatch_stack() == 0
-    )  # a non-tensor argument stays here too: the checks raise its TypeError
+    need the registered op.) A non-tensor argument stays here too: the checks raise its TypeError."""
+    if _is_compiling() or _dispatch_modes():
+        return False
+    for t in tensors:
+        if type(t) is not torch.Tensor and isinstance(t, torch.Tensor):
+            return False
+    return True
 
 
 def _mask_of(mask, plan, mask_name: str) -> torch.Tensor:
@@ -41,7 +46,7 @@ def _mask_of(mask, plan, mask_name: str) -> torch.Tensor:
 def _placeholders(mask, plan, check_count: bool) -> int | None:
     """The mask's true rows, where knowing them costs no sync (a CPU mask), or where the caller asked for
     the sync (check_count=True); else None."""
-    if mask.device.type == "cpu":
+    if mask.is_cpu:
         return plan.host_count if plan is not None else int(np.count_nonzero(mask.numpy()))
     if check_count:
         return int(plan.count.item() if plan is not None else mask.sum().item())
@@ -65,13 +70,15 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
         raise ValueError(f"plan was built for {plan.device}; {dst_name} is on {dst.device}")
     if path == "auto":
         path, config = choose(dst, mask, src_dtype, n_rows)
+        if path == "triton" and (dst.dim() != 2 or dst.stride(1) != 1) and as_rows(dst) is None:
+            path, config = "index_put", None  # dst's rows form no 2-D view: index_put takes any layout
     elif path in RUNNERS:
         config = None
     else:
         raise ValueError(f"path must be 'auto' or one of {tuple(RUNNERS)}, got {path!r}")
     empty = n_rows == 0 or dst.shape[-1] == 0
     # The Triton path counts a CPU mask itself, from the row map it stages (CountMismatch, before any write).
-    if path != "triton" or plan is not None or empty or mask.device.type != "cpu":
+    if path != "triton" or plan is not None or empty or not mask.is_cpu:
         placeholders = _placeholders(mask, plan, check_count)
         if placeholders is not None and placeholders != n_rows:
             raise inputs.count_mismatch(n_rows, placeholders, expression)
@@ -84,7 +91,7 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
         if isinstance(src, list):
             stride = common_row_stride(src) if path == "triton" and not needs_grad else None
             if stride is not None:
-                cfg = config or default_config(dst.shape[-1], n_rows, mask.numel(), mask.device.type != "cpu")
+                cfg = config or default_config(dst.shape[-1], n_rows, mask.numel(), not mask.is_cpu)
                 merge_items(rows_view(dst, "triton"), mask, src, stride, accumulate, cfg,
                             plan.rowmap if plan is not None else None)
                 _bump_version(dst)

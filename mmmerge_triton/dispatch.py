@@ -7,7 +7,8 @@ lowest loop time and the best Triton configuration. At run time the nearest entr
 the closest dtype pair (by element sizes), then the smallest distance in log2 N, log2 H and log2 M.
 Without a usable table (none for this device, unreadable, or written for another device) the heuristic
 below decides, after one warning. Decisions are cached per (device, dtypes, H, log2 N, log2 M, mask
-device), so dispatch costs a dict lookup per call.
+device), so dispatch costs a dict lookup per call. A dst whose rows form no 2-D view takes index_put
+whatever the table says (api._merge_ checks).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .paths import PATHS
-from .scatter import KernelConfig, as_rows, default_config
+from .scatter import KernelConfig, default_config
 
 TABLE_VERSION = 1
 _NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -95,8 +96,6 @@ def nearest_entry(table: dict, mask: str, src: str, dst: str, n: int, hidden: in
 def _heuristic(dst: torch.Tensor, mask_on_device: bool, n: int, rows: int) -> Decision:
     if not dst.is_cuda:
         return Decision("index_put", None, "CPU tensors: index_put (Triton has no compiled CPU path)")
-    if as_rows(dst) is None:
-        return Decision("index_put", None, "dst's leading dims do not flatten to rows: index_put takes any layout")
     cfg = default_config(dst.shape[-1], rows, n, mask_on_device)
     return Decision("triton", cfg, "heuristic: the Triton row copy on CUDA (scatter.default_config)")
 
@@ -105,8 +104,8 @@ def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: 
     """The decision for merging ``rows`` source rows of ``src_dtype`` into ``dst`` at ``mask``, with its reason
     (uncached: explain() and the cache below use it)."""
     n, hidden = mask.numel(), dst.shape[-1]
-    on_device = mask.device.type != "cpu"
-    if not dst.is_cuda or as_rows(dst) is None:
+    on_device = mask.is_cuda
+    if not dst.is_cuda:
         return _heuristic(dst, on_device, n, rows)
     table = load_table(torch.cuda.get_device_name(dst.device).replace(" ", "_"))
     if table is None:
@@ -124,16 +123,14 @@ _decisions: dict = {}
 
 
 def choose(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int) -> tuple[str, KernelConfig | None]:
-    """(path, config) for path="auto", cached per (device, dtypes, H, log2 N, log2 M, mask device, layout)."""
-    n = mask.numel()
-    key = (dst.get_device(), dst.dtype, src_dtype, dst.shape[-1], n.bit_length(), rows.bit_length(),
-           mask.device.type != "cpu", dst.dim() == 2 and dst.stride(-1) == 1)
+    """(path, config) for path="auto", cached per (device, dtypes, H, log2 N, log2 M, mask device). The
+    layout of dst is the caller's to check (a dst without a 2-D row view takes index_put)."""
+    key = (dst.get_device(), dst.dtype, src_dtype, dst.shape[-1], mask.numel().bit_length(), rows.bit_length(),
+           mask.is_cuda)
     found = _decisions.get(key)
     if found is None:
         decision = decide(dst, mask, src_dtype, rows)
-        found = (decision.path, decision.config)
-        if key[-1]:  # other layouts depend on strides beyond the key: decide each time
-            _decisions[key] = found
+        found = _decisions[key] = (decision.path, decision.config)
     return found
 
 

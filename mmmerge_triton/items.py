@@ -61,6 +61,9 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: list[torch.Tenso
     if align > 1 and (stride * items[0].element_size()) % 16:
         align = 1
     device = dst2d.device
+    if device.type == "cuda" and torch._C._cuda_isCurrentStreamCapturing():
+        raise RuntimeError("a list of items cannot be merged inside a CUDA graph capture: its item table is staged "
+                           "per call. Concatenate the items first, or merge outside the graph.")
     on_device = dst2d.is_cuda and mask.device.type != "cpu"
     host = None if (rowmap is not None or on_device) else host_rows(mask)
     if host is not None and host.size != n_rows:

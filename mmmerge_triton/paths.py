@@ -7,10 +7,12 @@ matter to the Triton path only.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .rowmap import RowMap, device_rows, host_rows, staged_rows
-from .scatter import ADD, COPY, KernelConfig, as_rows, default_config, mask_row_copy, row_copy, supports
+from .launch import INTERPRET
+from .scatter import ADD, COPY, KernelConfig, as_rows, default_config, mask_bytes, mask_row_copy, row_copy
 
 
 def rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
@@ -27,24 +29,22 @@ def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, confi
     """The Triton row copy. A CPU mask: one launch, its row map staged in pinned memory and read in place.
     A device mask: one launch that finds offsets in-kernel (``config.fused``), or a row-map build then the
     copy. Extra device memory: none for a CPU mask or a fused launch, 4 bytes per source row otherwise."""
-    if not supports(dst.device):
+    if not (dst.is_cuda or (INTERPRET and dst.is_cpu)):
         raise RuntimeError(
             "path='triton' runs on CUDA tensors; to run it on the CPU, set TRITON_INTERPRET=1 "
             "before importing mmmerge_triton"
         )
-    dst2d = rows_view(dst, "triton")
-    src2d = as_rows(src)
-    if src2d is None:
-        src2d = src.contiguous()
+    dst2d = dst if dst.dim() == 2 and dst.stride(1) == 1 else rows_view(dst, "triton")
+    src2d = src if src.stride(1) == 1 or src.shape[1] == 1 else src.contiguous()  # src is [M, H]
     n_rows = src2d.shape[0]
-    on_device = dst.is_cuda and mask.device.type != "cpu"
+    on_device = mask.is_cuda
     cfg = config or default_config(dst2d.shape[1], n_rows, dst2d.shape[0], on_device)
     mode = ADD if accumulate else COPY
     if rowmap is None:
         if not on_device:
             rowmap = staged_rows(mask, n_rows, dst.device)
         elif cfg.fused:
-            mask_row_copy(dst2d, src2d, mask.reshape(-1).view(torch.uint8), mode, cfg)
+            mask_row_copy(dst2d, src2d, mask_bytes(mask), mode, cfg)
             return
         else:
             rowmap = device_rows(mask, n_rows)
@@ -78,7 +78,7 @@ def merge_index_copy(dst, mask, src, accumulate, rowmap=None, config=None):
     dst2d = rows_view(dst, "index_copy")
     n, m = dst2d.shape[0], src.shape[0]
     if mask.device.type == "cpu":
-        index = torch.from_numpy(host_rows(mask))
+        index = torch.from_numpy(host_rows(mask).astype(np.int64))
         if dst.is_cuda:
             index = index.pin_memory().to(dst.device, non_blocking=True)
     else:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from .rowmap import RowMap, host_rows
-from .scatter import mask_to_rows
+from .scatter import mask_bytes, mask_to_rows
 
 
 class MergePlan:
@@ -25,6 +25,8 @@ class MergePlan:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
         self.device = torch.device(device) if device is not None else mask.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if mask.device.type != "cpu" and mask.device != self.device:
             raise ValueError(f"mask is on {mask.device}; it must be on the CPU or on the plan's device ({self.device})")
         self.shape = mask.shape
@@ -53,7 +55,7 @@ class MergePlan:
             self.count.copy_(staged[-1:], non_blocking=True)
         else:
             self.host_count = None
-            mask_to_rows(mask.reshape(-1).view(torch.uint8), self.rows, self.count, self.num_rows)
+            mask_to_rows(mask_bytes(mask), self.rows, self.count, self.num_rows)
         return self
 
     @property

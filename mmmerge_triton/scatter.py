@@ -36,11 +36,11 @@ def default_config(hidden: int, n_rows: int, n_mask: int, mask_on_device: bool) 
     Tiles of about 8192 elements. Up to 16 rows per program once there are enough rows to fill the GPU:
     a CPU mask's row map is read over PCIe, one read per program, and on an H100 one row per program made
     52k reads that cost 1.34x a copy at N=65536, H=5120 (bench/results/probe_h100.md). A device mask of up
-    to 16384 rows takes the one-launch kernel (its prefix re-reads stay small there).
+    to 16383 rows takes the one-launch kernel (its prefix re-reads stay small there).
     """
     rows = min(16, max(1, 1 << max(0, (n_rows // 512).bit_length() - 1)))
     block_h = min(triton.next_power_of_2(max(hidden, 1)), max(256, 8192 // rows))
-    fused = mask_on_device and n_mask <= 16384
+    fused = mask_on_device and n_mask < 16384  # whole dispatch buckets: log2 N < 14
     if fused:
         rows = 16
         block_h = min(triton.next_power_of_2(max(hidden, 1)), 512)
@@ -62,6 +62,15 @@ def as_rows(t: torch.Tensor) -> torch.Tensor | None:
 def supports(device: torch.device) -> bool:
     """Whether the Triton path can run on tensors of ``device``."""
     return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+def mask_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask of any shape and layout as contiguous bytes [N] uint8, as the kernels read it (a copy only
+    for a strided or expanded mask)."""
+    flat = mask.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return flat.view(torch.uint8)
 
 
 def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> None:

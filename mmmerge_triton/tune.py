@@ -88,6 +88,7 @@ def tune_case(case: Case, device: torch.device) -> dict:
 
 
 def sweep(grid_name: str, device: torch.device, out: Path, resume: bool) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial")
     done = {}
     if resume and partial.exists():

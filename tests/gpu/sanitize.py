@@ -288,6 +288,60 @@ def main() -> int:
                     assert_same(dst, expected)
                 case(f"J {path} {mask_kind} {'add' if acc else 'copy'}", run)
 
+    # L. lists of items through the multi-item kernel: device masks with K != M both ways (no host check),
+    # CPU masks, plans, ADD (direct), empty items, misaligned and reversed items, many items
+    from mmmerge_triton import items as mm_items
+
+    def item_list(layout, h):
+        if layout == "separate":
+            return [rand((30, h), torch.float32, seed=40), rand((1, h), torch.float32, seed=41),
+                    rand((17, h), torch.float32, seed=42)]
+        if layout == "reversed":
+            big = rand((60, h), torch.float32, seed=43)
+            return [big[40:], big[:15], big[15:40]]
+        if layout == "misaligned":
+            return [rand((21 * h + 8,), torch.float32, seed=44)[1:1 + 21 * h].view(21, h),
+                    rand((9 * h + 8,), torch.float32, seed=45)[3:3 + 9 * h].view(9, h)]
+        if layout == "empty":
+            return [rand((0, h), torch.float32, seed=46), rand((12, h), torch.float32, seed=47),
+                    rand((0, h), torch.float32, seed=48)]
+        if layout == "many":
+            return [rand((1 + i % 4, h), torch.float32, seed=50 + i) for i in range(19)]
+        raise AssertionError(layout)
+
+    for layout in ("separate", "reversed", "misaligned", "empty", "many"):
+        for h in (1, 33):
+            for kind, delta in (("cpu", 0), ("gpu", 0), ("gpu", -5), ("gpu", 5), ("plan", -5), ("plan", 5)):
+                def run(layout=layout, h=h, kind=kind, delta=delta):
+                    items = item_list(layout, h)
+                    flat = torch.cat(items)
+                    m = flat.shape[0]
+                    k = max(m + delta, 0)
+                    n = 2 * m + 3
+                    mask = random_mask((n,), k, seed=m + k)
+                    dst = rand((n, h), torch.bfloat16, seed=49)
+                    expected = expected_mismatch(dst, mask, flat, False)
+                    if kind == "cpu":
+                        mt.merge_multimodal_embeddings(dst, items, mask, path="triton")
+                    elif kind == "plan":
+                        mt.merge_multimodal_embeddings(dst, items, plan=mt.MergePlan(mask.to(DEV)), path="triton")
+                    else:
+                        mt.merge_multimodal_embeddings(dst, items, mask.to(DEV), path="triton")
+                    assert_same(dst, expected)
+                case(f"L items {layout} H{h} {kind} K-M={delta}", run)
+        for mask_kind in ("cpu", "gpu"):
+            def run(layout=layout, mask_kind=mask_kind):
+                items = [t for t in item_list(layout, 33)]
+                flat = torch.cat(items)
+                m = flat.shape[0]
+                mask = random_mask((2 * m + 1,), m, seed=m)
+                dst = rand((2 * m + 1, 33), torch.float16, seed=51)
+                expected = reference(dst, mask, flat, True)
+                stride = mm_items.common_row_stride([t for t in items if t.shape[0]])
+                mm_items.merge_items(dst, mask if mask_kind == "cpu" else mask.to(DEV), items, stride, True, CFG)
+                assert_same(dst, expected)
+            case(f"L items {layout} accumulate {mask_kind}", run)
+
     # K (last): device masks whose flattened view is strided or expanded (a suspected package bug: the
     # kernels read mask.reshape(-1).view(torch.uint8) as contiguous bytes).
     for mask_layout in ("strided", "expanded"):

@@ -120,7 +120,7 @@ def test_gpu_mask_without_plan(how, accumulate):
     st = Static()
     if how == "api":
         def fn():
-            mt.masked_row_scatter_(st.dst, st.mask_buf, st.src, accumulate=accumulate)
+            mt.masked_row_scatter_(st.dst, st.mask_buf, st.src, accumulate=accumulate, path="triton")
     else:
         cfg = KernelConfig(16, 256, 8, 1, how == "fused")
 
@@ -160,3 +160,88 @@ def test_capturing_a_cpu_mask_raises(how):
     expected = reference(dst2, mask, src)
     mt.masked_row_scatter_(dst2, mask, src, path="triton")
     assert_same(dst2, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lists of items: merge_items stages its item tables (and, for a CPU mask, the row map) in the pinned ring
+# and copies them to the device per call. A captured graph would replay that copy from ring memory that later
+# calls rewrite, so capture must either be refused (RuntimeError) or replays must stay right after the ring
+# has lapped. A wrong replay can fault the device, so each case runs in its own process.
+# ---------------------------------------------------------------------------------------------------------
+_ITEMS_GRAPH_SCRIPT = r'''
+import sys, torch
+import mmmerge_triton as mt
+from gpu_helpers import assert_same, dev, first_true, rand, random_mask, reference
+how = sys.argv[1]
+DEV = dev()
+N, H, M = 3000, 256, 700
+mask_buf = random_mask((N,), M, seed=1).to(DEV)
+mask_cpu = random_mask((N,), M, seed=1)
+dst = rand((N, H), torch.bfloat16, seed=2)
+src = rand((M, H), torch.float32, seed=3)
+items = [src[:300], src[300:]]  # one row stride: read in place by the multi-item kernel
+plan = mt.MergePlan(mask_buf) if how == "plan" else None
+
+def fn():
+    if how == "plan":
+        mt.merge_multimodal_embeddings(dst, items, plan=plan, path="triton")
+    elif how == "gpu_mask":
+        mt.merge_multimodal_embeddings(dst, items, mask_buf, path="triton")
+    else:
+        mt.merge_multimodal_embeddings(dst, items, mask_cpu, path="triton")
+
+s = torch.cuda.Stream()
+s.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(s):
+    for _ in range(3):
+        fn()
+torch.cuda.current_stream().wait_stream(s)
+g = torch.cuda.CUDAGraph()
+try:
+    with torch.cuda.graph(g):
+        fn()
+except RuntimeError as error:
+    print("REFUSED", str(error).splitlines()[0])
+    sys.exit(0)
+torch.cuda.synchronize()
+if how == "cpu_mask":  # staged per call: a replay would read whatever the ring holds by then
+    print("CAPTURED")
+    sys.exit(0)
+# churn the ring: CPU-mask merges whose row maps fill a quarter each, two laps
+n2 = 400000
+scratch = torch.zeros(n2, 1, device=DEV)
+for i in range(8):
+    k = 200000 + i
+    mt.masked_row_scatter_(scratch, random_mask((n2,), k, seed=100 + i), torch.ones(k, 1, device=DEV), path="triton")
+torch.cuda.synchronize()
+for seed in (10, 20):
+    mask = random_mask((N,), M, seed=seed)
+    new_dst, new_src = rand((N, H), torch.bfloat16, seed=seed + 1), rand((M, H), torch.float32, seed=seed + 2)
+    mask_buf.copy_(mask)
+    if plan is not None:
+        plan.update_(mask_buf)
+    dst.copy_(new_dst)
+    src.copy_(new_src)
+    g.replay()
+    torch.cuda.synchronize()
+    expected = reference(new_dst, mask, new_src)
+    assert_same(dst, expected, f"replay {seed}")
+print("REPLAYED_RIGHT")
+'''
+
+
+@pytest.mark.parametrize("how", ["cpu_mask", "gpu_mask", "plan"])
+def test_item_list_capture_is_refused_or_replays_right(how):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, "-c", _ITEMS_GRAPH_SCRIPT, how], capture_output=True, text=True,
+                          env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"the captured item-list merge failed (rc {proc.returncode}):\n{out[-3000:]}"
+    if how == "cpu_mask":  # a CPU mask is staged per call, as with a single tensor: capture must be refused
+        assert "REFUSED" in out, f"a CPU-mask item-list merge was captured without an error:\n{out[-3000:]}"
+    else:
+        assert "REFUSED" in out or "REPLAYED_RIGHT" in out, out[-3000:]

@@ -437,3 +437,148 @@ def test_merge_multimodal_embeddings_nested_items(mask_on_gpu):
     expected = reference(dst, mask, flat)
     assert mt.merge_multimodal_embeddings(dst, items, mask) is dst
     assert_same(dst, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Lists of items (merge_multimodal_embeddings): the multi-item kernel reads them in place when they share
+#    a dtype and a row stride (mmmerge_triton/items.py); otherwise they are concatenated first
+# ---------------------------------------------------------------------------------------------------------
+ITEM_LAYOUTS = ["views", "separate", "reversed", "row_strided", "misaligned", "empty_item", "many", "one_row_items",
+                "mixed_strides", "mixed_dtypes"]
+
+
+def make_items(layout, dtype, h, seed=60):
+    """A list of items [m_i, H] (or [a, b, H]) of ``dtype`` laid out as ``layout`` names."""
+    counter = [seed]
+
+    def r(*shape, dt=dtype):
+        counter[0] += 1
+        return rand(shape, dt, seed=counter[0])
+
+    if layout == "views":  # slices of one tensor, one of them 3-D
+        big = r(200, h)
+        return [big[:50], big[50:51], big[51:120].view(3, 23, h), big[120:200]]
+    if layout == "separate":
+        return [r(30, h), r(1, h), r(64, h), r(5, h)]
+    if layout == "reversed":  # later items lie before the first one: negative offsets
+        big = r(100, h)
+        return [big[60:100], big[0:25], big[25:60]]
+    if layout == "row_strided":  # every item a [:, :h] view of a wider tensor, one shared row stride
+        return [r(30, h + 16)[:, :h], r(20, h + 16)[:, :h], r(7, h + 16)[:, :h]]
+    if layout == "misaligned":  # data pointers off 16 bytes
+        return [r(30 * h + 8)[1:1 + 30 * h].view(30, h), r(20 * h + 8)[3:3 + 20 * h].view(20, h)]
+    if layout == "empty_item":
+        return [r(10, h), r(0, h), r(20, h), r(0, h)]
+    if layout == "many":  # 37 items: six binary-search steps
+        return [r(1 + (i * 5) % 7, h) for i in range(37)]
+    if layout == "one_row_items":
+        return [r(1, h) for _ in range(5)]
+    if layout == "mixed_strides":  # no common row stride: concatenated
+        return [r(10, h), r(12, h + 8)[:, :h]]
+    if layout == "mixed_dtypes":  # concatenated (torch.cat promotes exactly)
+        other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+        return [r(10, h), r(12, h, dt=other)]
+    raise AssertionError(layout)
+
+
+def cat_items(items, h):
+    return torch.cat([t.reshape(-1, h) for t in items])
+
+
+@pytest.mark.parametrize("mask_on_gpu", [False, True], ids=["cpu_mask", "gpu_mask"])
+@pytest.mark.parametrize("pair", SOME_PAIRS, ids=pair_id)
+@pytest.mark.parametrize("layout", ITEM_LAYOUTS)
+def test_item_lists(layout, pair, mask_on_gpu):
+    src_dt, dst_dt = pair
+    h = 100
+    items = make_items(layout, src_dt, h)
+    flat = cat_items(items, h)
+    n = flat.shape[0] * 2 + 3
+    mask = _place(random_mask((n,), flat.shape[0], seed=61), mask_on_gpu)
+    dst = rand((n, h), dst_dt, seed=62)
+    expected = reference(dst, mask, flat)
+    for path in ("auto", "triton"):
+        out = dst.clone()
+        assert mt.merge_multimodal_embeddings(out, items, mask, path=path) is out
+        assert_same(out, expected, f"{layout} {path}")
+
+
+@pytest.mark.parametrize("mask_on_gpu", [False, True], ids=["cpu_mask", "gpu_mask"])
+@pytest.mark.parametrize("h", [1, 96, 4096])
+@pytest.mark.parametrize("layout", ["views", "separate", "misaligned"])
+def test_item_lists_hidden_sizes(layout, h, mask_on_gpu):
+    items = make_items(layout, torch.float32, h)
+    flat = cat_items(items, h)
+    n = flat.shape[0] + 17
+    mask = _place(random_mask((n,), flat.shape[0], seed=63), mask_on_gpu)
+    dst = rand((n, h), torch.bfloat16, seed=64)
+    expected = reference(dst, mask, flat)
+    mt.merge_multimodal_embeddings(dst, items, mask, path="triton")
+    assert_same(dst, expected)
+
+
+@pytest.mark.parametrize("mask_on_gpu", [False, True], ids=["cpu_mask", "gpu_mask"])
+def test_item_lists_with_a_plan_and_3d_dst(mask_on_gpu):
+    h = 64
+    items = make_items("separate", torch.float16, h)
+    flat = cat_items(items, h)
+    dst = rand((4, 50, h), torch.float32, seed=65)
+    mask = _place(random_mask((4, 50), flat.shape[0], seed=66), mask_on_gpu)
+    expected = reference(dst, mask, flat)
+    plan = mt.MergePlan(mask, device=DEV)
+    mt.merge_multimodal_embeddings(dst, items, plan=plan)
+    assert_same(dst, expected)
+
+
+@pytest.mark.parametrize("delta", [-7, 7])
+@pytest.mark.parametrize("how", ["mask", "plan"])
+def test_item_lists_gpu_mask_count_mismatch(how, delta):
+    """A device mask with K != M true rows, no check: the first min(K, M) true rows take the first rows."""
+    h = 40
+    items = make_items("separate", torch.float32, h)
+    flat = cat_items(items, h)
+    m = flat.shape[0]
+    k = m + delta
+    n = 2 * m
+    mask = random_mask((n,), k, seed=67).to(DEV)
+    dst = rand((n, h), torch.float16, seed=68)
+    j = min(k, m)
+    expected = reference(dst, first_true(mask, j), flat[:j])
+    if how == "plan":
+        mt.merge_multimodal_embeddings(dst, items, plan=mt.MergePlan(mask), path="triton")
+    else:
+        mt.merge_multimodal_embeddings(dst, items, mask, path="triton")
+    assert_same(dst, expected)
+
+
+def test_item_lists_cpu_mask_count_mismatch_raises():
+    h = 40
+    items = make_items("separate", torch.float32, h)
+    m = cat_items(items, h).shape[0]
+    mask = random_mask((2 * m,), m - 1, seed=69)
+    dst = rand((2 * m, h), torch.float16, seed=70)
+    before = dst.clone()
+    with pytest.raises(ValueError, match=f"30 \\+ 1 \\+ 64 \\+ 5 = {m} multimodal tokens to {m - 1} placeholders"):
+        mt.merge_multimodal_embeddings(dst, items, mask, path="triton")
+    assert_same(dst, before)
+
+
+@pytest.mark.parametrize("mask_on_gpu", [False, True], ids=["cpu_mask", "gpu_mask"])
+@pytest.mark.parametrize("pair", SOME_PAIRS, ids=pair_id)
+def test_merge_items_accumulate(pair, mask_on_gpu):
+    """The multi-item kernel's ADD mode (reached through items.merge_items; the public list merge overwrites)."""
+    from mmmerge_triton import items as mm_items
+    from mmmerge_triton.scatter import default_config
+
+    src_dt, dst_dt = pair
+    h = 100
+    items = make_items("row_strided", src_dt, h)
+    flat = cat_items(items, h)
+    n, m = 3 * flat.shape[0], flat.shape[0]
+    mask = _place(random_mask((n,), m, seed=71), mask_on_gpu)
+    dst = rand((n, h), dst_dt, seed=72)
+    expected = reference(dst, mask, flat, True)
+    stride = mm_items.common_row_stride(items)
+    assert stride == h + 16
+    mm_items.merge_items(dst, mask, items, stride, True, default_config(h, m, n, mask_on_gpu))
+    assert_same(dst, expected)

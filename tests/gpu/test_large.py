@@ -173,3 +173,27 @@ def test_src_past_2_31_elements(kind):
                     assert_same(src[j0:j1], dst[true_rows[j0:j1]], f"GATHER rows {j0}:{j1}")
     finally:
         del dst, src
+
+
+@pytest.mark.parametrize("order", ["forward", "backward"])
+@pytest.mark.parametrize("mask_kind", ["cpu", "gpu"])
+def test_item_list_offsets_past_2_31_elements(mask_kind, order):
+    """Items read in place (the multi-item kernel) at both ends of one [2**18 + 3, 8192] buffer: their element
+    offsets from the first item pass +2**31 (forward) or -2**31 (backward)."""
+    need_free(12)
+    big = torch.empty(M_BIG, H, dtype=DT, device=DEV)
+    try:
+        big.normal_(generator=torch.Generator(device=DEV).manual_seed(3))
+        head, tail = big[:5], big[-7:]
+        items = [head, tail] if order == "forward" else [tail, head]
+        flat = torch.cat(items)
+        n = 64
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.tensor([1, 2, 10, 20, 30, 40, 41, 50, 60, 61, 62, 63])] = True
+        dst = rand((n, H), DT, seed=4)
+        expected = dst.clone()
+        expected[mask.to(DEV)] = flat
+        mt.merge_multimodal_embeddings(dst, items, mask.to(DEV) if mask_kind == "gpu" else mask, path="triton")
+        assert_same(dst, expected)
+    finally:
+        del big

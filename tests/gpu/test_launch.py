@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
+from mmmerge_triton import items as mm_items  # noqa: E402
 from mmmerge_triton import launch, paths, scatter  # noqa: E402
 from mmmerge_triton.scatter import KernelConfig  # noqa: E402
 
@@ -24,7 +25,7 @@ if launch.INTERPRET:
 
 DEV = dev()
 FAST_KERNELS = {"row_copy": scatter._row_copy, "mask_row_copy": scatter._mask_row_copy,
-                "mask_to_rows": scatter._mask_to_rows}
+                "mask_to_rows": scatter._mask_to_rows, "multi_row_copy": mm_items._multi_row_copy}
 N, M = 40, 15
 
 # name -> (H, dst row stride, dst offset in elements, src row stride, src offset, mask offset in bytes)
@@ -68,7 +69,7 @@ def _inputs(variant, pair, mask_on_gpu, seed):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Empty caches for the three fast kernels (restored afterwards) and a log of every launch."""
+    """Empty caches for every fast kernel (restored afterwards) and a log of every launch."""
     calls = []
     for name, fk in FAST_KERNELS.items():
         monkeypatch.setattr(fk, "_cache", {})
@@ -104,7 +105,7 @@ def _run(kind, dst, mask, src, accumulate):
     if kind == "two_pass":
         paths.merge_triton(dst, mask, src, accumulate, config=KernelConfig(4, 64, 4, 1, False))
     else:  # "cpu" and "gpu" (N is small: the fused kernel) through the public API
-        mt.masked_row_scatter_(dst, mask, src, accumulate=accumulate)
+        mt.masked_row_scatter_(dst, mask, src, accumulate=accumulate, path="triton")
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "add"])
@@ -192,4 +193,51 @@ def test_launch_on_another_current_device_uses_the_tensors_device(recorded):
             assert_same(dst, expected)
             assert torch.cuda.current_device() == 0
     assert all(call[6] == 1 for call in recorded)
+    _check_binaries(recorded)
+
+
+# Item lists (the multi-item kernel): name -> (H, row stride shared by the items, offsets of the items in their
+# buffers in elements, rows per item)
+ITEM_VARIANTS = {
+    "aligned": (64, 64, (0, 0, 0), (5, 9, 1)),
+    "first_misaligned": (64, 64, (1, 0, 0), (5, 9, 1)),
+    "later_misaligned": (64, 64, (0, 3, 0), (5, 9, 1)),
+    "odd_h": (123, 123, (0, 0, 0), (5, 9, 1)),
+    "row_stride_80": (64, 80, (0, 0, 0), (5, 9, 1)),
+    "row_stride_66": (64, 66, (0, 0, 0), (5, 9, 1)),
+    "h_one": (1, 1, (0, 0, 0), (5, 9, 1)),
+    "one_row_items": (64, 64, (0, 0, 0), (1, 1, 1)),
+    "two_items": (64, 64, (0, 0), (5, 9)),
+    "many_items": (64, 64, (0,) * 9, (2, 1, 3, 1, 4, 1, 5, 1, 6)),
+}
+
+
+def _item_inputs(variant, mask_on_gpu, seed):
+    h, stride, offsets, counts = ITEM_VARIANTS[variant]
+    items = [_view(torch.float32, m, h, stride, off, seed + i) for i, (off, m) in enumerate(zip(offsets, counts))]
+    m = sum(counts)
+    mask = random_mask((N,), m, seed=seed + 50)
+    if mask_on_gpu:
+        mask = mask.to(DEV)
+    dst = rand((N, h), torch.bfloat16, seed=seed + 51)
+    return dst, items, mask
+
+
+@pytest.mark.parametrize("mask_on_gpu", [False, True], ids=["cpu_mask", "gpu_mask"])
+@pytest.mark.parametrize("variant", list(ITEM_VARIANTS))
+def test_item_list_variant(variant, mask_on_gpu, recorded):
+    grew = None
+    for attempt in range(3):
+        dst, items, mask = _item_inputs(variant, mask_on_gpu, seed=100 * attempt)
+        assert mm_items.common_row_stride(items) is not None
+        expected = reference(dst, mask, torch.cat(items))
+        before = _sizes()
+        mt.merge_multimodal_embeddings(dst, items, mask, path="triton")
+        assert_same(dst, expected, f"{variant} attempt {attempt}")
+        after = _sizes()
+        if attempt == 0:
+            grew = after["multi_row_copy"] > before["multi_row_copy"]
+        else:
+            assert after == before, f"a repeat of the variant missed the cache: {before} -> {after}"
+    assert grew, "the first call compiled nothing into the multi-item kernel's fast cache"
     _check_binaries(recorded)

@@ -47,8 +47,19 @@ def _case(name):
         def op(d):
             paths.merge_triton(d, mask, src, acc, config=cfg)
             return d
-    elif name.startswith("merge_list_"):
+    elif name.startswith("merge_list_plan_"):  # items read in place, row map from a plan built before
         items = [src[:100], src[100:400].view(3, 100, H), [src[400:]]]
+        plan = mt.MergePlan(mask, device=DEV)
+
+        def op(d):
+            return mt.merge_multimodal_embeddings(d, items, plan=plan)
+    elif name.startswith("merge_list_"):  # views of one tensor: the multi-item kernel, tables staged pinned
+        items = [src[:100], src[100:400].view(3, 100, H), [src[400:]]]
+
+        def op(d):
+            return mt.merge_multimodal_embeddings(d, items, mask)
+    elif name.startswith("merge_items_apart_"):  # separate allocations: the same kernel, other offsets
+        items = [src[:100].clone(), src[100:101].clone(), src[101:].clone()]
 
         def op(d):
             return mt.merge_multimodal_embeddings(d, items, mask)
@@ -90,7 +101,8 @@ CASES = [
     "triton_cpu", "auto_cpu", "triton_gpu", "auto_gpu", "auto_gpu_big",
     "fused_gpu", "two_pass_gpu", "two_pass_gpu_big",
     "triton_cpu_accumulate", "auto_gpu_accumulate", "fused_gpu_accumulate", "two_pass_gpu_accumulate",
-    "merge_cpu", "merge_gpu", "merge_list_cpu", "merge_list_gpu",
+    "merge_cpu", "merge_gpu", "merge_list_cpu", "merge_list_gpu", "merge_items_apart_cpu", "merge_items_apart_gpu",
+    "merge_list_plan_cpu", "merge_list_plan_gpu",
     "plan_gpu", "plan_cpu", "plan_gpu_accumulate", "plan_cpu_accumulate",
     "out_of_place_cpu", "out_of_place_gpu",
     "three_d_cpu", "three_d_gpu",

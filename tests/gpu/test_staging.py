@@ -70,13 +70,21 @@ def test_3000_calls_lap_the_ring(arena):
             mask = torch.roll(bases[k][i % 2], shifts=(i * 7919) % n)
             yield mask, srcs[k], i % 5 != 0  # every fifth call overwrites
 
+    def merge(i, dst, mask, src, acc):
+        if not acc and i % 10 == 5:  # some overwrites as item lists: row map and item tables staged together
+            mt.merge_multimodal_embeddings(dst, [src[:17], src[17:500], src[500:]], mask, path="triton")
+        else:
+            mt.masked_row_scatter_(dst, mask, src, accumulate=acc, path="triton")
+
     dst = torch.zeros(n, h, device=DEV)
-    mt.masked_row_scatter_(dst.clone(), bases[k_big][0], srcs[k_big], path="triton")  # compile
+    merge(0, dst.clone(), bases[k_big][0], srcs[k_big], True)  # compile
+    merge(5, dst.clone(), bases[k_big][0], srcs[k_big], False)
+    merge(0, dst.clone(), bases[k_big][0], srcs[k_big], False)
     torch.cuda.synchronize()
     for i, (mask, src, acc) in enumerate(sequence()):
         if i % 64 == 0:
             gpu_sleep(20_000_000)  # ~10 ms: the host runs more than a lap ahead, then waits on the fence
-        mt.masked_row_scatter_(dst, mask, src, accumulate=acc, path="triton")
+        merge(i, dst, mask, src, acc)
     torch.cuda.synchronize()
     # 3 big maps and a small one per 4 calls, 2 big maps per quarter: about 1125 switches (281 laps)
     assert stats["quarters"] >= calls // 4, f"only {stats['quarters']} quarter switches: the ring did not lap"
