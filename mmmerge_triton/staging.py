@@ -83,9 +83,13 @@ class PinnedArena:
     def _fence(self, quarter: int) -> list[torch.cuda.Event]:
         """Record, on every stream that read from ``quarter``, an event that completes once those reads have."""
         events = []
+        device = torch.device("cuda", self.device_index)
         for stream in self._streams[quarter]:
+            # A null handle is the default stream. (ExternalStream(0) would not be: PyTorch's stream
+            # constructor reads a zero pointer as "no pointer" and hands out a pool stream instead.)
+            owner = torch.cuda.default_stream(device) if stream == 0 else torch.cuda.ExternalStream(stream, device=device)
             event = torch.cuda.Event()
-            event.record(torch.cuda.ExternalStream(stream, device=torch.device("cuda", self.device_index)))
+            event.record(owner)
             events.append(event)
         self._streams[quarter].clear()
         return events
