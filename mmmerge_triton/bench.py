@@ -86,6 +86,11 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def _write(stem: Path, env: dict, grid_name: str, records: list, summary: dict | None) -> None:
+    with open(stem.with_suffix(".json"), "w") as f:
+        json.dump({"environment": env, "grid": grid_name, "records": records, "targets": summary}, f, indent=1)
+
+
 def _progress(items, desc: str):
     try:
         from tqdm import tqdm
@@ -127,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         print("CPU run: the Triton path is skipped (the interpreter is not a speed path).")
 
-    records = [measure(case, device) for case in _progress(cases, "cases")]
+    stem = args.out / f"bench_{grid_name}_{env['device']}"
+    records = []
+    for case in _progress(cases, "cases"):
+        records.append(measure(case, device))
+        _write(stem, env, grid_name, records, None)  # after every case: an interrupted run keeps what it measured
     for record in records:
         print_case(record)
     summary = check_targets(records) if device.type == "cuda" else None
@@ -135,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nTargets (issue 4), each a ratio within this run:")
         for line in summary["lines"]:
             print("  " + line)
-
-    stem = args.out / f"bench_{grid_name}_{env['device']}"
-    with open(stem.with_suffix(".json"), "w") as f:
-        json.dump({"environment": env, "grid": grid_name, "records": records, "targets": summary}, f, indent=1)
+    _write(stem, env, grid_name, records, summary)
     written = [stem.with_suffix(".json")]
     if plot(records, env, stem.with_suffix(".png")):
         written.append(stem.with_suffix(".png"))
