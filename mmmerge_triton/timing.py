@@ -54,7 +54,7 @@ def _wall_us(fn: Callable[[], object], budget_s: float, min_calls: int) -> float
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def device_time_us(fn: Callable[[], object], device: torch.device, reps: int = 25, flush: bool = True) -> float:
+def device_time_us(fn: Callable[[], object], device: torch.device, reps: int = 15, flush: bool = True) -> float:
     """Median GPU time of ``fn`` in µs, L2 flushed before each rep, host gaps excluded (see module doc)."""
     if device.type != "cuda":
         return _wall_us(fn, 0.05, 3)
@@ -79,7 +79,7 @@ def device_time_us(fn: Callable[[], object], device: torch.device, reps: int = 2
     return statistics.median(b.elapsed_time(e) for b, e in zip(starts, ends)) * 1e3
 
 
-def loop_time_us(fn: Callable[[], object], device: torch.device, budget_s: float = 0.05, min_calls: int = 10) -> float:
+def loop_time_us(fn: Callable[[], object], device: torch.device, budget_s: float = 0.03, min_calls: int = 10) -> float:
     """Wall time per call of ``fn`` called back to back (µs), synchronized before and after."""
     if device.type != "cuda":
         return _wall_us(fn, budget_s, min_calls)
@@ -94,7 +94,7 @@ def loop_time_us(fn: Callable[[], object], device: torch.device, budget_s: float
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def host_time_us(fn: Callable[[], object], device: torch.device, calls: int = 30) -> float:
+def host_time_us(fn: Callable[[], object], device: torch.device, calls: int = 20) -> float:
     """Median wall time of the call itself (µs) while a spin kernel keeps the GPU busy, so neither a full
     launch queue nor an idle GPU shapes it."""
     if device.type != "cuda":
