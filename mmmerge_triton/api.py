@@ -57,6 +57,7 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
     """Check everything, then write dst[mask] = src (or +=) in place. Raises before any write.
 
     src: [M, H], or a list of [m_i, H] items (already checked) that the Triton path reads in place.
+    expression: the embeddings as the caller passed them, spelled vLLM's way in a count error.
     """
     dst_name, mask_name, src_name = names
     inputs.check_dst(dst, dst_name)
@@ -81,7 +82,7 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
     if path != "triton" or plan is not None or empty or not mask.is_cpu:
         placeholders = _placeholders(mask, plan, check_count)
         if placeholders is not None and placeholders != n_rows:
-            raise inputs.count_mismatch(n_rows, placeholders, expression)
+            raise inputs.count_mismatch(n_rows, placeholders, _spelled(expression))
     if empty:
         return
     needs_grad = torch.is_grad_enabled() and (dst.requires_grad or _requires_grad(src))
@@ -105,7 +106,13 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
             merge_triton(dst, mask, src, accumulate, plan.rowmap if plan is not None else None, config)
             _bump_version(dst)
     except CountMismatch as error:
-        raise inputs.count_mismatch(error.num_rows, error.num_placeholders, expression) from None
+        raise inputs.count_mismatch(error.num_rows, error.num_placeholders, _spelled(expression)) from None
+
+
+def _spelled(expression) -> str | None:
+    """The count expression of an error message; the embeddings themselves until an error needs it (spelling
+    it out on every call would cost more than the rest of the checks)."""
+    return None if expression is None else inputs.count_expression(expression)
 
 
 def _requires_grad(src) -> bool:
@@ -230,7 +237,7 @@ def merge_multimodal_embeddings(
         return inputs_embeds
     _merge_(inputs_embeds, is_multimodal, src, accumulate=False, path=path, plan=plan, check_count=check_count,
             names=("inputs_embeds", "is_multimodal", "multimodal_embeddings"),
-            expression=inputs.count_expression(multimodal_embeddings))
+            expression=multimodal_embeddings)
     return inputs_embeds
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import triton
 
 from .kernels import multi_row_copy_kernel
 from .launch import FastKernel
 from .rowmap import CountMismatch, RowMap, device_rows, host_rows
-from .scatter import KernelConfig
+from .scatter import KernelConfig, cdiv
 from .staging import arena
 
 _multi_row_copy = FastKernel(multi_row_copy_kernel)
@@ -91,7 +90,7 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: list[torch.Tenso
            dst2d.stride(0), stride, accumulate, has_count, steps, align, cfg)
     _multi_row_copy.launch(
         key,
-        (triton.cdiv(n_rows, cfg.rows), 1),
+        (cdiv(n_rows, cfg.rows), 1),
         (dst2d, items[0], offsets_dev, starts_dev, rows, count if has_count else rows, n_rows, len(items), hidden,
          dst2d.stride(0), stride),
         (1 if accumulate else 0, has_count, cfg.rows, cfg.block_h, steps, align),

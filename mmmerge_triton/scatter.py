@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 
 from .kernels import ADD, COPY, GATHER, ZERO, mask_row_copy_kernel, mask_to_rows_kernel, row_copy_kernel
 from .launch import INTERPRET, FastKernel
@@ -12,6 +11,16 @@ from .launch import INTERPRET, FastKernel
 _row_copy = FastKernel(row_copy_kernel)
 _mask_row_copy = FastKernel(mask_row_copy_kernel)
 _mask_to_rows = FastKernel(mask_to_rows_kernel)
+
+# triton.cdiv and triton.next_power_of_2 are @jit-aware helpers: called from Python they cost ~3 µs each
+# (a constexpr-unwrapping wrapper), more than the rest of a launch's arithmetic. Plain ints here.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length() if x > 1 else 1
+
 
 PREFIX_CHUNK = 4096  # mask bytes per step when a program counts the true rows before its block
 
@@ -39,11 +48,11 @@ def default_config(hidden: int, n_rows: int, n_mask: int, mask_on_device: bool) 
     to 16383 rows takes the one-launch kernel (its prefix re-reads stay small there).
     """
     rows = min(16, max(1, 1 << max(0, (n_rows // 512).bit_length() - 1)))
-    block_h = min(triton.next_power_of_2(max(hidden, 1)), max(256, 8192 // rows))
+    block_h = min(next_pow2(max(hidden, 1)), max(256, 8192 // rows))
     fused = mask_on_device and n_mask < 16384  # whole dispatch buckets: log2 N < 14
     if fused:
         rows = 16
-        block_h = min(triton.next_power_of_2(max(hidden, 1)), 512)
+        block_h = min(next_pow2(max(hidden, 1)), 512)
     return KernelConfig(rows, block_h, 8, 1, fused)
 
 
@@ -91,7 +100,7 @@ def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> None:
            n_rows > 0x7FFFFFFF, mode, has_count, cfg)
     _row_copy.launch(
         key,
-        (triton.cdiv(n_rows, cfg.rows), 1),
+        (cdiv(n_rows, cfg.rows), 1),
         (dense, compact, rows, count if has_count else rows, n_rows, hidden, sd, sc),
         (mode, has_count, cfg.rows, cfg.block_h),
         (cfg.num_warps, cfg.num_stages),
@@ -112,7 +121,7 @@ def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> N
            mask_bytes.data_ptr() % 16, hidden, sd, sc, mode, cfg)
     _mask_row_copy.launch(
         key,
-        (triton.cdiv(n, cfg.rows), 1),
+        (cdiv(n, cfg.rows), 1),
         (dense, compact, mask_bytes, n, n_rows, hidden, sd, sc),
         (mode, cfg.rows, cfg.block_h, PREFIX_CHUNK),
         (cfg.num_warps, cfg.num_stages),
@@ -122,7 +131,7 @@ def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> N
 
 def scan_block(n: int) -> int:
     """Mask bytes per program of mask_to_rows_kernel: 1024 to 16384, about 64 programs up to N = 1M."""
-    return min(max(1024, triton.next_power_of_2(triton.cdiv(n, 64))), 16384)
+    return min(max(1024, next_pow2(cdiv(n, 64))), 16384)
 
 
 def mask_to_rows(mask_bytes: torch.Tensor, rows: torch.Tensor, count: torch.Tensor, capacity: int) -> None:
@@ -135,7 +144,7 @@ def mask_to_rows(mask_bytes: torch.Tensor, rows: torch.Tensor, count: torch.Tens
     block = scan_block(n)
     device = mask_bytes.device.index
     key = (device, mask_bytes.data_ptr() % 16 == 0, block)
-    _mask_to_rows.launch(key, (triton.cdiv(n, block), 1), (mask_bytes, rows, count, n, capacity),
+    _mask_to_rows.launch(key, (cdiv(n, block), 1), (mask_bytes, rows, count, n, capacity),
                          (block, PREFIX_CHUNK), (8, 1), device)
 
 
