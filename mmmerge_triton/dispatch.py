@@ -26,6 +26,7 @@ from .paths import PATHS
 from .scatter import KernelConfig, default_config
 
 TABLE_VERSION = 1
+FUSED_REACH = 1.5  # a fused (one-launch) winner serves N up to this multiple of its entry's N
 _NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _NAME_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -111,11 +112,21 @@ def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: 
     if table is None:
         return _heuristic(dst, on_device, n, rows)
     mask_name, src_name, dst_name = ("gpu" if on_device else "cpu"), _NAMES[src_dtype], _NAMES[dst.dtype]
-    entry = nearest_entry(table, mask_name, src_name, dst_name, n, hidden, rows)
+    return decide_from_table(table, mask_name, src_name, dst_name, n, hidden, rows)
+
+
+def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden: int, rows: int) -> Decision:
+    """The decision a table gives for one input, described by its mask device ("cpu"/"gpu"), dtype names
+    ("fp32"/"fp16"/"bf16") and N, H, M."""
+    entry = nearest_entry(table, mask, src, dst, n, hidden, rows)
     best = entry["best"]
     config = KernelConfig(**best["config"]) if best["config"] else None
     times = ", ".join(f"{p} {t:.1f}" for p, t in sorted(entry["loop_us"].items(), key=lambda kv: kv[1]))
     reason = f"tuned table {table_file_name(table['device'])}, nearest key {entry['key']}: loop µs {times}"
+    if config is not None and config.fused and n > FUSED_REACH * entry["key"]["n"] and best.get("unfused_config"):
+        # The one-launch kernel's prefix re-reads grow as N squared: not carried past where it was measured.
+        config = KernelConfig(**best["unfused_config"])
+        reason += f"; N is over {FUSED_REACH}x the entry's, so its best two-launch configuration"
     return Decision(best["path"], config, reason)
 
 

@@ -1,0 +1,135 @@
+"""The dispatcher and its tuned tables (mmmerge_triton/dispatch.py, tune.py), on the CPU: loading, the
+nearest-key choice, the fallback on a missing, corrupt or foreign table, explain(), the selection rule, and
+that every path a shipped table can choose gives the reference result."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import mmmerge_triton as mm
+from mmmerge_triton import dispatch, tune
+from mmmerge_triton.scatter import KernelConfig
+
+from .conftest import assert_merged, make_mask
+
+SHIPPED = dispatch.table_dir() / "NVIDIA_H100_80GB_HBM3.json"
+
+
+def entry(mask="cpu", src="bf16", dst="bf16", n=2048, hidden=4096, rows=1024, path="triton", fused=False):
+    config = KernelConfig(4, 512, 8, 1, fused)
+    return {"key": {"mask": mask, "src": src, "dst": dst, "n": n, "hidden": hidden, "rows": rows},
+            "best": {"path": path, "config": config._asdict() if path == "triton" else None,
+                     "unfused_config": KernelConfig(1, 4096)._asdict() if path == "triton" else None},
+            "loop_us": {path: 10.0, "index_put": 20.0}}
+
+
+def table(*entries, device="Fake_GPU"):
+    return {"version": dispatch.TABLE_VERSION, "device": device, "entries": list(entries)}
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    """An empty table folder in MMMERGE_CONFIG_DIR, caches cleared before and after."""
+    monkeypatch.setenv("MMMERGE_CONFIG_DIR", str(tmp_path))
+    dispatch.clear_cache()
+    yield tmp_path
+    dispatch.clear_cache()
+
+
+def test_loads_a_table_named_after_the_device(table_dir):
+    (table_dir / "Fake_GPU.json").write_text(json.dumps(table(entry())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = dispatch.load_table("Fake_GPU")
+    assert loaded["entries"][0]["key"]["n"] == 2048
+    assert dispatch.table_file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
+
+
+@pytest.mark.parametrize("content, why", [
+    (None, "no tuned table"),
+    ("{not json", "ignoring"),
+    (json.dumps(table(entry(), device="Other_GPU")), "written for 'Other_GPU'"),
+    (json.dumps({**table(entry()), "version": 99}), "table version 99"),
+    (json.dumps(table()), "no entries"),
+    (json.dumps(table(entry(path="warp_drive"))), "unknown path"),
+    (json.dumps(table({**entry(), "key": {"n": 1}})), "bad key"),
+])
+def test_a_missing_corrupt_or_foreign_table_warns_once_and_falls_back(table_dir, content, why):
+    if content is not None:
+        (table_dir / "Fake_GPU.json").write_text(content)
+    with pytest.warns(UserWarning, match=why):
+        assert dispatch.load_table("Fake_GPU") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cached: no second warning
+        assert dispatch.load_table("Fake_GPU") is None
+
+
+def test_nearest_key_prefers_mask_device_then_dtypes_then_log_distance():
+    t = table(entry(n=2048, rows=1024), entry(n=65536, rows=32768), entry(mask="gpu", n=4096, rows=2048),
+              entry(src="fp32", n=4096, rows=2048))
+    pick = lambda **q: dispatch.nearest_entry(t, **{"mask": "cpu", "src": "bf16", "dst": "bf16", **q})["key"]  # noqa: E731
+    assert pick(n=3000, hidden=4096, rows=1500)["n"] == 2048
+    assert pick(n=50000, hidden=4096, rows=25000)["n"] == 65536
+    assert pick(mask="gpu", n=65536, hidden=4096, rows=32768)["mask"] == "gpu"
+    assert pick(src="fp32", n=65536, hidden=4096, rows=32768)["src"] == "fp32"
+    assert pick(src="fp16", dst="fp16", n=2048, hidden=4096, rows=1024)["src"] == "bf16"  # same element sizes
+
+
+def test_a_fused_winner_is_not_carried_far_past_its_measured_n():
+    t = table(entry(mask="gpu", n=16384, rows=8192, fused=True))
+    near = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", 16384, 4096, 8192)
+    far = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", 131072, 4096, 65536)
+    assert near.config.fused and not far.config.fused
+    assert "two-launch" in far.reason and "nearest key" in near.reason
+
+
+def test_select_keeps_fused_only_with_a_clear_margin():
+    measured = {"key": entry()["key"], "loop_us": {"index_put": 50.0},
+                "triton_configs": {"r1_b4096_w8_s1": 10.0, "r8_b512_w8_s1_fused": 9.8}}
+    assert not tune.select(json.loads(json.dumps(measured)))["best"]["config"]["fused"]
+    measured["triton_configs"]["r8_b512_w8_s1_fused"] = 9.0
+    chosen = tune.select(measured)["best"]
+    assert chosen["path"] == "triton" and chosen["config"]["fused"] and chosen["config"]["rows"] == 8
+    assert tune.parse_config_name(tune.config_name(KernelConfig(16, 1024, 4, 3, True))) == KernelConfig(16, 1024, 4, 3, True)
+
+
+def test_the_shipped_table_is_valid_and_its_selection_reproducible():
+    shipped = json.loads(SHIPPED.read_text())
+    dispatch._check_table(shipped, "NVIDIA_H100_80GB_HBM3")
+    for recorded in shipped["entries"]:
+        assert tune.select(json.loads(json.dumps(recorded)))["best"] == recorded["best"]
+
+
+def test_decisions_are_cached_per_bucket(monkeypatch):
+    dispatch.clear_cache()
+    calls = []
+    real = dispatch.decide
+    monkeypatch.setattr(dispatch, "decide", lambda *a: calls.append(a) or real(*a))
+    dst, mask = torch.zeros(300, 16), make_mask("random50", (300,))
+    for rows in (150, 151, 200):  # one log2 bucket of M
+        dispatch.choose(dst, mask, torch.float32, rows)
+    dispatch.choose(dst, mask, torch.float32, 20)
+    assert len(calls) == 2
+
+
+def test_explain_names_the_rule_and_writes_nothing():
+    dst, mask = torch.randn(40, 16), make_mask("random50", (40,))
+    before = dst.clone()
+    decision = mm.explain(dst, [torch.randn(int(mask.sum()), 16)], mask)
+    assert isinstance(decision, mm.Decision) and decision.path == "index_put" and "CPU" in decision.reason
+    assert torch.equal(dst, before)
+
+
+@pytest.mark.parametrize("path", sorted({e["best"]["path"] for e in json.loads(SHIPPED.read_text())["entries"]}))
+def test_every_path_the_shipped_table_chooses_gives_the_reference(path):
+    """Each chosen path with each shipped configuration (scaled to CPU sizes), against the plain reference."""
+    configs = {json.dumps(e["best"]["config"]) for e in json.loads(SHIPPED.read_text())["entries"]
+               if e["best"]["path"] == path}
+    for config in sorted(configs):
+        cfg = KernelConfig(**json.loads(config)) if config != "null" else None
+        mask = make_mask("random50", (67,))
+        dst, src = torch.randn(67, 40), torch.randn(int(mask.sum()), 40)
+        out = dst.clone()
+        mm.paths.RUNNERS[path](out, mask, src, False, config=cfg)
+        assert_merged(out, dst, mask, src, accumulate=False, path=path)
