@@ -73,6 +73,9 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
         path, config = choose(dst, mask, src_dtype, n_rows)
         if path == "triton" and (dst.dim() != 2 or dst.stride(1) != 1) and as_rows(dst) is None:
             path, config = "index_put", None  # dst's rows form no 2-D view: index_put takes any layout
+    elif path == "triton":  # the Triton path asked for by name still takes the tuned configuration
+        chosen, config = choose(dst, mask, src_dtype, n_rows)
+        config = config if chosen == "triton" else None
     elif path in RUNNERS:
         config = None
     else:

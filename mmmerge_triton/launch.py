@@ -2,7 +2,7 @@
 
 ``kernel[grid](...)`` binds every argument, hashes the specialization and builds launch metadata on each
 call: 18 µs per launch on the H100 host against 6.2 µs for ``CompiledKernel.run`` called directly
-(bench/results/host_profile.json). ``FastKernel`` looks the binary up by a key that the caller builds from
+(bench/results/h100/probe_host_profile.json). ``FastKernel`` looks the binary up by a key that the caller builds from
 what the JIT specializes on (dtypes, 16-byte alignment of pointers, ints equal to 1 or divisible by 16,
 32- or 64-bit ints, constexprs, launch options, device), or from finer facts that imply them (the raw
 sizes); on a miss the JIT picks (or compiles) the binary and launches, and the binary is kept under that key. tests/gpu/test_launch.py checks the key against the JIT's own choice.

@@ -99,3 +99,34 @@ def plot(records: list[dict], env: dict, out: Path) -> bool:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return True
+
+
+def markdown(records: list[dict], path: str = "auto") -> str:
+    """README tables from a benchmark run: the serving slice (bf16, 50% of rows in image blocks, CPU mask) by
+    N and H, as device µs of ``path`` with its ratio to the copy and its speedups; then the targets."""
+    serving = [r for r in records if (r["case"]["density"], r["case"]["pattern"], r["case"]["src"], r["case"]["dst"],
+                                      r["case"]["mask"]) == (0.5, "blocks", "bf16", "bf16", "cpu")]
+    lines = ["| N | H | MB moved | copy µs | ours µs (x copy) | index_put µs (ours x faster) | masked_scatter µs "
+             "(ours x faster) | loop µs ours / index_put | peak MB ours / masked_scatter |", "|" + "---|" * 9]
+    for r in sorted(serving, key=lambda r: (r["case"]["n"], r["case"]["hidden"])):
+        res = r["results"]
+        ours, copy, ip, ms = (res[p] for p in (path, "copy", "index_put", "masked_scatter"))
+        lines.append(
+            f"| {r['case']['n']} | {r['case']['hidden']} | {r['moved_bytes'] / MB:.0f} | {copy['device_us']:.1f} | "
+            f"{ours['device_us']:.1f} ({ours['device_us'] / copy['device_us']:.2f}) | {ip['device_us']:.1f} "
+            f"({ip['device_us'] / ours['device_us']:.1f}) | {ms['device_us']:.1f} ({ms['device_us'] / ours['device_us']:.1f}) | "
+            f"{ours['loop_us']:.0f} / {ip['loop_us']:.0f} | {ours['peak_extra_bytes'] / MB:.1f} / "
+            f"{ms['peak_extra_bytes'] / MB:.0f} |")
+    lines += ["", f"Targets for path={path!r} over all {len(records)} cases of the run:", ""]
+    lines += ["- " + line for line in check_targets(records, path)["lines"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    with open(sys.argv[1]) as f:
+        run = json.load(f)
+    for name in sys.argv[2:] or ["auto"]:
+        print(markdown(run["records"], name) + "\n")

@@ -40,20 +40,16 @@ class KernelConfig(NamedTuple):
 
 
 def default_config(hidden: int, n_rows: int, n_mask: int, mask_on_device: bool) -> KernelConfig:
-    """The untuned rule, used where no tuned table fits (see dispatch.py).
-
-    Tiles of about 8192 elements. Up to 16 rows per program once there are enough rows to fill the GPU:
-    a CPU mask's row map is read over PCIe, one read per program, and on an H100 one row per program made
-    52k reads that cost 1.34x a copy at N=65536, H=5120 (bench/results/probe_h100.md). A device mask of up
-    to 16383 rows takes the one-launch kernel (its prefix re-reads stay small there).
-    """
-    rows = min(16, max(1, 1 << max(0, (n_rows // 512).bit_length() - 1)))
-    block_h = min(next_pow2(max(hidden, 1)), max(256, 8192 // rows))
-    fused = mask_on_device and n_mask < 16384  # whole dispatch buckets: log2 N < 14
-    if fused:
-        rows = 16
-        block_h = min(next_pow2(max(hidden, 1)), 512)
-    return KernelConfig(rows, block_h, 8, 1, fused)
+    """The untuned rule, used where no tuned table fits (see dispatch.py), read off the H100 sweep
+    (mmmerge_triton/configs/NVIDIA_H100_80GB_HBM3.json): a CPU mask's most frequent winner was one row per
+    program over 4096-wide column steps, 8 warps; a device mask of under 16384 rows took the one-launch
+    kernel with 8 rows per program (its prefix re-reads stay small there), a larger one the two-launch form.
+    (An earlier rule of up to 16 rows per program over 512-wide steps ran 1.05-1.12x a copy where the table's
+    choices ran 1.02-1.07x: bench/results/h100, columns "triton" and "auto".)"""
+    block_h = min(next_pow2(max(hidden, 1)), 4096)
+    if mask_on_device and n_mask < 16384:  # whole dispatch buckets: log2 N < 14
+        return KernelConfig(8, block_h, 8, 1, True)
+    return KernelConfig(1, block_h, 8, 1, False)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor | None:
