@@ -8,7 +8,7 @@ from . import inputs
 from .autograd import TritonScatter
 from .dispatch import Decision, choose, decide
 from .inputs import NestedTensors
-from .items import common_row_stride, merge_items
+from .items import common_row_stride, items_in_place_pays, merge_items
 from .paths import RUNNERS, merge_triton, rows_view
 from .plan import MergePlan
 from .rowmap import CountMismatch
@@ -93,7 +93,8 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
         raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
     try:
         if isinstance(src, list):
-            stride = common_row_stride(src) if path == "triton" and not needs_grad else None
+            in_place = path == "triton" and not needs_grad and items_in_place_pays(src, dst)
+            stride = common_row_stride(src) if in_place else None
             if stride is not None:
                 cfg = config or default_config(dst.shape[-1], n_rows, mask.numel(), not mask.is_cpu)
                 merge_items(rows_view(dst, "triton"), mask, src, stride, accumulate, cfg,

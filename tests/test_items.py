@@ -40,6 +40,27 @@ LAYOUTS = ["separate_tensors", "slices_of_one_tensor", "empty_items_first_and_be
            "3d_items"]
 
 
+@pytest.fixture(autouse=True)
+def items_in_place(monkeypatch):
+    """These CPU-sized merges would take torch.cat under the loop-time rule: force the in-place kernel."""
+    monkeypatch.setattr(api, "items_in_place_pays", lambda items, dst: True)
+
+
+def test_in_place_rule_picks_the_faster_variant_at_every_measured_point():
+    """items_in_place_pays against the H100 items suite that its constants come from (loop time)."""
+    import json
+    from pathlib import Path
+    suite = Path(__file__).parents[1] / "bench/results/h100/suite_items_NVIDIA_H100_80GB_HBM3.json"
+    for record in json.loads(suite.read_text())["records"]:
+        if record["items"] == 1:
+            continue  # one item is merged directly, neither in place nor concatenated
+        items = [torch.empty(record["rows_per_item"], record["hidden"], dtype=torch.bfloat16)] * record["items"]
+        dst = torch.empty(0, record["hidden"], dtype=torch.bfloat16)
+        loop = {name: r["loop_us"] for name, r in record["results"].items()}
+        faster_in_place = loop["items in place (ours)"] < loop["cat + ours"]
+        assert items_mod.items_in_place_pays(items, dst) == faster_in_place, record
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_merge_of_several_items_matches_reference(path, layout, monkeypatch):

@@ -47,6 +47,9 @@ def main() -> int:
         return 2
 
     import mmmerge_triton as mt
+    import mmmerge_triton.api
+
+    mmmerge_triton.api.items_in_place_pays = lambda items, dst: True  # lists through the multi-item kernel
     from mmmerge_triton import paths, scatter
     from mmmerge_triton.scatter import KernelConfig
 
