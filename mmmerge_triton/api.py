@@ -43,6 +43,15 @@ def _mask_of(mask, plan, mask_name: str) -> torch.Tensor:
     return plan.mask
 
 
+def _scatter_args(mask, plan, src) -> torch.Tensor:
+    """The mask (given, or the plan's) of masked_row_scatter(_), after checking that src is a tensor."""
+    mask = _mask_of(mask, plan, "mask")
+    if src is None:
+        raise TypeError("src is required")
+    inputs.check_tensor(src, "src")  # a list is for merge_multimodal_embeddings
+    return mask
+
+
 def _placeholders(mask, plan, check_count: bool) -> int | None:
     """The mask's true rows, where knowing them costs no sync (a CPU mask), or where the caller asked for
     the sync (check_count=True); else None."""
@@ -160,10 +169,7 @@ def masked_row_scatter_(
         ValueError: count mismatch ("Attempted to assign M multimodal tokens to K placeholders"), wrong
             shapes or devices. TypeError: wrong dtypes or types. Nothing is written when it raises.
     """
-    mask = _mask_of(mask, plan, "mask")
-    if src is None:
-        raise TypeError("src is required")
-    inputs.check_tensor(src, "src")  # a list is for merge_multimodal_embeddings
+    mask = _scatter_args(mask, plan, src)
     if not _eager(dst, mask, src):
         torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, accumulate, path, check_count)
         return dst
@@ -187,10 +193,7 @@ def masked_row_scatter(
     Replaces ``dst.masked_scatter(mask[..., None].expand_as(dst), src)``, e.g. [B, S, H] embeddings with a
     [B, S] mask. Arguments as masked_row_scatter_. Returns a new [..., H] tensor of dst's dtype.
     """
-    mask = _mask_of(mask, plan, "mask")
-    if src is None:
-        raise TypeError("src is required")
-    inputs.check_tensor(src, "src")  # a list is for merge_multimodal_embeddings
+    mask = _scatter_args(mask, plan, src)
     if not _eager(dst, mask, src):
         return torch.ops.mmmerge_triton.masked_row_scatter(dst, mask, src, accumulate, path, check_count)
     inputs.check_dst(dst, "dst")

@@ -27,6 +27,19 @@ def _merge_multimodal_embeddings(inputs_embeds, multimodal_embeddings, is_multim
     return merge_multimodal_embeddings(inputs_embeds, multimodal_embeddings, is_multimodal)
 
 
+def _rebind(old, new) -> int:
+    """Set every global of a loaded vllm module that is ``old`` to ``new``; returns how many."""
+    replaced = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("vllm"):
+            continue
+        for attr, value in list(vars(module).items()):
+            if value is old:
+                setattr(module, attr, new)
+                replaced += 1
+    return replaced
+
+
 def enable() -> int:
     """Install the replacement; returns how many bindings were replaced. vLLM must be importable."""
     utils = sys.modules.get(TARGET_MODULE) or __import__(TARGET_MODULE, fromlist=[TARGET])
@@ -34,28 +47,13 @@ def enable() -> int:
     if original is _merge_multimodal_embeddings:
         return 0
     _original[:] = [original]
-    replaced = 0
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("vllm"):
-            continue
-        for attr, value in list(vars(module).items()):
-            if value is original:
-                setattr(module, attr, _merge_multimodal_embeddings)
-                replaced += 1
-    return replaced
+    return _rebind(original, _merge_multimodal_embeddings)
 
 
 def disable() -> None:
     """Put vLLM's own function back wherever enable() replaced it."""
-    if not _original:
-        return
-    original = _original.pop()
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("vllm"):
-            continue
-        for attr, value in list(vars(module).items()):
-            if value is _merge_multimodal_embeddings:
-                setattr(module, attr, original)
+    if _original:
+        _rebind(_merge_multimodal_embeddings, _original.pop())
 
 
 def register() -> None:
