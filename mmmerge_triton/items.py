@@ -13,7 +13,7 @@ from .kernels import multi_row_copy_kernel
 from .launch import FastKernel
 from .rowmap import CountMismatch, RowMap, device_rows, host_rows
 from .scatter import KernelConfig, cdiv
-from .staging import arena
+from .staging import arena, packed_layout
 
 _multi_row_copy = FastKernel(multi_row_copy_kernel)
 
@@ -89,12 +89,11 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: list[torch.Tenso
         pinned, at = arena(device.index).put_packed(parts, torch._C._cuda_getCurrentRawStream(device.index))
         packed = torch.empty(pinned.numel(), dtype=torch.uint8, device=device)
         packed.copy_(pinned, non_blocking=True)
-    else:  # the interpreter reads host memory
-        at, chunks = [], []
-        for part in parts:
-            at.append(sum(c.nbytes for c in chunks))
-            chunks.append(np.pad(part.view(np.uint8), (0, -part.nbytes % 16)))
-        packed = torch.from_numpy(np.concatenate(chunks))
+    else:  # the interpreter reads host memory: the same layout in a plain array
+        at, total = packed_layout(parts)
+        packed = torch.zeros(total, dtype=torch.uint8)
+        for part, offset in zip(parts, at):
+            packed[offset:offset + part.nbytes] = torch.from_numpy(part.view(np.uint8))
     starts_dev = _typed(packed, at[0], torch.int32, len(starts))
     offsets_dev = _typed(packed, at[1], torch.int64, len(offsets))
     rows, count = (_typed(packed, at[2], torch.int32, n_rows), None) if host is not None else rowmap

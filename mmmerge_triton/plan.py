@@ -8,6 +8,11 @@ from .rowmap import RowMap, host_rows
 from .scatter import mask_bytes, mask_to_rows
 
 
+def _require_bool(mask) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+
+
 class MergePlan:
     """The row map of a bool mask, resident on one device: ``rows`` [N] int32 (``rows[offsets[i]] = i``
     for every true ``mask[i]``) and ``count`` [1] int32, the number of true rows.
@@ -22,13 +27,10 @@ class MergePlan:
     """
 
     def __init__(self, mask: torch.Tensor, device: torch.device | str | None = None):
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        _require_bool(mask)
         self.device = torch.device(device) if device is not None else mask.device
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        if mask.device.type != "cpu" and mask.device != self.device:
-            raise ValueError(f"mask is on {mask.device}; it must be on the CPU or on the plan's device ({self.device})")
         self.shape = mask.shape
         self.num_rows = mask.numel()
         self.rows = torch.empty(max(self.num_rows, 1), dtype=torch.int32, device=self.device)
@@ -38,8 +40,7 @@ class MergePlan:
     def update_(self, mask: torch.Tensor) -> "MergePlan":
         """Rebuild the row map in place from a new mask of the same shape (no sync; capturable in a CUDA
         graph when the mask is on the plan's device)."""
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        _require_bool(mask)
         if mask.shape != self.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}; this plan was built for {tuple(self.shape)}")
         if mask.device.type != "cpu" and mask.device != self.device:

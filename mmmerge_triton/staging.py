@@ -17,6 +17,19 @@ _QUARTERS = 4
 _ALIGN = 16  # bytes: keeps every staged array 16-byte aligned, as the kernels' loads prefer
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+
+
+def packed_layout(arrays: list[np.ndarray]) -> tuple[list[int], int]:
+    """Byte offsets of ``arrays`` packed one after another at 16-byte boundaries, and the total size."""
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += _aligned(a.nbytes)
+    return offsets, total
+
+
 class RawPointer:
     """An address the GPU can read, with a dtype: what a Triton kernel takes for a pointer argument."""
 
@@ -51,7 +64,7 @@ class PinnedArena:
 
     def _reserve(self, nbytes: int, stream: int) -> int:
         """Byte offset of ``nbytes`` free bytes, 16-byte aligned, to be read by work queued on ``stream``."""
-        nbytes = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        nbytes = _aligned(nbytes)
         if nbytes > self.quarter_bytes:
             self._grow(nbytes)
         if self._offset + nbytes > self.quarter_bytes:
@@ -71,10 +84,7 @@ class PinnedArena:
     def put_packed(self, arrays: list[np.ndarray], stream: int) -> tuple[torch.Tensor, list[int]]:
         """Pack ``arrays`` at 16-byte aligned offsets; returns a pinned uint8 tensor view of the packed bytes
         (for one non_blocking copy to the device on ``stream``) and each array's byte offset in it."""
-        offsets, total = [], 0
-        for a in arrays:
-            offsets.append(total)
-            total += -(-max(a.nbytes, 1) // _ALIGN) * _ALIGN
+        offsets, total = packed_layout(arrays)
         start = self._reserve(total, stream)
         for a, offset in zip(arrays, offsets):
             self._bytes[start + offset : start + offset + a.nbytes] = a.view(np.uint8)
