@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from .rowmap import RowMap, device_rows, host_rows, staged_rows
-from .launch import INTERPRET
-from .scatter import ADD, COPY, KernelConfig, as_rows, default_config, mask_bytes, mask_row_copy, row_copy
+from .scatter import ADD, COPY, KernelConfig, as_rows, default_config, mask_bytes, mask_row_copy, row_copy, supports
 
 
 def rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
@@ -29,7 +28,7 @@ def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, confi
     """The Triton row copy. A CPU mask: one launch, its row map staged in pinned memory and read in place.
     A device mask: one launch that finds offsets in-kernel (``config.fused``), or a row-map build then the
     copy. Extra device memory: none for a CPU mask or a fused launch, 4 bytes per source row otherwise."""
-    if not (dst.is_cuda or (INTERPRET and dst.is_cpu)):
+    if not supports(dst.device):
         raise RuntimeError(
             "path='triton' runs on CUDA tensors; to run it on the CPU, set TRITON_INTERPRET=1 "
             "before importing mmmerge_triton"
