@@ -1,6 +1,8 @@
 """Public API: the vLLM-compatible merge, and the general masked row scatter, in place and out of place."""
 from __future__ import annotations
 
+from operator import attrgetter
+
 import numpy as np
 import torch
 
@@ -8,7 +10,7 @@ from . import inputs
 from .autograd import TritonScatter
 from .dispatch import Decision, choose, decide
 from .inputs import NestedTensors
-from .items import common_row_stride, items_in_place_pays, merge_items
+from .items import ItemList, common_row_stride, items_in_place_pays, merge_items
 from .paths import RUNNERS, merge_triton, rows_view
 from .plan import MergePlan
 from .rowmap import CountMismatch
@@ -16,6 +18,7 @@ from .scatter import as_rows, default_config
 
 
 _is_compiling = torch.compiler.is_compiling
+_requires_grad_of = attrgetter("requires_grad")
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
@@ -65,14 +68,14 @@ def _placeholders(mask, plan, check_count: bool) -> int | None:
 def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expression=None) -> None:
     """Check everything, then write dst[mask] = src (or +=) in place. Raises before any write.
 
-    src: [M, H], or a list of [m_i, H] items (already checked) that the Triton path reads in place.
+    src: [M, H], or an ItemList of [m_i, H] items (already checked) that the Triton path reads in place.
     expression: the embeddings as the caller passed them, spelled vLLM's way in a count error.
     """
     dst_name, mask_name, src_name = names
     inputs.check_dst(dst, dst_name)
     inputs.check_mask(mask, dst, mask_name, dst_name)
-    if isinstance(src, list):
-        n_rows, src_dtype = sum(item.shape[0] for item in src), src[0].dtype
+    if isinstance(src, ItemList):
+        n_rows, src_dtype = sum(src.rows), src.tensors[0].dtype
     else:
         inputs.check_src(src, dst, src_name, dst_name)
         n_rows, src_dtype = src.shape[0], src.dtype
@@ -101,16 +104,17 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
     if needs_grad and dst.is_leaf and dst.requires_grad:  # PyTorch's own error, raised before the kernel writes
         raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
     try:
-        if isinstance(src, list):
-            in_place = path == "triton" and not needs_grad and items_in_place_pays(src, dst)
-            stride = common_row_stride(src) if in_place else None
+        if isinstance(src, ItemList):
+            in_place = path == "triton" and not needs_grad and items_in_place_pays(len(src.rows), n_rows, dst,
+                                                                                    src_dtype)
+            stride = common_row_stride(src.tensors) if in_place else None
             if stride is not None:
                 cfg = config or default_config(dst.shape[-1], n_rows, mask.numel(), not mask.is_cpu)
                 merge_items(rows_view(dst, "triton"), mask, src, stride, accumulate, cfg,
                             plan.rowmap if plan is not None else None)
                 _bump_version(dst)
                 return
-            src = torch.cat(src)
+            src = torch.cat(src.tensors)
         if path != "triton":
             RUNNERS[path](dst, mask, src, accumulate)
         elif needs_grad:
@@ -129,7 +133,7 @@ def _spelled(expression) -> str | None:
 
 
 def _requires_grad(src) -> bool:
-    return any(t.requires_grad for t in src) if isinstance(src, list) else src.requires_grad
+    return any(map(_requires_grad_of, src.tensors)) if isinstance(src, ItemList) else src.requires_grad
 
 
 def _bump_version(dst: torch.Tensor) -> None:
@@ -235,10 +239,10 @@ def merge_multimodal_embeddings(
     is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")
     items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
     inputs.check_dst(inputs_embeds, "inputs_embeds")
-    for item in items:
-        inputs.check_src(item, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
-    src = items[0] if len(items) == 1 else items  # several items: read in place where the Triton path runs
-    if not _eager(inputs_embeds, is_multimodal, *items):
+    rows = inputs.check_items(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
+    # Several items: read in place where the Triton path runs.
+    src = items[0] if len(items) == 1 else ItemList(items, rows)
+    if not (_eager(inputs_embeds, is_multimodal) and set(map(type, items)) == {torch.Tensor}):
         src = src if len(items) == 1 else torch.cat(items)
         torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
         return inputs_embeds
@@ -256,7 +260,6 @@ def explain(
     items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
     inputs.check_dst(inputs_embeds, "inputs_embeds")
     inputs.check_mask(is_multimodal, inputs_embeds, "is_multimodal", "inputs_embeds")
-    for item in items:
-        inputs.check_src(item, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
+    rows = inputs.check_items(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
     src_dtype = items[0].dtype if items else inputs_embeds.dtype
-    return decide(inputs_embeds, is_multimodal, src_dtype, sum(item.shape[0] for item in items))
+    return decide(inputs_embeds, is_multimodal, src_dtype, sum(rows))

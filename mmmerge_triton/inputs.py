@@ -1,6 +1,7 @@
 """Input checks of the public API. Every check runs before anything is written, and names the argument."""
 from __future__ import annotations
 
+from operator import attrgetter, itemgetter
 from typing import Sequence, Union
 
 import torch
@@ -9,9 +10,16 @@ NestedTensors = Union[torch.Tensor, Sequence["NestedTensors"]]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+_FLOAT_SET = set(FLOAT_DTYPES)
+_dtype_of, _device_of = attrgetter("dtype"), attrgetter("device")
+_first, _second = itemgetter(0), itemgetter(1)
+
 
 def flatten_items(embeddings: NestedTensors, name: str) -> list[torch.Tensor]:
     """The tensors of a (nested) list/tuple, in order, each flattened to [rows, H] (a view)."""
+    if isinstance(embeddings, (list, tuple)) and _plain_tensors(embeddings) \
+            and set(map(torch.Tensor.dim, embeddings)) == {2}:
+        return list(embeddings)  # the common case, a flat list of [m_i, H] tensors: no call per item
     if isinstance(embeddings, torch.Tensor):
         if embeddings.dim() < 2:
             raise ValueError(f"{name} must have shape [..., H] with at least 2 dims, got {tuple(embeddings.shape)}")
@@ -59,6 +67,26 @@ def check_src(src, dst: torch.Tensor, src_name: str, dst_name: str) -> None:
         raise ValueError(f"{src_name} has hidden size {src.shape[1]}; {dst_name} has {dst.shape[-1]}")
     if src.device != dst.device:
         raise ValueError(f"{src_name} is on {src.device}; it must be on {dst_name}'s device ({dst.device})")
+
+
+def _plain_tensors(items) -> bool:
+    """Whether every item is a torch.Tensor proper (no subclass): what the one-pass checks assume. Under
+    torch.compile the item by item forms run instead (they trace; the one-pass forms do not)."""
+    return not torch.compiler.is_compiling() and set(map(type, items)) == {torch.Tensor}
+
+
+def check_items(items: list[torch.Tensor], dst: torch.Tensor, src_name: str, dst_name: str) -> list[int]:
+    """Checks each item as check_src does, and returns their row counts [m_i]. One pass per property, a few
+    hundred ns per item on a fast host, where a call of check_src per item costs about 1 µs: engines pass
+    hundreds of items. Any failure reruns the item by item checks, which raise the error naming it."""
+    if _plain_tensors(items):
+        sizes = list(map(torch.Tensor.size, items))
+        if (set(map(len, sizes)) == {2} and set(map(_second, sizes)) == {dst.shape[-1]}
+                and set(map(_dtype_of, items)) <= _FLOAT_SET and set(map(_device_of, items)) == {dst.device}):
+            return list(map(_first, sizes))
+    for item in items:
+        check_src(item, dst, src_name, dst_name)
+    return [item.shape[0] for item in items]
 
 
 def check_mask(mask, dst: torch.Tensor, mask_name: str, dst_name: str) -> None:

@@ -2,9 +2,16 @@
 
 Engines ``torch.cat`` their items before the scatter: an allocation of M x H and a full extra read and write
 of every multimodal row. Here each item is addressed relative to the first one's storage through a small
-table (element offset and first compact row of each item), sent with the row map in one host-to-device copy.
+table (element offset and first compact row of each item), staged with the row map in pinned memory and
+sent in one host-to-device copy into a buffer kept per stream.
+
+Host time is what limits this path (a few hundred items are common), so everything per item is done in one
+pass per property (``map`` over the list, numpy over the results), never in a Python call per item.
 """
 from __future__ import annotations
+
+from operator import attrgetter
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,9 +20,21 @@ from .kernels import multi_row_copy_kernel
 from .launch import FastKernel
 from .rowmap import CountMismatch, RowMap, device_rows, host_rows
 from .scatter import KernelConfig, cdiv
-from .staging import arena, packed_layout
+from .staging import RawPointer, arena
 
 _multi_row_copy = FastKernel(multi_row_copy_kernel)
+_dtype_of = attrgetter("dtype")
+
+
+class ItemList(NamedTuple):
+    """Checked items of one merge: ``tensors`` [m_i, H] on the destination's device, and ``rows`` [m_i]."""
+
+    tensors: list[torch.Tensor]
+    rows: list[int]
+
+    @classmethod
+    def of(cls, tensors: list[torch.Tensor]) -> "ItemList":
+        return cls(tensors, [t.shape[0] for t in tensors])
 
 
 # Host cost of building and sending the item table, and the copy rate, on the H100 host of
@@ -23,56 +42,83 @@ _multi_row_copy = FastKernel(multi_row_copy_kernel)
 _TABLE_HOST_US, _PER_ITEM_HOST_US, _COPY_BYTES_PER_US = 200.0, 7.0, 2.9e6
 
 
-def items_in_place_pays(items: list[torch.Tensor], dst: torch.Tensor) -> bool:
+def items_in_place_pays(n_items: int, n_rows: int, dst: torch.Tensor, src_dtype: torch.dtype) -> bool:
     """Whether reading the items in place beats concatenating them first, in loop time. In place halves the
     device work (no cat: one read and one write of the rows instead of two) but costs host time per item; it
     pays when that host time stays under the device time that ``torch.cat`` + scatter would take. This rule
-    picks the faster of the two at all 12 points of the H100 items suite (from which its constants come)."""
-    n_rows = sum(t.shape[0] for t in items)
-    moved = n_rows * dst.shape[-1] * (items[0].element_size() + dst.element_size())
-    return _TABLE_HOST_US + _PER_ITEM_HOST_US * len(items) < 2 * moved / _COPY_BYTES_PER_US
+    picks the faster of the two at every point of the H100 items suite (from which its constants come)."""
+    moved = n_rows * dst.shape[-1] * (src_dtype.itemsize + dst.element_size())
+    return _TABLE_HOST_US + _PER_ITEM_HOST_US * n_items < 2 * moved / _COPY_BYTES_PER_US
 
 
 def common_row_stride(items: list[torch.Tensor]) -> int | None:
-    """The row stride shared by the items (2-D, unit column stride, one dtype and device), or None when they
-    have none and must be concatenated instead."""
-    first = items[0]
+    """The row stride shared by the items (2-D, on one device, unit column stride, one dtype), or None when
+    they have none and must be concatenated instead. Rows of items with fewer than two rows have any stride."""
+    if len(set(map(_dtype_of, items))) != 1:
+        return None
+    strides = set(map(torch.Tensor.stride, items))
+    hidden = items[0].shape[1]
+    if len(strides) == 1:  # the common case: one pass
+        row_stride, column_stride = next(iter(strides))
+        return row_stride if column_stride == 1 or hidden <= 1 else None
     stride = None
     for item in items:
-        if item.dtype != first.dtype or item.device != first.device or (item.stride(1) != 1 and item.shape[1] > 1):
+        if item.stride(1) != 1 and hidden > 1:
             return None
         if item.shape[0] > 1:
             if stride is None:
                 stride = item.stride(0)
             elif item.stride(0) != stride:
                 return None
-    return first.shape[1] if stride is None else stride
+    return hidden if stride is None else stride
 
 
-def _tables(items: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, int]:
+def _tables(items: ItemList) -> tuple[np.ndarray, np.ndarray, int]:
     """(item element offsets from the first item [T] int64, item first rows [T + 1] int32, alignment in
     elements that every offset shares)."""
-    size = items[0].element_size()
-    ptrs = np.array([t.data_ptr() for t in items], dtype=np.int64)
+    tensors = items.tensors
+    size = tensors[0].element_size()
+    ptrs = np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
     offsets = (ptrs - ptrs[0]) // size
-    starts = np.zeros(len(items) + 1, dtype=np.int32)
-    np.cumsum([t.shape[0] for t in items], out=starts[1:])
+    starts = np.zeros(len(tensors) + 1, dtype=np.int32)
+    np.cumsum(items.rows, out=starts[1:])
     align = 16 // size if not np.any(ptrs % 16) else 1
     return offsets, starts, align
 
 
-def _typed(packed: torch.Tensor, offset: int, dtype: torch.dtype, n: int) -> torch.Tensor:
-    return packed[offset:offset + n * dtype.itemsize].view(dtype)
+_DEVICE_TABLES: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: list[torch.Tensor], stride: int, accumulate: bool,
+def _to_device(pinned: torch.Tensor, device: torch.device, stream: int) -> int:
+    """Copy staged bytes into a device buffer kept per (device, stream); returns the copy's address. Work on
+    one stream runs in order, so the next call's copy cannot overwrite a table before this call's kernel has
+    read it (and no allocation is made per call)."""
+    buffer = _DEVICE_TABLES.get((device.index, stream))
+    if buffer is None or buffer.numel() < pinned.numel():
+        buffer = torch.empty(max(pinned.numel(), 1 << 16), dtype=torch.uint8, device=device)
+        _DEVICE_TABLES[(device.index, stream)] = buffer  # a replaced buffer is freed in stream order
+    buffer[: pinned.numel()].copy_(pinned, non_blocking=True)
+    return buffer.data_ptr()
+
+
+def _host_tensors(parts: list[np.ndarray]) -> list[torch.Tensor]:
+    """The interpreter reads host memory: the staged arrays as plain tensors."""
+    return [torch.from_numpy(np.ascontiguousarray(part)) for part in parts]
+
+
+def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: ItemList, stride: int, accumulate: bool,
                 cfg: KernelConfig, rowmap: RowMap | None = None) -> None:
     """dst2d[mask] = cat(items) (or +=), without the cat. items: 2-D, one dtype, unit column stride, sharing
     row ``stride`` (common_row_stride). Raises CountMismatch for a CPU mask whose count differs."""
-    items = [t for t in items if t.shape[0]]  # an empty item has no rows to address (nor, maybe, storage)
+    if 0 in items.rows:  # an empty item has no rows to address (nor, maybe, storage)
+        kept = [(t, r) for t, r in zip(*items) if r]
+        if not kept:
+            return
+        items = ItemList([t for t, _ in kept], [r for _, r in kept])
     offsets, starts, align = _tables(items)
-    n_rows = int(starts[-1])
-    if align > 1 and (stride * items[0].element_size()) % 16:
+    first = items.tensors[0]
+    n_rows, n_items = int(starts[-1]), len(offsets)
+    if align > 1 and (stride * first.element_size()) % 16:
         align = 1
     device = dst2d.device
     if device.type == "cuda" and torch._C._cuda_isCurrentStreamCapturing():
@@ -84,28 +130,26 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: list[torch.Tenso
         raise CountMismatch(n_rows, host.size)
     if rowmap is None and on_device:
         rowmap = device_rows(mask, n_rows)
-    parts = [starts, offsets] + ([host.astype(np.int32)] if host is not None else [])
+    parts = [starts, offsets] + ([host] if host is not None else [])
     if device.type == "cuda":
-        pinned, at = arena(device.index).put_packed(parts, torch._C._cuda_getCurrentRawStream(device.index))
-        packed = torch.empty(pinned.numel(), dtype=torch.uint8, device=device)
-        packed.copy_(pinned, non_blocking=True)
-    else:  # the interpreter reads host memory: the same layout in a plain array
-        at, total = packed_layout(parts)
-        packed = torch.zeros(total, dtype=torch.uint8)
-        for part, offset in zip(parts, at):
-            packed[offset:offset + part.nbytes] = torch.from_numpy(part.view(np.uint8))
-    starts_dev = _typed(packed, at[0], torch.int32, len(starts))
-    offsets_dev = _typed(packed, at[1], torch.int64, len(offsets))
-    rows, count = (_typed(packed, at[2], torch.int32, n_rows), None) if host is not None else rowmap
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        pinned, at = arena(device.index).put_packed(parts, stream)
+        base = _to_device(pinned, device, stream)
+        starts_dev, offsets_dev = RawPointer(base + at[0], torch.int32), RawPointer(base + at[1], torch.int64)
+        staged_rows = RawPointer(base + at[2], torch.int32) if host is not None else None
+    else:
+        starts_dev, offsets_dev, *rest = _host_tensors(parts)
+        staged_rows = rest[0] if host is not None else None
+    rows, count = (staged_rows, None) if host is not None else rowmap
     hidden = dst2d.shape[1]
     has_count = count is not None
-    steps = max(1, (len(items) - 1).bit_length())
-    key = (device.index, dst2d.dtype, items[0].dtype, dst2d.data_ptr() % 16, items[0].data_ptr() % 16, hidden,
+    steps = max(1, (n_items - 1).bit_length())
+    key = (device.index, dst2d.dtype, first.dtype, dst2d.data_ptr() % 16, first.data_ptr() % 16, hidden,
            dst2d.stride(0), stride, accumulate, has_count, steps, align, cfg)
     _multi_row_copy.launch(
         key,
         (cdiv(n_rows, cfg.rows), 1),
-        (dst2d, items[0], offsets_dev, starts_dev, rows, count if has_count else rows, n_rows, len(items), hidden,
+        (dst2d, first, offsets_dev, starts_dev, rows, count if has_count else rows, n_rows, n_items, hidden,
          dst2d.stride(0), stride),
         (1 if accumulate else 0, has_count, cfg.rows, cfg.block_h, steps, align),
         (cfg.num_warps, cfg.num_stages),

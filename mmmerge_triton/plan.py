@@ -6,6 +6,9 @@ import torch
 
 from .rowmap import RowMap, host_rows
 from .scatter import mask_bytes, mask_to_rows
+from .staging import arena
+
+_HEAD = 4  # int32 slots before the row map: the count, then padding that keeps ``rows`` 16-byte aligned
 
 
 def _require_bool(mask) -> None:
@@ -33,8 +36,9 @@ class MergePlan:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.shape = mask.shape
         self.num_rows = mask.numel()
-        self.rows = torch.empty(max(self.num_rows, 1), dtype=torch.int32, device=self.device)
-        self.count = torch.zeros(1, dtype=torch.int32, device=self.device)
+        # One buffer, [count, pad, pad, pad, rows...]: a CPU mask's count and rows arrive in one copy.
+        self._buffer = torch.zeros(_HEAD + max(self.num_rows, 1), dtype=torch.int32, device=self.device)
+        self.count, self.rows = self._buffer[:1], self._buffer[_HEAD:]
         self.update_(mask)
 
     def update_(self, mask: torch.Tensor) -> "MergePlan":
@@ -49,11 +53,15 @@ class MergePlan:
         if mask.device.type == "cpu":
             rows = host_rows(mask)
             self.host_count = int(rows.size)
-            staged = torch.from_numpy(np.append(rows, rows.size).astype(np.int32))
-            if self.device.type == "cuda":
-                staged = staged.pin_memory()  # the caching host allocator keeps it until the copy is done
-            self.rows[: rows.size].copy_(staged[:-1], non_blocking=True)
-            self.count.copy_(staged[-1:], non_blocking=True)
+            head = np.zeros(_HEAD, dtype=np.int32)
+            head[0] = rows.size
+            if self.device.type == "cuda":  # staged in the pinned ring (fenced until the copy has read it)
+                index = self.device.index
+                pinned, _ = arena(index).put_packed([head, rows], torch._C._cuda_getCurrentRawStream(index))
+                staged = pinned.view(torch.int32)
+            else:
+                staged = torch.from_numpy(np.concatenate([head, rows]))
+            self._buffer[: _HEAD + rows.size].copy_(staged[: _HEAD + rows.size], non_blocking=True)
         else:
             self.host_count = None
             mask_to_rows(mask_bytes(mask), self.rows, self.count, self.num_rows)

@@ -8,6 +8,9 @@ Each reports device time, loop time and peak extra memory per variant (timing.py
 """
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import torch
 
 from . import api, paths, timing
@@ -20,7 +23,15 @@ MB = 1e6
 
 def _measure(calls: dict, device: torch.device) -> dict:
     return {name: {"device_us": timing.device_time_us(call, device), "loop_us": timing.loop_time_us(call, device),
+                   "host_us": timing.host_time_us(call, device),
                    "peak_extra_bytes": timing.peak_extra_bytes(call, device)} for name, call in calls.items()}
+
+
+@contextlib.contextmanager
+def _items_in_place(forced: bool):
+    """Force the list merge to read items in place (or to concatenate them), whatever the loop-time rule says."""
+    with mock.patch.object(api, "items_in_place_pays", lambda *args: forced):
+        yield
 
 
 def items_suite(device: torch.device, quick: bool) -> list[dict]:
@@ -36,13 +47,17 @@ def items_suite(device: torch.device, quick: bool) -> list[dict]:
         mask = make_mask(n, m, "blocks")
         dst = torch.randn(n, hidden, device=device, dtype=torch.bfloat16)
         items = [torch.randn(rows, hidden, device=device, dtype=torch.bfloat16) for _ in range(count)]
-        calls = {
-            "items in place (ours)": lambda: api.merge_multimodal_embeddings(dst, items, mask),
-            "cat + ours": lambda: api.masked_row_scatter_(dst, mask, torch.cat(items)),
+        merge = lambda: api.merge_multimodal_embeddings(dst, items, mask)  # noqa: E731
+        with _items_in_place(True):
+            results = _measure({"items in place (ours)": merge}, device)
+        with _items_in_place(False):
+            results |= _measure({"cat + ours": merge}, device)
+        results |= _measure({
+            "auto (the rule picks)": merge,
             "cat + index_put (vLLM)": lambda: paths.merge_index_put(dst, mask, torch.cat(items), False),
-        }
+        }, device)
         records.append({"items": count, "rows_per_item": rows, "hidden": hidden, "n": n,
-                        "moved_bytes": 4 * m * hidden, "results": _measure(calls, device)})
+                        "moved_bytes": 4 * m * hidden, "results": results})
         del dst, items
     return records
 
@@ -118,7 +133,7 @@ def print_suite(name: str, records: list[dict]) -> None:
     for record in records:
         title = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("results", "moved_bytes"))
         print(f"\n[{name}] {title}")
-        print(f"  {'variant':28s}{'device µs':>11s}{'loop µs':>10s}{'peak MB':>10s}")
+        print(f"  {'variant':28s}{'device µs':>11s}{'loop µs':>10s}{'host µs':>10s}{'peak MB':>10s}")
         for variant, r in record["results"].items():
             peak = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / MB:.1f}"
-            print(f"  {variant:28s}{r['device_us']:11.1f}{r['loop_us']:10.1f}{peak:>10s}")
+            print(f"  {variant:28s}{r['device_us']:11.1f}{r['loop_us']:10.1f}{r['host_us']:10.1f}{peak:>10s}")

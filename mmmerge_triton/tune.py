@@ -7,7 +7,8 @@ The sweep runs shapes x (src, dst) dtypes x mask device x mask density; at each 
 and a set of Triton configurations by loop time (host and device together: at small cases the host
 dominates), and writes ``configs/<device name>.json`` (see dispatch.py). Finished points are appended to a
 ``.partial`` file as they complete, so ``--resume`` picks an interrupted sweep up where it stopped.
-``--evaluate`` times path="auto" against every path on a grid the sweep never saw and writes the regret table.
+``--evaluate`` times path="auto" on a grid the sweep never saw, against every path and against the best
+Triton configuration at each point, and writes the regret table.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import triton
 from . import api, dispatch, paths, timing
 from .bench import _progress, device_name, environment
 from .cases import Case, make_inputs
-from .scatter import KernelConfig
+from .scatter import KernelConfig, default_config
 
 SWEEP = {
     "full": dict(n=(256, 2048, 16384, 65536), hidden=(1024, 4096, 8192), density=(0.1, 0.9),
@@ -165,32 +166,60 @@ def _key(case: Case) -> dict:
             "rows": case.rows}
 
 
+def _interleaved_loop_us(calls: dict, device: torch.device, rounds: int) -> dict:
+    """Loop µs of each call, timed ``rounds`` times in rotating order (no call always runs first) and the
+    fastest kept: drift on a shared machine hits all alike, and noise only ever adds time."""
+    samples = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(_time(calls[name], device))
+    return {name: min(v) for name, v in samples.items()}
+
+
 def evaluate(device: torch.device, rounds: int = 3) -> dict:
-    """Loop time of path="auto" against each path through the public API, on the held-out grid. Paths are
-    timed interleaved, ``rounds`` times in rotating order, and the fastest of each kept, so drift on a shared
-    machine hits all alike."""
+    """path="auto" on the held-out grid, two ways, each within one point's measurements:
+
+    - against every path through the public API (``ratio``: auto / the best path), as a user would call them;
+    - against an oracle (``oracle_ratio``): the configuration auto chose, launched directly, against the best of
+      every path runner and every Triton configuration the sweep tries (and the heuristic's), all launched
+      directly at this very point: what a sweep that had seen the point would have picked.
+    """
     points = []
     for case in _progress(sweep_cases(HELD_OUT), "held-out points"):
         dst, mask, src = make_inputs(case, device)
-        calls = {name: (lambda p=name: api.masked_row_scatter_(dst, mask, src, path=p)) for name in ("auto",) + paths.PATHS}
-        samples = {name: [] for name in calls}
-        names = list(calls)
-        for r in range(rounds):  # the order rotates each round, so no path always runs first
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                samples[name].append(_time(calls[name], device))
-        loop_us = {name: min(v) for name, v in samples.items()}  # shared-machine noise only ever adds time
-        best = min((p for p in paths.PATHS), key=loop_us.get)
+        api_calls = {name: (lambda p=name: api.masked_row_scatter_(dst, mask, src, path=p))
+                     for name in ("auto",) + paths.PATHS}
+        loop_us = _interleaved_loop_us(api_calls, device, rounds)
         decision = api.explain(dst, src, mask)
+        direct = {name: (lambda r=runner: r(dst, mask, src, False))
+                  for name, runner in paths.RUNNERS.items() if name != "triton"}
+        configs = set(triton_configs(case.hidden, case.mask == "gpu"))
+        configs.add(default_config(case.hidden, src.shape[0], case.n, case.mask == "gpu"))
+        if decision.config is not None:
+            configs.add(decision.config)
+        for cfg in configs:
+            direct[config_name(cfg)] = lambda c=cfg: paths.merge_triton(dst, mask, src, False, config=c)
+        direct_us = _interleaved_loop_us(direct, device, rounds)
+        best = min(paths.PATHS, key=loop_us.get)
+        oracle = min(direct_us, key=direct_us.get)
+        chosen = config_name(decision.config) if decision.path == "triton" else decision.path
         points.append({"case": case.as_dict(), "loop_us": loop_us, "best_path": best, "auto_path": decision.path,
-                       "ratio": loop_us["auto"] / loop_us[best]})
+                       "ratio": loop_us["auto"] / loop_us[best],
+                       "direct_loop_us": direct_us, "auto_choice": chosen, "oracle_choice": oracle,
+                       "oracle_ratio": direct_us[chosen] / direct_us[oracle]})
         del dst, mask, src
         torch.cuda.empty_cache()
     ratios = [p["ratio"] for p in points]
+    oracle_ratios = [p["oracle_ratio"] for p in points]
     return {
         "points": points,
         "within_5pct": sum(r <= 1.05 for r in ratios) / len(ratios),
         "worst_ratio": max(ratios),
         "median_ratio": statistics.median(ratios),
+        "oracle_within_5pct": sum(r <= 1.05 for r in oracle_ratios) / len(oracle_ratios),
+        "oracle_worst_ratio": max(oracle_ratios),
+        "oracle_median_ratio": statistics.median(oracle_ratios),
         "dispatch_us": _dispatch_cost(device),
     }
 
@@ -232,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1))
         print(f"held-out points: {len(result['points'])}; auto within 5% of the best path at "
               f"{100 * result['within_5pct']:.1f}%; worst {result['worst_ratio']:.3f}x, median "
-              f"{result['median_ratio']:.3f}x; cached dispatch {result['dispatch_us']:.2f} µs per call")
+              f"{result['median_ratio']:.3f}x; against the per-point oracle within 5% at "
+              f"{100 * result['oracle_within_5pct']:.1f}%, worst {result['oracle_worst_ratio']:.3f}x, median "
+              f"{result['oracle_median_ratio']:.3f}x; cached dispatch {result['dispatch_us']:.2f} µs per call")
         print(f"wrote {out}")
         return 0
     out = args.out or dispatch.table_dir() / dispatch.table_file_name(name)

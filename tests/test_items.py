@@ -43,7 +43,7 @@ LAYOUTS = ["separate_tensors", "slices_of_one_tensor", "empty_items_first_and_be
 @pytest.fixture(autouse=True)
 def items_in_place(monkeypatch):
     """These CPU-sized merges would take torch.cat under the loop-time rule: force the in-place kernel."""
-    monkeypatch.setattr(api, "items_in_place_pays", lambda items, dst: True)
+    monkeypatch.setattr(api, "items_in_place_pays", lambda *args: True)
 
 
 def test_in_place_rule_picks_the_faster_variant_at_every_measured_point():
@@ -54,11 +54,11 @@ def test_in_place_rule_picks_the_faster_variant_at_every_measured_point():
     for record in json.loads(suite.read_text())["records"]:
         if record["items"] == 1:
             continue  # one item is merged directly, neither in place nor concatenated
-        items = [torch.empty(record["rows_per_item"], record["hidden"], dtype=torch.bfloat16)] * record["items"]
         dst = torch.empty(0, record["hidden"], dtype=torch.bfloat16)
         loop = {name: r["loop_us"] for name, r in record["results"].items()}
         faster_in_place = loop["items in place (ours)"] < loop["cat + ours"]
-        assert items_mod.items_in_place_pays(items, dst) == faster_in_place, record
+        n_rows = record["items"] * record["rows_per_item"]
+        assert items_mod.items_in_place_pays(record["items"], n_rows, dst, torch.bfloat16) == faster_in_place, record
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -133,7 +133,8 @@ def test_merge_items_with_device_row_map_moves_first_min_k_m_rows(config, m_vs_k
     before = dst.clone()
     stride = items_mod.common_row_stride(items)
     assert stride == hidden + 3
-    items_mod.merge_items(dst, mask, items, stride, accumulate, config, rowmap.device_rows(mask, m))
+    items_mod.merge_items(dst, mask, items_mod.ItemList.of(items), stride, accumulate, config,
+                          rowmap.device_rows(mask, m))
     moved = min(k, m)
     moved_mask = torch.zeros(n, dtype=torch.bool)
     moved_mask[torch.from_numpy(np.flatnonzero(mask.numpy())[:moved])] = True

@@ -49,7 +49,7 @@ def main() -> int:
     import mmmerge_triton as mt
     import mmmerge_triton.api
 
-    mmmerge_triton.api.items_in_place_pays = lambda items, dst: True  # lists through the multi-item kernel
+    mmmerge_triton.api.items_in_place_pays = lambda *args: True  # lists through the multi-item kernel
     from mmmerge_triton import paths, scatter
     from mmmerge_triton.scatter import KernelConfig
 
@@ -341,7 +341,8 @@ def main() -> int:
                 dst = rand((2 * m + 1, 33), torch.float16, seed=51)
                 expected = reference(dst, mask, flat, True)
                 stride = mm_items.common_row_stride([t for t in items if t.shape[0]])
-                mm_items.merge_items(dst, mask if mask_kind == "cpu" else mask.to(DEV), items, stride, True, CFG)
+                mm_items.merge_items(dst, mask if mask_kind == "cpu" else mask.to(DEV), mm_items.ItemList.of(items),
+                                     stride, True, CFG)
                 assert_same(dst, expected)
             case(f"L items {layout} accumulate {mask_kind}", run)
 

@@ -580,5 +580,5 @@ def test_merge_items_accumulate(pair, mask_on_gpu):
     expected = reference(dst, mask, flat, True)
     stride = mm_items.common_row_stride(items)
     assert stride == h + 16
-    mm_items.merge_items(dst, mask, items, stride, True, default_config(h, m, n, mask_on_gpu))
+    mm_items.merge_items(dst, mask, mm_items.ItemList.of(items), stride, True, default_config(h, m, n, mask_on_gpu))
     assert_same(dst, expected)
