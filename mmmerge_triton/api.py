@@ -105,8 +105,8 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
         raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
     try:
         if isinstance(src, ItemList):
-            in_place = path == "triton" and not needs_grad and items_in_place_pays(len(src.rows), n_rows, dst,
-                                                                                    src_dtype)
+            in_place = path == "triton" and not needs_grad and items_in_place_pays(
+                len(src.rows), n_rows, mask.numel(), dst, src_dtype)
             stride = common_row_stride(src.tensors) if in_place else None
             if stride is not None:
                 cfg = config or default_config(dst.shape[-1], n_rows, mask.numel(), not mask.is_cpu)

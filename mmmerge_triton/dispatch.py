@@ -4,7 +4,9 @@ Tuned tables (written by ``mmmerge-tune``) live in ``configs/<device name>.json`
 ``torch.cuda.get_device_name()`` gives it with spaces made underscores; ``MMMERGE_CONFIG_DIR`` points to
 another folder. Each entry holds, for one (mask device, src dtype, dst dtype, N, H, M), the path with the
 lowest loop time and the best Triton configuration. At run time the nearest entry wins: same mask device,
-the closest dtype pair (by element sizes), then the smallest distance in log2 N, log2 H and log2 M.
+the closest dtype pair (by element sizes), then the smallest distance in log2 N, log2 H and log2 M. For a
+device mask the kind of kernel then follows N: under scatter.FUSED_BELOW rows the entry's best one-launch
+configuration, and a one-launch winner is not carried past FUSED_REACH times the N it was measured at.
 Without a usable table (none for this device, unreadable, or written for another device) the heuristic
 below decides, after one warning. Decisions are cached per (device, dtypes, H, log2 N, log2 M, mask
 device), so dispatch costs a dict lookup per call. A dst whose rows form no 2-D view takes index_put
@@ -23,10 +25,10 @@ from pathlib import Path
 import torch
 
 from .paths import PATHS
-from .scatter import KernelConfig, default_config
+from .scatter import FUSED_BELOW, KernelConfig, default_config
 
 TABLE_VERSION = 1
-FUSED_REACH = 1.5  # a fused (one-launch) winner serves N up to this multiple of its entry's N
+FUSED_REACH = 1.5  # a fused (one-launch) winner serves N up to this multiple of its entry's N (or FUSED_BELOW)
 _NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _NAME_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -123,10 +125,15 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
     config = KernelConfig(**best["config"]) if best["config"] else None
     times = ", ".join(f"{p} {t:.1f}" for p, t in sorted(entry["loop_us"].items(), key=lambda kv: kv[1]))
     reason = f"tuned table {table_file_name(table['device'])}, nearest key {entry['key']}: loop µs {times}"
-    if config is not None and config.fused and n > FUSED_REACH * entry["key"]["n"] and best.get("unfused_config"):
-        # The one-launch kernel's prefix re-reads grow as N squared: not carried past where it was measured.
-        config = KernelConfig(**best["unfused_config"])
-        reason += f"; N is over {FUSED_REACH}x the entry's, so its best two-launch configuration"
+    if config is not None and mask == "gpu":
+        if n < FUSED_BELOW and best.get("fused_config"):
+            # Below FUSED_BELOW the one-launch kernel is the faster kind wherever it was measured.
+            config = KernelConfig(**best["fused_config"])
+            reason += f"; N is under {FUSED_BELOW}, so its best one-launch configuration"
+        elif config.fused and n > FUSED_REACH * entry["key"]["n"] and best.get("unfused_config"):
+            # The one-launch kernel's prefix re-reads grow as N squared: not carried past where it was measured.
+            config = KernelConfig(**best["unfused_config"])
+            reason += f"; N is over {FUSED_REACH}x the entry's, so its best two-launch configuration"
     return Decision(best["path"], config, reason)
 
 

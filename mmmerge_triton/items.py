@@ -37,18 +37,24 @@ class ItemList(NamedTuple):
         return cls(tensors, [t.shape[0] for t in tensors])
 
 
-# Host cost of building and sending the item table, and the copy rate, on the H100 host of
-# bench/results/h100/suite_items_*.json: about 200 µs plus 7 µs per item, against 2.9 TB/s.
-_TABLE_HOST_US, _PER_ITEM_HOST_US, _COPY_BYTES_PER_US = 200.0, 7.0, 2.9e6
+# Loop-time model of the two ways to merge a list (µs, bytes per µs), fit to the H100 host of
+# bench/results/h100 (probe_items_host.log, suite_items_*.json): a merge's host time is about 40 µs plus
+# 0.002 µs per mask row (the host row map); reading items in place adds about 100 µs plus 1.2 µs per item
+# (item table, staging, copy), concatenating them 0.33 µs per item (torch.cat); the device copies at 2.9 TB/s.
+_MERGE_HOST_US, _MASK_ROW_HOST_US = 40.0, 0.002
+_TABLE_HOST_US, _ITEM_HOST_US, _CAT_ITEM_HOST_US = 100.0, 1.2, 0.33
+_COPY_BYTES_PER_US = 2.9e6
 
 
-def items_in_place_pays(n_items: int, n_rows: int, dst: torch.Tensor, src_dtype: torch.dtype) -> bool:
-    """Whether reading the items in place beats concatenating them first, in loop time. In place halves the
-    device work (no cat: one read and one write of the rows instead of two) but costs host time per item; it
-    pays when that host time stays under the device time that ``torch.cat`` + scatter would take. This rule
-    picks the faster of the two at every point of the H100 items suite (from which its constants come)."""
-    moved = n_rows * dst.shape[-1] * (src_dtype.itemsize + dst.element_size())
-    return _TABLE_HOST_US + _PER_ITEM_HOST_US * n_items < 2 * moved / _COPY_BYTES_PER_US
+def items_in_place_pays(n_items: int, n_rows: int, n_mask: int, dst: torch.Tensor, src_dtype: torch.dtype) -> bool:
+    """Whether reading the items in place beats concatenating them first, in loop time (the larger of host and
+    device time, as calls overlap). In place halves the device work (one read and one write of the rows, where
+    cat + scatter does both twice) but costs more host time per item."""
+    device_us = n_rows * dst.shape[-1] * (src_dtype.itemsize + dst.element_size()) / _COPY_BYTES_PER_US
+    host_us = _MERGE_HOST_US + _MASK_ROW_HOST_US * n_mask
+    in_place = max(host_us + _TABLE_HOST_US + _ITEM_HOST_US * n_items, device_us)
+    concatenated = max(host_us + _CAT_ITEM_HOST_US * n_items, 2 * device_us)
+    return in_place < concatenated
 
 
 def common_row_stride(items: list[torch.Tensor]) -> int | None:

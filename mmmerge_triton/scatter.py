@@ -39,6 +39,12 @@ class KernelConfig(NamedTuple):
     fused: bool = False
 
 
+FUSED_BELOW = 16384
+"""Device masks of fewer rows take the one-launch kernel by default: its prefix re-reads (a cost that grows
+as N squared) stay small there, and it saves the row-map launch. (H100, bench/results/h100/regret_*.json:
+at N = 512-12000 it ran 1.1-2.6x faster in loop time than the best two-launch configuration.)"""
+
+
 def default_config(hidden: int, n_rows: int, n_mask: int, mask_on_device: bool) -> KernelConfig:
     """The untuned rule, used where no tuned table fits (see dispatch.py), read off the H100 sweep
     (mmmerge_triton/configs/NVIDIA_H100_80GB_HBM3.json): a CPU mask's most frequent winner was one row per
@@ -47,7 +53,7 @@ def default_config(hidden: int, n_rows: int, n_mask: int, mask_on_device: bool) 
     (An earlier rule of up to 16 rows per program over 512-wide steps ran 1.05-1.12x a copy where the table's
     choices ran 1.02-1.07x: bench/results/h100, columns "triton" and "auto".)"""
     block_h = min(next_pow2(max(hidden, 1)), 4096)
-    if mask_on_device and n_mask < 16384:  # whole dispatch buckets: log2 N < 14
+    if mask_on_device and n_mask < FUSED_BELOW:
         return KernelConfig(8, block_h, 8, 1, True)
     return KernelConfig(1, block_h, 8, 1, False)
 

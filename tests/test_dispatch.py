@@ -20,7 +20,8 @@ def entry(mask="cpu", src="bf16", dst="bf16", n=2048, hidden=4096, rows=1024, pa
     config = KernelConfig(4, 512, 8, 1, fused)
     return {"key": {"mask": mask, "src": src, "dst": dst, "n": n, "hidden": hidden, "rows": rows},
             "best": {"path": path, "config": config._asdict() if path == "triton" else None,
-                     "unfused_config": KernelConfig(1, 4096)._asdict() if path == "triton" else None},
+                     "unfused_config": KernelConfig(1, 4096)._asdict() if path == "triton" else None,
+                     "fused_config": KernelConfig(8, 1024, 8, 1, True)._asdict() if path == "triton" else None},
             "loop_us": {path: 10.0, "index_put": 20.0}}
 
 
@@ -84,13 +85,39 @@ def test_a_fused_winner_is_not_carried_far_past_its_measured_n():
     assert "two-launch" in far.reason and "nearest key" in near.reason
 
 
-def test_select_keeps_fused_only_with_a_clear_margin():
-    measured = {"key": entry()["key"], "loop_us": {"index_put": 50.0},
-                "triton_configs": {"r1_b4096_w8_s1": 10.0, "r8_b512_w8_s1_fused": 9.8}}
-    assert not tune.select(json.loads(json.dumps(measured)))["best"]["config"]["fused"]
-    measured["triton_configs"]["r8_b512_w8_s1_fused"] = 9.0
-    chosen = tune.select(measured)["best"]
-    assert chosen["path"] == "triton" and chosen["config"]["fused"] and chosen["config"]["rows"] == 8
+def test_a_device_mask_under_fused_below_takes_the_entrys_one_launch_configuration():
+    t = table(entry(mask="gpu", n=16384, rows=8192, fused=False))
+    below = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", 12000, 4096, 6000)
+    at = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", 16384, 4096, 8192)
+    assert below.config == KernelConfig(8, 1024, 8, 1, True) and "one-launch" in below.reason
+    assert at.config == KernelConfig(4, 512, 8, 1, False)
+    cpu = dispatch.decide_from_table(table(entry(n=16384, rows=8192)), "cpu", "bf16", "bf16", 12000, 4096, 6000)
+    assert not cpu.config.fused
+
+
+def _measured(mask, n, **times):
+    return {"key": entry(mask=mask, n=n)["key"], "loop_us": {"index_put": 50.0}, "triton_configs": times}
+
+
+def test_select_keeps_the_default_configuration_unless_beaten_by_the_margin():
+    # A CPU mask, H=4096: the default is r1_b4096_w8_s1.
+    near = tune.select(_measured("cpu", 2048, r1_b4096_w8_s1=10.0, r4_b512_w8_s1=9.8))["best"]
+    assert KernelConfig(**near["config"]) == KernelConfig(1, 4096, 8, 1, False)
+    clear = tune.select(_measured("cpu", 2048, r1_b4096_w8_s1=10.0, r4_b512_w8_s1=9.0))["best"]
+    assert KernelConfig(**clear["config"]) == KernelConfig(4, 512, 8, 1, False) and clear["fused_config"] is None
+    # A device mask at N >= FUSED_BELOW: two-launch by default, one-launch only with the margin.
+    big = dict(r1_b4096_w8_s1=10.0, r8_b4096_w8_s1_fused=9.8, r32_b512_w8_s1_fused=9.7)
+    chosen = tune.select(_measured("gpu", 65536, **big))["best"]
+    assert not chosen["config"]["fused"] and KernelConfig(**chosen["fused_config"]) == KernelConfig(8, 4096, 8, 1, True)
+    big["r32_b512_w8_s1_fused"] = 9.0
+    chosen = tune.select(_measured("gpu", 65536, **big))["best"]
+    assert KernelConfig(**chosen["config"]) == KernelConfig(32, 512, 8, 1, True)
+    # Under FUSED_BELOW the one-launch default stands unless a two-launch one beats it by the margin.
+    small = dict(r1_b4096_w8_s1=9.8, r8_b4096_w8_s1_fused=10.0)
+    assert tune.select(_measured("gpu", 2048, **small))["best"]["config"]["fused"]
+    small["r1_b4096_w8_s1"] = 9.0
+    chosen = tune.select(_measured("gpu", 2048, **small))["best"]
+    assert chosen["path"] == "triton" and not chosen["config"]["fused"]
     assert tune.parse_config_name(tune.config_name(KernelConfig(16, 1024, 4, 3, True))) == KernelConfig(16, 1024, 4, 3, True)
 
 

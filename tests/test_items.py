@@ -47,7 +47,8 @@ def items_in_place(monkeypatch):
 
 
 def test_in_place_rule_picks_the_faster_variant_at_every_measured_point():
-    """items_in_place_pays against the H100 items suite that its constants come from (loop time)."""
+    """items_in_place_pays against the committed H100 items suite (loop time): where one variant was over 5%
+    faster, the rule must pick it."""
     import json
     from pathlib import Path
     suite = Path(__file__).parents[1] / "bench/results/h100/suite_items_NVIDIA_H100_80GB_HBM3.json"
@@ -56,9 +57,12 @@ def test_in_place_rule_picks_the_faster_variant_at_every_measured_point():
             continue  # one item is merged directly, neither in place nor concatenated
         dst = torch.empty(0, record["hidden"], dtype=torch.bfloat16)
         loop = {name: r["loop_us"] for name, r in record["results"].items()}
-        faster_in_place = loop["items in place (ours)"] < loop["cat + ours"]
+        in_place, cat = loop["items in place (ours)"], loop["cat + ours"]
+        if max(in_place, cat) < 1.05 * min(in_place, cat):
+            continue  # a tie within the host's noise
         n_rows = record["items"] * record["rows_per_item"]
-        assert items_mod.items_in_place_pays(record["items"], n_rows, dst, torch.bfloat16) == faster_in_place, record
+        pays = items_mod.items_in_place_pays(record["items"], n_rows, record["n"], dst, torch.bfloat16)
+        assert pays == (in_place < cat), record
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
