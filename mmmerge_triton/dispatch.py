@@ -6,7 +6,10 @@ another folder. Each entry holds, for one (mask device, src dtype, dst dtype, N,
 lowest loop time and the best Triton configuration. At run time the nearest entry wins: same mask device,
 the closest dtype pair (by element sizes), then the smallest distance in log2 N, log2 H and log2 M. For a
 device mask the kind of kernel then follows N: under scatter.FUSED_BELOW rows the entry's best one-launch
-configuration, and a one-launch winner is not carried past FUSED_REACH times the N it was measured at.
+configuration, and a one-launch winner is not carried past FUSED_REACH times the N it was measured at. A
+two-launch configuration carried to fewer source rows than its entry's takes proportionally fewer rows per
+program (a power of two), so that the launch keeps the entry's number of programs: a small M with many rows
+per program leaves SMs idle.
 Without a usable table (none for this device, unreadable, or written for another device) the heuristic
 below decides, after one warning. Decisions are cached per (device, dtypes, H, log2 N, log2 M, mask
 device), so dispatch costs a dict lookup per call. A dst whose rows form no 2-D view takes index_put
@@ -134,6 +137,12 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
             # The one-launch kernel's prefix re-reads grow as N squared: not carried past where it was measured.
             config = KernelConfig(**best["unfused_config"])
             reason += f"; N is over {FUSED_REACH}x the entry's, so its best two-launch configuration"
+    if config is not None and not config.fused and config.rows > 1 and rows < entry["key"]["rows"]:
+        # Fewer source rows than measured: fewer rows per program, so that as many programs share the work.
+        fewer = max(1, 1 << ((config.rows * rows // max(entry["key"]["rows"], 1)).bit_length() - 1))
+        if fewer < config.rows:
+            config = config._replace(rows=fewer)
+            reason += f"; {fewer} rows per program, as many programs as at the entry's M"
     return Decision(best["path"], config, reason)
 
 

@@ -37,7 +37,7 @@ class MergePlan:
         self.shape = mask.shape
         self.num_rows = mask.numel()
         # One buffer, [count, pad, pad, pad, rows...]: a CPU mask's count and rows arrive in one copy.
-        self._buffer = torch.zeros(_HEAD + max(self.num_rows, 1), dtype=torch.int32, device=self.device)
+        self._buffer = torch.empty(_HEAD + max(self.num_rows, 1), dtype=torch.int32, device=self.device)
         self.count, self.rows = self._buffer[:1], self._buffer[_HEAD:]
         self.update_(mask)
 

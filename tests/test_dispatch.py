@@ -95,6 +95,14 @@ def test_a_device_mask_under_fused_below_takes_the_entrys_one_launch_configurati
     assert not cpu.config.fused
 
 
+def test_a_two_launch_configuration_carried_to_fewer_rows_keeps_its_number_of_programs():
+    t = table(entry(n=4096, rows=3686))  # r4_b512: 922 programs at the entry
+    assert dispatch.decide_from_table(t, "cpu", "bf16", "bf16", 4096, 4096, 3686).config.rows == 4
+    fewer = dispatch.decide_from_table(t, "cpu", "bf16", "bf16", 3000, 4096, 1500)
+    assert fewer.config == KernelConfig(1, 512, 8, 1, False) and "rows per program" in fewer.reason
+    assert dispatch.decide_from_table(t, "cpu", "bf16", "bf16", 65536, 4096, 60000).config.rows == 4
+
+
 def _measured(mask, n, **times):
     return {"key": entry(mask=mask, n=n)["key"], "loop_us": {"index_put": 50.0}, "triton_configs": times}
 
