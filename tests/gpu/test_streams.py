@@ -109,6 +109,47 @@ def test_staging_ring_across_two_streams():
         assert_same(dsts[which], expected, f"stream {which + 1}")
 
 
+def test_item_tables_across_two_streams():
+    """Lists of items accumulated alternately on two streams, one regularly held back: every call stages a
+    different item table (other splits, other mask) through the pinned ring into its stream's device buffer,
+    so a table overwritten before its kernel ran would show as a wrong sum."""
+    from mmmerge_triton import items as mm_items
+    from mmmerge_triton.scatter import default_config
+
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    n, h, k = 3000, 64, 2000
+    base = random_mask((n,), k, seed=11)
+    src = torch.randint(-8, 8, (k, h), device=DEV).float()
+    dsts = [torch.zeros(n, h, device=DEV), torch.zeros(n, h, device=DEV)]
+    streams, calls = (s1, s2), 200
+    cfg = default_config(h, k, n, False)
+
+    def inputs(i):
+        splits = [1 + (i * 37 + j * 11) % 97 for j in range(3 + i % 29)]
+        cuts = sorted({min(k, sum(splits[: j + 1])) for j in range(len(splits))} | {k})
+        items = [src[a:b] for a, b in zip([0] + cuts[:-1], cuts) if b > a]
+        return mm_items.ItemList.of(items), torch.roll(base, shifts=(i * 7919) % n)
+
+    first_items, first_mask = inputs(0)
+    mm_items.merge_items(dsts[0].clone(), first_mask, first_items, h, True, cfg)  # compile
+    torch.cuda.synchronize()
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for i in range(calls):
+        which = i % 2
+        with torch.cuda.stream(streams[which]):
+            if which == 0 and i % 10 == 0:
+                gpu_sleep(20_000_000)  # ~10 ms: stream 1 falls behind while the host stages more tables
+            items, mask = inputs(i)
+            mm_items.merge_items(dsts[which], mask, items, h, True, cfg)
+    torch.cuda.synchronize()
+    for which in (0, 1):
+        expected = torch.zeros(n, h, device=DEV)
+        for i in range(which, calls, 2):
+            expected.index_put_((inputs(i)[1].to(DEV),), src, accumulate=True)
+        assert_same(dsts[which], expected, f"stream {which + 1}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Two GPUs: tensors on cuda:1 while cuda:0 is current
 # ---------------------------------------------------------------------------------------------------------
