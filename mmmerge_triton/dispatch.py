@@ -139,7 +139,8 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
             reason += f"; N is over {FUSED_REACH}x the entry's, so its best two-launch configuration"
     if config is not None and not config.fused and config.rows > 1 and rows < entry["key"]["rows"]:
         # Fewer source rows than measured: fewer rows per program, so that as many programs share the work.
-        fewer = max(1, 1 << ((config.rows * rows // max(entry["key"]["rows"], 1)).bit_length() - 1))
+        share = config.rows * rows // max(entry["key"]["rows"], 1)
+        fewer = 1 << (share.bit_length() - 1) if share > 1 else 1
         if fewer < config.rows:
             config = config._replace(rows=fewer)
             reason += f"; {fewer} rows per program, as many programs as at the entry's M"

@@ -122,11 +122,30 @@ def markdown(records: list[dict], path: str = "auto") -> str:
     return "\n".join(lines)
 
 
+def suite_markdown(records: list[dict]) -> str:
+    """README table of a suite run (suites.py): a row per record, its shape fields, then per variant
+    "device µs / loop µs / peak MB"."""
+    fields = [k for k in records[0] if k not in ("results", "moved_bytes")]
+    variants = list(records[0]["results"])
+    lines = ["| " + " | ".join(fields + variants) + " |", "|" + "---|" * (len(fields) + len(variants))]
+    for r in records:
+        cells = [str(r[k]) for k in fields]
+        for v in variants:
+            res = r["results"][v]
+            peak = "-" if res["peak_extra_bytes"] is None else f"{res['peak_extra_bytes'] / MB:.1f}"
+            cells.append(f"{res['device_us']:.0f} / {res['loop_us']:.0f} / {peak}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import json
     import sys
 
     with open(sys.argv[1]) as f:
         run = json.load(f)
-    for name in sys.argv[2:] or ["auto"]:
-        print(markdown(run["records"], name) + "\n")
+    if "suite" in run:  # python -m mmmerge_triton.report suite_<name>_<device>.json
+        print(suite_markdown(run["records"]))
+    else:  # python -m mmmerge_triton.report bench_<grid>_<device>.json [path ...]
+        for name in sys.argv[2:] or ["auto"]:
+            print(markdown(run["records"], name) + "\n")

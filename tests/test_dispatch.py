@@ -103,6 +103,18 @@ def test_a_two_launch_configuration_carried_to_fewer_rows_keeps_its_number_of_pr
     assert dispatch.decide_from_table(t, "cpu", "bf16", "bf16", 65536, 4096, 60000).config.rows == 4
 
 
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 17])
+def test_every_shipped_entry_gives_a_valid_configuration_for_few_rows(rows):
+    """Tiny M (one image token, or none) through the row scaling above: rows per program a power of two >= 1.
+    (A shift by -1 here failed 12 GPU tests at N=1, M=1 before this test existed.)"""
+    shipped = json.loads(SHIPPED.read_text())
+    for e in shipped["entries"]:
+        k = e["key"]
+        for n in (max(rows, 1), 3000):
+            config = dispatch.decide_from_table(shipped, k["mask"], k["src"], k["dst"], n, k["hidden"], rows).config
+            assert config.rows >= 1 and config.rows & (config.rows - 1) == 0, (k, n, config)
+
+
 def _measured(mask, n, **times):
     return {"key": entry(mask=mask, n=n)["key"], "loop_us": {"index_put": 50.0}, "triton_configs": times}
 
