@@ -70,7 +70,8 @@ def device_name(device: torch.device) -> str:
 
 def environment(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        # "-dirty" when the working tree differs from HEAD: a copied tree (as on the GPU machine) keeps an old HEAD.
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except OSError:
         commit = None

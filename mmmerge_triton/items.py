@@ -37,8 +37,9 @@ class ItemList(NamedTuple):
         return cls(tensors, [t.shape[0] for t in tensors])
 
 
-# Loop-time model of the two ways to merge a list (µs, bytes per µs), fit to the H100 host of
-# bench/results/h100 (probe_items_host.log, suite_items_*.json): a merge's host time is about 40 µs plus
+# Loop-time model of the two ways to merge a list (µs, bytes per µs), fit to the H100 host of bench/results/h100
+# (probe_items_host.log, suite_history/suite_items_rule_fit.json; checked against suite_items_*.json, a later
+# run, in tests/test_items.py): a merge's host time is about 40 µs plus
 # 0.002 µs per mask row (the host row map); reading items in place adds about 100 µs plus 1.2 µs per item
 # (item table, staging, copy), concatenating them 0.33 µs per item (torch.cat); the device copies at 2.9 TB/s.
 _MERGE_HOST_US, _MASK_ROW_HOST_US = 40.0, 0.002

@@ -98,7 +98,7 @@ CONFIG_MARGIN = 0.95
 """A configuration replaces the default one (scatter.default_config) only where it beats it by 5% in loop time.
 Where the host dominates, every configuration measures alike and the fastest one is noise; carried by the
 nearest-key lookup to larger inputs, such a pick ran up to 1.4x slower than the default (H100 held-out run,
-bench/results/h100). The margin keeps the table's departures from the default to those that were measured."""
+bench/results/h100/regret_history/1_*.json). The margin keeps the table's departures from the default to those that were measured."""
 
 
 def config_name(cfg: KernelConfig) -> str:
