@@ -41,7 +41,7 @@ class KernelConfig(NamedTuple):
 
 FUSED_BELOW = 16384
 """Device masks of fewer rows take the one-launch kernel by default: its prefix re-reads (a cost that grows
-as N squared) stay small there, and it saves the row-map launch. (H100, bench/results/h100/regret_*.json:
+as N squared) stay small there, and it saves the row-map launch. (H100, bench/results/h100/regret_history/1_*.json:
 at N = 512-12000 it ran 1.1-2.6x faster in loop time than the best two-launch configuration.)"""
 
 
