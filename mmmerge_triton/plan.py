@@ -43,7 +43,7 @@ class MergePlan:
 
     def update_(self, mask: torch.Tensor) -> "MergePlan":
         """Rebuild the row map in place from a new mask of the same shape (no sync; capturable in a CUDA
-        graph when the mask is on the plan's device)."""
+        graph when the mask is on the plan's device; with a CPU mask, call it outside the graph)."""
         _require_bool(mask)
         if mask.shape != self.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}; this plan was built for {tuple(self.shape)}")
@@ -56,6 +56,9 @@ class MergePlan:
             head = np.zeros(_HEAD, dtype=np.int32)
             head[0] = rows.size
             if self.device.type == "cuda":  # staged in the pinned ring (fenced until the copy has read it)
+                if torch._C._cuda_isCurrentStreamCapturing():  # a replay would re-read a ring slot reused since
+                    raise RuntimeError("MergePlan.update_ with a CPU mask cannot be captured in a CUDA graph: "
+                                       "update outside the graph, or capture the update from a mask on the device")
                 index = self.device.index
                 pinned, _ = arena(index).put_packed([head, rows], torch._C._cuda_getCurrentRawStream(index))
                 staged = pinned.view(torch.int32)
