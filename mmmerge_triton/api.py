@@ -242,7 +242,7 @@ def merge_multimodal_embeddings(
     rows = inputs.check_items(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
     # Several items: read in place where the Triton path runs.
     src = items[0] if len(items) == 1 else ItemList(items, rows)
-    if not (_eager(inputs_embeds, is_multimodal) and set(map(type, items)) == {torch.Tensor}):
+    if not (_eager(inputs_embeds, is_multimodal) and inputs.plain_tensors(items)):
         src = src if len(items) == 1 else torch.cat(items)
         torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
         return inputs_embeds

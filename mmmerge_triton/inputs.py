@@ -17,7 +17,7 @@ _first, _second = itemgetter(0), itemgetter(1)
 
 def flatten_items(embeddings: NestedTensors, name: str) -> list[torch.Tensor]:
     """The tensors of a (nested) list/tuple, in order, each flattened to [rows, H] (a view)."""
-    if isinstance(embeddings, (list, tuple)) and _plain_tensors(embeddings) \
+    if isinstance(embeddings, (list, tuple)) and plain_tensors(embeddings) \
             and set(map(torch.Tensor.dim, embeddings)) == {2}:
         return list(embeddings)  # the common case, a flat list of [m_i, H] tensors: no call per item
     if isinstance(embeddings, torch.Tensor):
@@ -69,7 +69,7 @@ def check_src(src, dst: torch.Tensor, src_name: str, dst_name: str) -> None:
         raise ValueError(f"{src_name} is on {src.device}; it must be on {dst_name}'s device ({dst.device})")
 
 
-def _plain_tensors(items) -> bool:
+def plain_tensors(items) -> bool:
     """Whether every item is a torch.Tensor proper (no subclass): what the one-pass checks assume. Under
     torch.compile the item by item forms run instead (they trace; the one-pass forms do not)."""
     return not torch.compiler.is_compiling() and set(map(type, items)) == {torch.Tensor}
@@ -79,7 +79,7 @@ def check_items(items: list[torch.Tensor], dst: torch.Tensor, src_name: str, dst
     """Checks each item as check_src does, and returns their row counts [m_i]. One pass per property, a few
     hundred ns per item on a fast host, where a call of check_src per item costs about 1 µs: engines pass
     hundreds of items. Any failure reruns the item by item checks, which raise the error naming it."""
-    if _plain_tensors(items):
+    if plain_tensors(items):
         sizes = list(map(torch.Tensor.size, items))
         if (set(map(len, sizes)) == {2} and set(map(_second, sizes)) == {dst.shape[-1]}
                 and set(map(_dtype_of, items)) <= _FLOAT_SET and set(map(_device_of, items)) == {dst.device}):

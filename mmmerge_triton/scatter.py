@@ -52,10 +52,14 @@ def default_config(hidden: int, n_rows: int, n_mask: int, mask_on_device: bool) 
     kernel with 8 rows per program (its prefix re-reads stay small there), a larger one the two-launch form.
     (An earlier rule of up to 16 rows per program over 512-wide steps ran 1.05-1.12x a copy where the table's
     choices ran 1.02-1.07x: bench/results/h100, columns "triton" and "auto".)"""
+    return default_of_kind(hidden, fused=mask_on_device and n_mask < FUSED_BELOW)
+
+
+def default_of_kind(hidden: int, fused: bool) -> KernelConfig:
+    """The default configuration of one kind of kernel: one-launch (8 rows per program) or two-launch (1),
+    over column steps as wide as H up to 4096, 8 warps, 1 stage."""
     block_h = min(next_pow2(max(hidden, 1)), 4096)
-    if mask_on_device and n_mask < FUSED_BELOW:
-        return KernelConfig(8, block_h, 8, 1, True)
-    return KernelConfig(1, block_h, 8, 1, False)
+    return KernelConfig(8, block_h, 8, 1, True) if fused else KernelConfig(1, block_h, 8, 1, False)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor | None:

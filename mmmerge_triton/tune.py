@@ -27,7 +27,7 @@ import triton
 from . import api, dispatch, paths, timing
 from .bench import _progress, device_name, environment
 from .cases import Case, make_inputs
-from .scatter import KernelConfig, default_config
+from .scatter import KernelConfig, default_config, default_of_kind
 
 SWEEP = {
     "full": dict(n=(256, 1024, 4096, 16384, 65536, 131072), hidden=(1024, 2048, 4096, 8192), density=(0.1, 0.9),
@@ -76,16 +76,12 @@ def tune_case(case: Case, device: torch.device) -> dict:
         run_config(variant)
     # Confirm: the fastest two and the defaults of each kind, timed afresh and interleaved, keep their best
     # time; a configuration that won one noisy sample does not displace the default on that alone.
-    block_h = default_config(case.hidden, 1, case.n, False).block_h
-    defaults = {KernelConfig(1, block_h, 8, 1, False)}
-    if case.mask == "gpu":
-        defaults.add(KernelConfig(8, block_h, 8, 1, True))
+    defaults = {default_of_kind(case.hidden, fused) for fused in ((False, True) if case.mask == "gpu" else (False,))}
     finalists = set(sorted(configs, key=configs.get)[:2]) | defaults
     calls = {c: (lambda c=c: paths.merge_triton(dst, mask, src, False, config=c)) for c in finalists}
     configs.update(_interleaved_loop_us(calls, device, CONFIRM_ROUNDS))
     entry = {
-        "key": {"mask": case.mask, "src": case.src, "dst": case.dst, "n": case.n, "hidden": case.hidden,
-                "rows": case.rows},
+        "key": _key(case),
         "loop_us": loop_us,
         "triton_configs": {config_name(c): t for c, t in configs.items()},
     }
@@ -98,7 +94,8 @@ CONFIG_MARGIN = 0.95
 """A configuration replaces the default one (scatter.default_config) only where it beats it by 5% in loop time.
 Where the host dominates, every configuration measures alike and the fastest one is noise; carried by the
 nearest-key lookup to larger inputs, such a pick ran up to 1.4x slower than the default (H100 held-out run,
-bench/results/h100/regret_history/1_*.json). The margin keeps the table's departures from the default to those that were measured."""
+bench/results/h100/regret_history/1_*.json). The margin keeps the table's departures from the default to those
+that were measured."""
 
 
 def config_name(cfg: KernelConfig) -> str:
@@ -133,7 +130,7 @@ def select(entry: dict) -> dict:
     for fused in (False, True):
         measured = {c: t for c, t in times.items() if c.fused == fused}
         if measured:
-            kinds[fused] = _keep_default(measured, default._replace(rows=8 if fused else 1, fused=fused))
+            kinds[fused] = _keep_default(measured, default_of_kind(key["hidden"], fused))
     best = _keep_default({c: times[c] for c in kinds.values()}, kinds[default.fused])
     entry["loop_us"]["triton"] = times[best]
     path = min(entry["loop_us"], key=entry["loop_us"].get)
@@ -178,7 +175,6 @@ def sweep(grid_name: str, device: torch.device, out: Path, resume: bool) -> Path
     table = {"version": dispatch.TABLE_VERSION, "device": device_name(device), "grid": grid_name,
              "selection": SELECTION,
              "environment": environment(device), "entries": entries}
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1))
     partial.unlink()
     wins = collections.Counter(e["best"]["path"] for e in entries)
