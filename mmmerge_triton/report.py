@@ -58,6 +58,12 @@ def check_targets(records: list[dict], path: str = "triton") -> dict:
     return summary
 
 
+def _serving(records: list[dict]) -> list[dict]:
+    """The serving slice: half the rows multimodal in image blocks, bf16, a CPU mask (what vLLM passes)."""
+    return [r for r in records if (r["case"]["density"], r["case"]["pattern"], r["case"]["src"], r["case"]["dst"],
+                                   r["case"]["mask"]) == (0.5, "blocks", "bf16", "bf16", "cpu")]
+
+
 def plot(records: list[dict], env: dict, out: Path) -> bool:
     """Time against N per path, and our speedup, at the serving slice (50% blocks, bf16, CPU mask).
     Returns False when matplotlib is missing."""
@@ -69,8 +75,7 @@ def plot(records: list[dict], env: dict, out: Path) -> bool:
     except ImportError:
         return False
     ours = "triton" if any("triton" in r["results"] for r in records) else "auto"
-    serving = [r for r in records if (r["case"]["density"], r["case"]["pattern"], r["case"]["src"], r["case"]["dst"],
-                                      r["case"]["mask"]) == (0.5, "blocks", "bf16", "bf16", "cpu")]
+    serving = _serving(records)
     hiddens = sorted({r["case"]["hidden"] for r in serving})
     if not serving:
         return False
@@ -104,8 +109,7 @@ def plot(records: list[dict], env: dict, out: Path) -> bool:
 def markdown(records: list[dict], path: str = "auto") -> str:
     """README tables from a benchmark run: the serving slice (bf16, 50% of rows in image blocks, CPU mask) by
     N and H, as device µs of ``path`` with its ratio to the copy and its speedups; then the targets."""
-    serving = [r for r in records if (r["case"]["density"], r["case"]["pattern"], r["case"]["src"], r["case"]["dst"],
-                                      r["case"]["mask"]) == (0.5, "blocks", "bf16", "bf16", "cpu")]
+    serving = _serving(records)
     lines = ["| N | H | MB moved | copy µs | ours µs (x copy) | index_put µs (ours x faster) | masked_scatter µs "
              "(ours x faster) | loop µs ours / index_put | peak MB ours / masked_scatter |", "|" + "---|" * 9]
     for r in sorted(serving, key=lambda r: (r["case"]["n"], r["case"]["hidden"])):
