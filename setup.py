@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mmmerge_triton", "mmmerge_triton.kernels", "mmmerge_triton.integrations"],
+    packages=["mmmerge_triton", "mmmerge_triton.kernels", "mmmerge_triton.integrations", "mmmerge_triton.tools"],
     package_dir={"mmmerge_triton": "mmmerge_triton", "mmmerge_triton.kernels": "kernels"},
     package_data={"mmmerge_triton": ["configs/*.json"]},
     # Triton: 3.6 on the H100 image; CI's interpreter runs 3.9. Capped below the next minor, whose
@@ -22,8 +22,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mmmerge-bench=mmmerge_triton.bench:main",
-            "mmmerge-tune=mmmerge_triton.tune:main",
+            "mmmerge-bench=mmmerge_triton.tools.bench:main",
+            "mmmerge-tune=mmmerge_triton.tools.tune:main",
+            "mmmerge-report=mmmerge_triton.tools.report:main",
         ],
         # vLLM calls every general plugin in each process; this one switches on with MMMERGE_TRITON_VLLM=1.
         "vllm.general_plugins": ["mmmerge_triton = mmmerge_triton.integrations.vllm:register"],

@@ -3,8 +3,8 @@
     python bench/probe_items_host.py > probe_items_host.log      (CUDA; bench/results/h100/probe_items_host.log)
 
 Prints, per list shape, the host µs of the list merge against one pre-concatenated tensor and torch.cat alone
-(timing.host_time_us), then the profile's top functions; last, the host µs of building a MergePlan from a CPU
-mask. The constants of items.items_in_place_pays were read off this and the items suite.
+(tools.timing.host_time_us), then the profile's top functions; last, the host µs of building a MergePlan from a
+CPU mask. The constants of items.items_in_place_pays were read off this and the items suite.
 """
 import cProfile
 import io
@@ -13,8 +13,9 @@ import pstats
 import torch
 
 import mmmerge_triton.api as api
-from mmmerge_triton import MergePlan, timing
-from mmmerge_triton.cases import make_mask
+from mmmerge_triton import MergePlan
+from mmmerge_triton.tools import timing
+from mmmerge_triton.tools.cases import make_mask
 
 
 def main() -> None:

@@ -23,19 +23,19 @@ for stage in ${1//,/ }; do
       echo "compute-sanitizer exit code: $?" | tee -a "$out/sanitize.log"
       ;;
     tune)
-      python -m mmmerge_triton.tune > "$out/tune.log" 2>&1
+      python -m mmmerge_triton.tools.tune > "$out/tune.log" 2>&1
       tail -n 2 "$out/tune.log"
       cp mmmerge_triton/configs/*.json "$out/"
       ;;
     evaluate)
-      python -m mmmerge_triton.tune --evaluate --out "$out/regret.json" 2>&1 | tail -n 2
+      python -m mmmerge_triton.tools.tune --evaluate --out "$out/regret.json" 2>&1 | tail -n 2
       ;;
     bench)
-      python -m mmmerge_triton.bench --out "$out" > "$out/bench.log" 2>&1
+      python -m mmmerge_triton.tools.bench --out "$out" > "$out/bench.log" 2>&1
       grep -A8 "^Targets" "$out/bench.log"
       ;;
     suites)
-      python -m mmmerge_triton.bench --suite all --out "$out" > "$out/suites.log" 2>&1
+      python -m mmmerge_triton.tools.bench --suite all --out "$out" > "$out/suites.log" 2>&1
       tail -n 30 "$out/suites.log"
       ;;
   esac

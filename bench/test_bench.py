@@ -4,15 +4,15 @@
     MMMERGE_BENCH_GRID=full pytest bench/ --benchmark-only
 
 On a GPU each timed call ends in torch.cuda.synchronize(), so every figure is device truth. On the CPU the
-Triton path is skipped. The calls and cases are the package's own (mmmerge_triton.bench, .cases).
+Triton path is skipped. The calls and cases are the package's own (mmmerge_triton.tools.bench, .cases).
 """
 import os
 
 import pytest
 import torch
 
-from mmmerge_triton.bench import path_calls
-from mmmerge_triton.cases import grid, make_inputs
+from mmmerge_triton.tools.bench import path_calls
+from mmmerge_triton.tools.cases import grid, make_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = grid(os.environ.get("MMMERGE_BENCH_GRID", "quick"), DEVICE)

@@ -1,4 +1,4 @@
-"""The dispatcher and its tuned tables (mmmerge_triton/dispatch.py, tune.py), on the CPU: loading, the
+"""The dispatcher and its tuned tables (mmmerge_triton/dispatch.py, tools/tune.py), on the CPU: loading, the
 nearest-key choice, the fallback on a missing, corrupt or foreign table, explain(), the selection rule, and
 that every path a shipped table can choose gives the reference result."""
 import json
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch, tune
+from mmmerge_triton import dispatch
 from mmmerge_triton.scatter import KernelConfig
+from mmmerge_triton.tools import tune
 
 from .conftest import assert_merged, make_mask
 

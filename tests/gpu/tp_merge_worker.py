@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import mmmerge_triton as mm
-from mmmerge_triton.cases import make_mask
+from mmmerge_triton.tools.cases import make_mask
 
 
 def main() -> None:

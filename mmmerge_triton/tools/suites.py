@@ -4,7 +4,11 @@
 - plan: a MergePlan reused across merges against preparing the mask on every call.
 - deepstack: sparse accumulate into the visual rows at each layer against the dense add of the engines
   and HF's clone-and-index.
-Each reports device time, loop time and peak extra memory per variant (timing.py), within one run.
+Each reports device time, loop time and peak extra memory per variant (timing.py), within one run; on a CPU,
+wall times only (a smoke test of the tooling).
+
+Runtime internals used (no public function does the same): ``api.items_in_place_pays``, patched to force a
+list to be read in place or concatenated; ``paths.merge_index_put``, vLLM's bare index_put after its torch.cat.
 """
 from __future__ import annotations
 
@@ -13,18 +17,15 @@ from unittest import mock
 
 import torch
 
-from . import api, paths, timing
+from .. import MergePlan, api, deepstack_add, masked_row_scatter_, merge_multimodal_embeddings, paths
+from . import timing
 from .cases import make_mask
-from .deepstack import deepstack_add
-from .plan import MergePlan
 
 MB = 1e6
 
 
 def _measure(calls: dict, device: torch.device) -> dict:
-    return {name: {"device_us": timing.device_time_us(call, device), "loop_us": timing.loop_time_us(call, device),
-                   "host_us": timing.host_time_us(call, device),
-                   "peak_extra_bytes": timing.peak_extra_bytes(call, device)} for name, call in calls.items()}
+    return {name: timing.measure(call, device) for name, call in calls.items()}
 
 
 @contextlib.contextmanager
@@ -47,7 +48,7 @@ def items_suite(device: torch.device, quick: bool) -> list[dict]:
         mask = make_mask(n, m, "blocks")
         dst = torch.randn(n, hidden, device=device, dtype=torch.bfloat16)
         items = [torch.randn(rows, hidden, device=device, dtype=torch.bfloat16) for _ in range(count)]
-        merge = lambda: api.merge_multimodal_embeddings(dst, items, mask)  # noqa: E731
+        merge = lambda: merge_multimodal_embeddings(dst, items, mask)  # noqa: E731
         with _items_in_place(True):
             results = _measure({"items in place (ours)": merge}, device)
         with _items_in_place(False):
@@ -66,7 +67,8 @@ def plan_suite(device: torch.device, quick: bool) -> list[dict]:
     """Three accumulate merges into one mask's rows (deepstack-like), the mask prepared once (plan) or per call."""
     shapes = [(2048, 2048), (16384, 4096)] if not quick else [(1024, 1024)]
     records = []
-    for (n, hidden), where in ((s, w) for s in shapes for w in ("cpu", "gpu")):
+    wheres = ("cpu", "gpu") if device.type == "cuda" else ("cpu",)  # on a CPU both masks are the same tensor
+    for (n, hidden), where in ((s, w) for s in shapes for w in wheres):
         mask = make_mask(n, n // 2, "blocks")
         mask = mask.to(device) if where == "gpu" else mask
         hs = torch.randn(n, hidden, device=device, dtype=torch.bfloat16)
@@ -74,12 +76,12 @@ def plan_suite(device: torch.device, quick: bool) -> list[dict]:
 
         def per_call():
             for f in feats:
-                api.masked_row_scatter_(hs, mask, f, accumulate=True)
+                masked_row_scatter_(hs, mask, f, accumulate=True)
 
         def with_plan():
             plan = MergePlan(mask, device=device)
             for f in feats:
-                api.masked_row_scatter_(hs, src=f, plan=plan, accumulate=True)
+                masked_row_scatter_(hs, src=f, plan=plan, accumulate=True)
 
         records.append({"n": n, "hidden": hidden, "mask": where, "layers": 3,
                         "results": _measure({"mask per call": per_call, "plan once": with_plan}, device)})
@@ -129,11 +131,20 @@ def deepstack_suite(device: torch.device, quick: bool) -> list[dict]:
 SUITES = {"items": items_suite, "plan": plan_suite, "deepstack": deepstack_suite}
 
 
-def print_suite(name: str, records: list[dict]) -> None:
+def print_suite(name: str, records: list[dict], cpu: bool = False) -> None:
+    """A table per record; on a CPU the one-call and loop figures are wall time, and host µs and peak MB
+    (not measured there) are left out."""
     for record in records:
         title = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("results", "moved_bytes"))
         print(f"\n[{name}] {title}")
-        print(f"  {'variant':28s}{'device µs':>11s}{'loop µs':>10s}{'host µs':>10s}{'peak MB':>10s}")
+        if cpu:
+            print(f"  {'variant':28s}{'wall µs':>10s}{'loop µs':>10s}   (wall time: median of one call; loop: per "
+                  "call, back to back)")
+        else:
+            print(f"  {'variant':28s}{'device µs':>11s}{'loop µs':>10s}{'host µs':>10s}{'peak MB':>10s}")
         for variant, r in record["results"].items():
+            if cpu:
+                print(f"  {variant:28s}{r['device_us']:10.1f}{r['loop_us']:10.1f}")
+                continue
             peak = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / MB:.1f}"
             print(f"  {variant:28s}{r['device_us']:11.1f}{r['loop_us']:10.1f}{r['host_us']:10.1f}{peak:>10s}")

@@ -1,14 +1,22 @@
-"""The tuning sweep, and the held-out check of what it wrote.
+"""The tuning sweep, and the held-out check of what it wrote. The sweep and --evaluate need a CUDA GPU.
 
-    python -m mmmerge_triton.tune [--quick] [--resume]     (also installed as ``mmmerge-tune``)
-    python -m mmmerge_triton.tune --evaluate [--out FILE]
+    python -m mmmerge_triton.tools.tune [--quick] [--resume]     (installed as ``mmmerge-tune``)
+    python -m mmmerge_triton.tools.tune --evaluate [--out FILE]
+    python -m mmmerge_triton.tools.tune --reselect TABLE.json     (no GPU needed)
 
 The sweep runs shapes x (src, dst) dtypes x mask device x mask density; at each point it times every path
 and a set of Triton configurations by loop time (host and device together: at small cases the host
 dominates), and writes ``configs/<device name>.json`` (see dispatch.py). Finished points are appended to a
 ``.partial`` file as they complete, so ``--resume`` picks an interrupted sweep up where it stopped.
 ``--evaluate`` times path="auto" on a grid the sweep never saw, against every path and against the best
-Triton configuration at each point, and writes the regret table.
+Triton configuration at each point, and writes the regret table (default
+./mmmerge-results/regret_<device>.json in the current directory).
+
+Runtime internals used (no public function does the same): ``paths.RUNNERS`` (the bare paths, as in bench.py),
+``paths.merge_triton(config=...)`` (a Triton configuration launched directly), ``scatter.default_config`` and
+``scatter.default_of_kind`` (the defaults a measured configuration must beat), and ``dispatch.TABLE_VERSION``,
+``table_dir``, ``table_file_name``, ``clear_cache`` and ``choose`` (the table's format, where it lives, and the
+cached decision whose cost --evaluate reports).
 """
 from __future__ import annotations
 
@@ -24,10 +32,11 @@ from pathlib import Path
 import torch
 import triton
 
-from . import api, dispatch, paths, timing
-from .bench import _progress, device_name, environment
+from .. import PATHS, KernelConfig, dispatch, explain, masked_row_scatter_, paths
+from ..scatter import default_config, default_of_kind
+from . import timing
+from .bench import DEFAULT_OUT, _progress, device_name, environment
 from .cases import Case, make_inputs
-from .scatter import KernelConfig, default_config, default_of_kind
 
 SWEEP = {
     "full": dict(n=(256, 1024, 4096, 16384, 65536, 131072), hidden=(1024, 2048, 4096, 8192), density=(0.1, 0.9),
@@ -214,10 +223,10 @@ def evaluate(device: torch.device, rounds: int = 5, finalists: int = 3) -> dict:
     points = []
     for case in _progress(sweep_cases(HELD_OUT), "held-out points"):
         dst, mask, src = make_inputs(case, device)
-        api_calls = {name: (lambda p=name: api.masked_row_scatter_(dst, mask, src, path=p))
-                     for name in ("auto",) + paths.PATHS}
+        api_calls = {name: (lambda p=name: masked_row_scatter_(dst, mask, src, path=p))
+                     for name in ("auto",) + PATHS}
         loop_us = _interleaved_loop_us(api_calls, device, rounds)
-        decision = api.explain(dst, src, mask)
+        decision = explain(dst, src, mask)
         direct = {name: (lambda r=runner: r(dst, mask, src, False))
                   for name, runner in paths.RUNNERS.items() if name != "triton"}
         configs = set(triton_configs(case.hidden, case.mask == "gpu"))
@@ -230,7 +239,7 @@ def evaluate(device: torch.device, rounds: int = 5, finalists: int = 3) -> dict:
         screened = _interleaved_loop_us(direct, device, 1)
         final_names = set(sorted(screened, key=screened.get)[:finalists]) | {chosen}
         final_us = _interleaved_loop_us({name: direct[name] for name in final_names}, device, rounds)
-        best = min((p for p in ("auto",) + paths.PATHS if p != decision.path), key=loop_us.get)
+        best = min((p for p in ("auto",) + PATHS if p != decision.path), key=loop_us.get)
         oracle = min(final_us, key=final_us.get)
         points.append({"case": case.as_dict(), "loop_us": loop_us, "best_path": best, "auto_path": decision.path,
                        "ratio": loop_us["auto"] / loop_us[best], "screened_loop_us": screened,
@@ -263,26 +272,30 @@ def _dispatch_cost(device: torch.device, calls: int = 20000) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmmerge-tune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mmmerge-tune", description=__doc__.split("\n\n")[0],
+        epilog="The sweep and --evaluate need a CUDA GPU (they rank the paths on the GPU the merge runs on); "
+               "--reselect runs anywhere.")
     parser.add_argument("--quick", action="store_true", help="a small sweep, for trying it out")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--evaluate", action="store_true", help="time path='auto' on the held-out grid")
-    parser.add_argument("--reselect", type=Path, default=None,
+    parser.add_argument("--reselect", type=Path, default=None, metavar="TABLE.json",
                         help="re-pick the winners of an existing table from its recorded times, then exit")
     parser.add_argument("--out", type=Path, default=None,
                         help="table file (default: the package's configs/<device>.json); with --evaluate, the "
-                             "regret JSON (default: bench/results/regret_<device>.json)")
+                             f"regret JSON (default: ./{DEFAULT_OUT}/regret_<device>.json)")
     args = parser.parse_args(argv)
     if args.reselect:
         reselect(args.reselect)
         return 0
     if not torch.cuda.is_available():
-        print("mmmerge-tune needs a CUDA device: the tables rank paths on the GPU the merge runs on.")
+        print(f"{parser.prog}: error: the sweep and --evaluate need a CUDA GPU, and this torch "
+              f"({torch.__version__}) sees none; only --reselect runs without one", file=sys.stderr)
         return 1
     device = torch.device("cuda", torch.cuda.current_device())
     name = device_name(device)
     if args.evaluate:
-        out = args.out or Path("bench/results") / f"regret_{name}.json"
+        out = args.out or DEFAULT_OUT / f"regret_{name}.json"
         result = evaluate(device)
         result["environment"] = environment(device)
         out.parent.mkdir(parents=True, exist_ok=True)

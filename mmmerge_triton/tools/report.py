@@ -1,0 +1,458 @@
+"""Print the tables of the JSON files that mmmerge-bench and mmmerge-tune write, and draw their plots.
+
+    python -m mmmerge_triton.tools.report FILE.json [FILE.json ...] [--path auto] [--cases] [--png] [--out DIR]
+    (installed as ``mmmerge-report``)
+
+It reads every kind of file the package writes, from a CPU or a GPU run: a benchmark run (``bench_*.json``), a
+suite (``suite_*.json``), a held-out regret run (``regret_*.json``, ``mmmerge-tune --evaluate``), a tuned table
+(``configs/<device>.json``), and a flat record of timings (``probe_*.json``). Figures a run did not measure
+(host time and peak memory on a CPU) are null in the JSON and ``-`` in the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import sys
+from pathlib import Path
+
+from .timing import CPU_NOTICE
+
+MB = 1e6
+BIG_BYTES = 64 * MB  # the device-time targets apply to cases that move at least this much
+SMALL_BYTES = 8 * MB  # the host-overhead target applies to cases that move at most this much
+DEFAULT_OUT = Path("mmmerge-results")  # where the tools write: the current directory, not the source tree
+
+
+def is_cpu_run(env: dict | None) -> bool:
+    """Whether a file's figures are CPU wall times. Files from before ``device_type`` was recorded name a CPU
+    device ``cpu_<processor>`` (bench.device_name)."""
+    env = env or {}
+    if "device_type" in env:
+        return env["device_type"] != "cuda"
+    return str(env.get("device", "")).startswith("cpu")
+
+
+def _fmt(value, width: int = 0, digits: int = 1) -> str:
+    return ("-" if value is None else f"{value:.{digits}f}").rjust(width)
+
+
+def _get(record: dict, path: str, key: str):
+    """A figure of one path in one record, or None where the run did not measure it."""
+    return (record["results"].get(path) or {}).get(key)
+
+
+def _ratio(a, b):
+    """a / b, or None where either is missing (or b is zero)."""
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def print_case(record: dict, cpu: bool = False) -> None:
+    """One case's table. On a GPU: device, loop and host µs, peak MB, % of the copy's bandwidth and speedups
+    in device time. On a CPU every figure is wall time, host µs and peak MB were not measured, and the
+    bandwidth percentage is dropped (a CPU copy says nothing about a device's bandwidth)."""
+    res = record["results"]
+    print(f"\n{record['label']}  (moves {record['moved_bytes'] / MB:.1f} MB)")
+    if cpu:
+        print(f"  {'path':15s}{'wall µs':>10s}{'loop µs':>10s}{'x index_put':>13s}{'x masked_sc':>13s}"
+              "   (wall time: median of one call; loop: per call, back to back)")
+        for name, r in res.items():
+            print(f"  {name:15s}{_fmt(r['device_us'], 10)}{_fmt(r['loop_us'], 10)}"
+                  f"{_fmt(_ratio(_get(record, 'index_put', 'device_us'), r['device_us']), 12, 2)}x"
+                  f"{_fmt(_ratio(_get(record, 'masked_scatter', 'device_us'), r['device_us']), 12, 2)}x")
+        return
+    floor = _get(record, "copy", "device_us")
+    print(f"  {'path':15s}{'device µs':>11s}{'loop µs':>10s}{'host µs':>10s}{'peak MB':>10s}{'copy BW':>9s}"
+          f"{'x index_put':>13s}{'x masked_sc':>13s}")
+    for name, r in res.items():
+        peak = None if r.get("peak_extra_bytes") is None else r["peak_extra_bytes"] / MB
+        bandwidth = _ratio(floor, r["device_us"])
+        print(f"  {name:15s}{_fmt(r['device_us'], 11)}{_fmt(r['loop_us'], 10)}{_fmt(r.get('host_us'), 10)}"
+              f"{_fmt(peak, 10)}{_fmt(None if bandwidth is None else 100 * bandwidth, 8, 0)}%"
+              f"{_fmt(_ratio(_get(record, 'index_put', 'device_us'), r['device_us']), 12, 2)}x"
+              f"{_fmt(_ratio(_get(record, 'masked_scatter', 'device_us'), r['device_us']), 12, 2)}x")
+
+
+def check_targets(records: list[dict], path: str = "triton") -> dict:
+    """The targets, each a ratio within this run: at cases moving >= 64 MB, device time <= 1.05x the copy,
+    >= 3x faster than index_put and >= 8x than masked_scatter; at cases moving <= 8 MB, loop time no more
+    than index_put's (per mask device); peak extra memory <= 8*N bytes + 1 MiB everywhere. A check skips the
+    cases where a figure it needs was not measured (null)."""
+    big = [r for r in records if r["moved_bytes"] >= BIG_BYTES]
+    small = [r for r in records if r["moved_bytes"] <= SMALL_BYTES]
+
+    def ratio(r, a, b, key="device_us"):
+        return _ratio(_get(r, a, key), _get(r, b, key))
+
+    def peak_over(r):
+        peak = _get(r, path, "peak_extra_bytes")
+        return None if peak is None else peak - (8 * r["case"]["n"] + 2**20)
+
+    checks = {
+        "copy_ratio": (big, lambda r: ratio(r, path, "copy"), lambda v: v <= 1.05, "max"),
+        "x_index_put": (big, lambda r: ratio(r, "index_put", path), lambda v: v >= 3, "min"),
+        "x_masked_scatter": (big, lambda r: ratio(r, "masked_scatter", path), lambda v: v >= 8, "min"),
+        "loop_vs_index_put": (small, lambda r: ratio(r, path, "index_put", "loop_us"), lambda v: v <= 1.0, "max"),
+        "peak_bytes_over_limit": (records, peak_over, lambda v: v <= 0, "max"),
+    }
+    summary = {"lines": [], "checks": {}}
+    for name, (subset, value, ok, worst) in checks.items():
+        values = [(v, r["label"]) for r in subset if (v := value(r)) is not None]
+        if not values:
+            continue
+        failed = [(v, label) for v, label in values if not ok(v)]
+        worst_value, worst_label = (max if worst == "max" else min)(values)
+        summary["checks"][name] = {"cases": len(values), "failed": len(failed), "worst": worst_value,
+                                   "worst_case": worst_label, "failures": failed}
+        summary["lines"].append(f"{name}: {len(values) - len(failed)}/{len(values)} pass; worst {worst_value:.3f} "
+                                f"at {worst_label}")
+    return summary
+
+
+def _serving(records: list[dict]) -> list[dict]:
+    """The serving slice: half the rows multimodal in image blocks, bf16, a CPU mask (what vLLM passes)."""
+    return [r for r in records if (r["case"]["density"], r["case"]["pattern"], r["case"]["src"], r["case"]["dst"],
+                                   r["case"]["mask"]) == (0.5, "blocks", "bf16", "bf16", "cpu")]
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib (the "bench" extra) is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _nan(value) -> float:
+    return math.nan if value is None else value  # matplotlib leaves a gap at a figure the run did not measure
+
+
+def _title(env: dict) -> str:
+    env = env or {}
+    return (f"mmmerge_triton, {env.get('device', '?')}, torch {env.get('torch', '?')}, triton "
+            f"{env.get('triton', '?')}, {str(env.get('date', '?'))[:10]}")
+
+
+def _auto_ran(records: list[dict]) -> str:
+    """A CPU run records which path auto ran at each case (explain()): where one path ran throughout, say so."""
+    ran = {r.get("auto_path") for r in records}
+    return f": auto ran {ran.pop()}" if len(ran) == 1 and None not in ran else ""
+
+
+def plot(records: list[dict], env: dict, out: Path) -> bool:
+    """Time against N per path, and our speedup, at the serving slice (50% blocks, bf16, CPU mask).
+    Returns False when matplotlib is missing or the run has no serving-slice case."""
+    plt = _pyplot()
+    serving = _serving(records)
+    if plt is None or not serving:
+        return False
+    cpu = is_cpu_run(env)
+    ours = "triton" if any("triton" in r["results"] for r in records) else "auto"
+    hiddens = sorted({r["case"]["hidden"] for r in serving})
+    shown_h = 4096 if 4096 in hiddens else hiddens[-1]
+    if cpu:
+        panels = (("device_us", "wall time of one call (median, CPU)"),
+                  ("loop_us", "wall time per call, back to back (CPU)"))
+        basis = "wall time"
+    else:
+        panels = (("device_us", "device time of one call (GPU, L2 flushed)"),
+                  ("loop_us", "loop time per call, back to back (host + GPU)"))
+        basis = "device time"
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.6))
+    rows = sorted((r for r in serving if r["case"]["hidden"] == shown_h), key=lambda r: r["case"]["n"])
+    names = list(dict.fromkeys(name for r in rows for name in r["results"]))
+    for ax, (key, title) in zip(axes[:2], panels):
+        for name in names:
+            ax.plot([r["case"]["n"] for r in rows], [_nan(_get(r, name, key)) for r in rows], marker="o",
+                    label=name + (" (floor)" if name == "copy" else ""), linestyle="--" if name == "copy" else "-")
+        ax.set(xscale="log", yscale="log", xlabel="N (rows)", ylabel="µs per call", title=f"{title}, H={shown_h}")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].legend(fontsize=9, loc="upper left", title="path")
+    speed = axes[2]
+    for h in hiddens:
+        rows_h = sorted((r for r in serving if r["case"]["hidden"] == h), key=lambda r: r["case"]["n"])
+        n = [r["case"]["n"] for r in rows_h]
+        line = speed.plot(n, [_nan(_ratio(_get(r, "index_put", "device_us"), _get(r, ours, "device_us")))
+                              for r in rows_h], marker="o", label=f"H={h}")
+        speed.plot(n, [_nan(_ratio(_get(r, "masked_scatter", "device_us"), _get(r, ours, "device_us")))
+                       for r in rows_h], marker="x", linestyle=":", color=line[0].get_color())
+    speed.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    # Colour says H, the line style says the baseline: two short legends instead of one entry per pair.
+    handles = [plt.Line2D([], [], color="gray", marker="o", label=f"over index_put ({ours} x faster)"),
+               plt.Line2D([], [], color="gray", marker="x", linestyle=":", label="over masked_scatter"),
+               plt.Line2D([], [], color="black", linestyle="--", label="1x: as fast")]
+    first = speed.legend(fontsize=8, loc="upper left", title="hidden size", ncol=2)
+    speed.add_artist(first)
+    speed.legend(handles=handles, fontsize=8, loc="lower right")
+    speed.set(xscale="log", yscale="log", xlabel="N (rows)", ylabel=f"speedup (x, {basis})",
+              title=f"speedup of {ours} ({basis})" + _auto_ran(records))
+    shown = [y for line in speed.get_lines() for y in line.get_ydata() if y > 0 and math.isfinite(y)]
+    speed.set_ylim(min(shown, default=1) / 1.6, max(shown, default=1) * 1.6)  # the 1x line inside, not on an edge
+    speed.grid(True, which="major", alpha=0.3)
+    suptitle = _title(env) + " — 50% of rows multimodal in image blocks, bf16, CPU mask"
+    if cpu:
+        suptitle += "\nCPU wall time: a smoke test of the tooling, not a speed claim"
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def markdown(records: list[dict], path: str = "auto", cpu: bool = False) -> str:
+    """README tables from a benchmark run: the serving slice (bf16, 50% of rows in image blocks, CPU mask) by
+    N and H, as device µs of ``path`` with its ratio to the copy and its speedups; then the targets. On a CPU
+    the figures are wall time, and the ratio to the copy and the peak memory (not measured) are left out."""
+    serving = _serving(records)
+    if cpu:
+        lines = ["| N | H | MB moved | copy wall µs | ours wall µs | index_put wall µs (ours x faster) | "
+                 "masked_scatter wall µs (ours x faster) | loop wall µs ours / index_put |", "|" + "---|" * 8]
+    else:
+        lines = ["| N | H | MB moved | copy µs | ours µs (x copy) | index_put µs (ours x faster) | masked_scatter µs "
+                 "(ours x faster) | loop µs ours / index_put | peak MB ours / masked_scatter |", "|" + "---|" * 9]
+    for r in sorted(serving, key=lambda r: (r["case"]["n"], r["case"]["hidden"])):
+        res = r["results"]
+        ours, copy, ip, ms = (res.get(p) or {} for p in (path, "copy", "index_put", "masked_scatter"))
+        us = ours.get("device_us")
+        head = (f"| {r['case']['n']} | {r['case']['hidden']} | {r['moved_bytes'] / MB:.0f} | "
+                f"{_fmt(copy.get('device_us'))} | ")
+        speedups = (f"{_fmt(ip.get('device_us'))} ({_fmt(_ratio(ip.get('device_us'), us))}) | "
+                    f"{_fmt(ms.get('device_us'))} ({_fmt(_ratio(ms.get('device_us'), us))}) | "
+                    f"{_fmt(ours.get('loop_us'), digits=0)} / {_fmt(ip.get('loop_us'), digits=0)} |")
+        if cpu:
+            lines.append(head + f"{_fmt(us)} | " + speedups)
+        else:
+            peaks = [None if x.get("peak_extra_bytes") is None else x["peak_extra_bytes"] / MB for x in (ours, ms)]
+            lines.append(head + f"{_fmt(us)} ({_fmt(_ratio(us, copy.get('device_us')), digits=2)}) | " + speedups
+                         + f" {_fmt(peaks[0])} / {_fmt(peaks[1], digits=0)} |")
+    if cpu:  # the targets are device-time ratios: a CPU's wall times say nothing about them
+        return "\n".join(lines)
+    lines += ["", f"Targets for path={path!r} over all {len(records)} cases of the run:", ""]
+    lines += ["- " + line for line in check_targets(records, path)["lines"]]
+    return "\n".join(lines)
+
+
+def _suite_title(record: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("results", "moved_bytes"))
+
+
+def suite_markdown(records: list[dict], cpu: bool = False) -> str:
+    """README table of a suite run (suites.py): a row per record, its shape fields, then per variant
+    "device µs / loop µs / peak MB" (on a CPU "wall µs / loop µs": peak memory is not measured there)."""
+    fields = list(dict.fromkeys(k for r in records for k in r if k not in ("results", "moved_bytes")))
+    variants = list(dict.fromkeys(v for r in records for v in r["results"]))
+    lines = ["| " + " | ".join(fields + variants) + " |", "|" + "---|" * (len(fields) + len(variants))]
+    for r in records:
+        cells = [str(r.get(k, "")) for k in fields]
+        for v in variants:
+            res = r["results"].get(v) or {}
+            peak = None if res.get("peak_extra_bytes") is None else res["peak_extra_bytes"] / MB
+            cell = f"{_fmt(res.get('device_us'), digits=0)} / {_fmt(res.get('loop_us'), digits=0)}"
+            cells.append(cell if cpu else f"{cell} / {_fmt(peak)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_suite(run: dict, out: Path) -> bool:
+    """A suite's variants side by side per record: one-call time and loop time, horizontal bars."""
+    plt = _pyplot()
+    records = run["records"]
+    if plt is None or not records:
+        return False
+    cpu = is_cpu_run(run.get("environment"))
+    variants = list(dict.fromkeys(v for r in records for v in r["results"]))
+    panels = (("device_us", "wall time of one call (median, CPU)" if cpu else "device time (GPU, L2 flushed)"),
+              ("loop_us", "wall time per call, back to back" + (" (CPU)" if cpu else " (host + GPU)")))
+    height = 0.8 / len(variants)
+    fig, axes = plt.subplots(1, 2, figsize=(16, 2 + 0.45 * len(records) * len(variants) ** 0.5), sharey=True)
+    for ax, (key, title) in zip(axes, panels):
+        values = [[_get(r, v, key) for r in records] for v in variants]
+        for i, v in enumerate(variants):
+            ax.barh([j + i * height for j in range(len(records))], [_nan(x) for x in values[i]], height=height,
+                    label=v)
+        shown = [x for row in values for x in row if x]
+        # Log scale (figures span 10-1000x): bars start well left of the smallest, so each has a visible length.
+        ax.set(xscale="log", xlabel="µs per call (log scale)", title=title)
+        if shown:
+            ax.set_xlim(min(shown) / 3, max(shown) * 1.5)
+        ax.grid(True, axis="x", which="major", alpha=0.3)
+    axes[0].set_yticks([j + 0.4 - height / 2 for j in range(len(records))])
+    axes[0].set_yticklabels([_suite_title(r) for r in records], fontsize=8)
+    axes[0].invert_yaxis()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(variants)), fontsize=9, title="variant")
+    suptitle = f"{_title(run.get('environment'))} — suite {run.get('suite', '?')}"
+    if cpu:
+        suptitle += "\nCPU wall time: a smoke test of the tooling, not a speed claim"
+    fig.suptitle(suptitle)
+    legend_rows = -(-len(variants) // 4)
+    fig.tight_layout(rect=(0, (0.25 + 0.25 * legend_rows) / fig.get_figheight(), 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def regret_markdown(run: dict) -> str:
+    """A held-out run of ``mmmerge-tune --evaluate``: its summary, then a row per point."""
+    def pct(key):
+        return _fmt(None if run.get(key) is None else 100 * run[key], digits=0)
+
+    lines = [f"auto within 5% of the best other path at {pct('within_5pct')}% of {len(run['points'])} points, worst "
+             f"{_fmt(run.get('worst_ratio'), digits=3)}x, median {_fmt(run.get('median_ratio'), digits=3)}x; "
+             f"against the per-point oracle within 5% at {pct('oracle_within_5pct')}%, worst "
+             f"{_fmt(run.get('oracle_worst_ratio'), digits=3)}x; cached dispatch "
+             f"{_fmt(run.get('dispatch_us'), digits=2)} µs per call (loop time throughout)", "",
+             "| N | H | dtypes | mask | auto's path (choice) | best other path | auto / best | oracle "
+             "| auto / oracle |", "|" + "---|" * 9]
+    for p in run["points"]:
+        c = p.get("case", {})
+        lines.append(f"| {c.get('n')} | {c.get('hidden')} | {c.get('src')}->{c.get('dst')} | {c.get('mask')} | "
+                     f"{p.get('auto_path')} ({p.get('auto_choice')}) | {p.get('best_path')} | "
+                     f"{_fmt(p.get('ratio'), digits=2)} | {p.get('oracle_choice')} | "
+                     f"{_fmt(p.get('oracle_ratio'), digits=2)} |")
+    return "\n".join(lines)
+
+
+def plot_regret(run: dict, out: Path) -> bool:
+    """The held-out ratios against N, per mask device, with the 1x and 1.05x lines."""
+    plt = _pyplot()
+    points = run["points"]
+    if plt is None or not points:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    panels = (("ratio", "auto / the best other path, loop time through the API"),
+              ("oracle_ratio", "auto's choice / the best path or configuration (oracle), loop time"))
+    for ax, (key, title) in zip(axes, panels):
+        for mask in sorted({p["case"].get("mask") for p in points}, key=str):
+            chosen = [p for p in points if p["case"].get("mask") == mask]
+            ax.scatter([p["case"]["n"] for p in chosen], [_nan(p.get(key)) for p in chosen], label=f"{mask} mask",
+                       alpha=0.7)
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="1x: as fast")
+        ax.axhline(1.05, color="gray", linewidth=1, linestyle=":", label="1.05x")
+        ax.set(xscale="log", xlabel="N (rows)", ylabel="ratio (x, lower is better)", title=title)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{_title(run.get('environment'))} — held-out check of path='auto'")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def table_summary(table: dict) -> str:
+    """A tuned table (``mmmerge-tune``): its device, size, rule, and which paths and configurations won."""
+    entries = table.get("entries") or []
+    paths = collections.Counter((e.get("best") or {}).get("path") for e in entries)
+    configs = collections.Counter(json.dumps((e.get("best") or {}).get("config"), sort_keys=True) for e in entries
+                                  if (e.get("best") or {}).get("config"))
+    lines = [f"tuned table for {table.get('device')} (version {table.get('version')}, grid {table.get('grid')}): "
+             f"{len(entries)} entries", f"selection: {table.get('selection', '-')}",
+             f"best path counts: {dict(paths.most_common())}", "most frequent winning configurations:"]
+    lines += [f"  {count:4d}  {config}" for config, count in configs.most_common(6)]
+    return "\n".join(lines)
+
+
+def numbers_markdown(run: dict) -> str:
+    """A flat record of named figures (a probe's output, e.g. probe_host_profile.json)."""
+    return "\n".join(["| name | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in run.items()])
+
+
+def kind_of(run) -> str | None:
+    """Which of the package's files this is, by its keys; None for a file the package does not write."""
+    if not isinstance(run, dict):
+        return None
+    if "suite" in run and isinstance(run.get("records"), list):
+        return "suite"
+    if isinstance(run.get("records"), list):
+        return "bench"
+    if isinstance(run.get("points"), list):
+        return "regret"
+    if isinstance(run.get("entries"), list) and "version" in run:
+        return "table"
+    if run and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in run.values()):
+        return "numbers"
+    return None
+
+
+def report(file: Path, paths: list[str], cases: bool, png_dir: Path | None) -> str | None:
+    """Print one file's report (and draw its PNG into ``png_dir``); returns a one-line error, or None."""
+    try:
+        run = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{file}: cannot read it as JSON ({error})"
+    kind = kind_of(run)
+    if kind is None:
+        return (f"{file}: not a file this package writes (a bench, suite, regret, tuned-table or probe JSON)")
+    env = run.get("environment") if kind != "numbers" else None
+    print(f"# {file.name}: {kind}" + (f" — {_title(env)}" if env else ""))
+    cpu = is_cpu_run(env) and kind in ("bench", "suite")
+    if cpu:
+        print(CPU_NOTICE)
+    error = None
+    drawn = None
+    if kind == "bench":
+        records = run["records"]
+        if cases:
+            for record in records:
+                print_case(record, cpu)
+        known = list(dict.fromkeys(p for r in records for p in r["results"]))
+        for path in paths:
+            if path not in known:
+                error = f"{file}: path {path!r} is not in this run (it has {', '.join(known)})"
+                continue
+            print("\n" + markdown(records, path, cpu))
+        drawn = lambda out: plot(records, env, out)  # noqa: E731
+    elif kind == "suite":
+        print(f"\nsuite {run['suite']}; cells: " + ("wall µs of one call / loop µs (CPU wall time)" if cpu else
+                                                     "device µs / loop µs / peak extra MB") + "\n")
+        print(suite_markdown(run["records"], cpu))
+        drawn = lambda out: plot_suite(run, out)  # noqa: E731
+    elif kind == "regret":
+        print("\n" + regret_markdown(run))
+        drawn = lambda out: plot_regret(run, out)  # noqa: E731
+    elif kind == "table":
+        print(table_summary(run))
+    else:
+        print(numbers_markdown(run))
+    if png_dir is not None:
+        out = png_dir / f"{file.stem}.png"
+        if drawn is None:
+            print(f"(no plot for a {'tuned table' if kind == 'table' else 'probe record'})")
+        elif drawn(out):
+            print(f"wrote {out}")
+        else:
+            print("(no plot: matplotlib is missing, the 'bench' extra, or the file has nothing to draw)")
+    print()
+    return error
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mmmerge-report", description=__doc__.split("\n\n")[0],
+        epilog="Reads bench_*.json, suite_*.json, regret_*.json (CPU or GPU runs), tuned tables and probe JSONs.")
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.json", help="JSON files written by the tools")
+    parser.add_argument("--path", action="append", default=None, metavar="NAME",
+                        help="benchmark files: the path whose table to print (repeatable; default auto)")
+    parser.add_argument("--cases", action="store_true", help="benchmark files: every case's table too")
+    parser.add_argument("--png", action="store_true", help="draw each file's plot as OUT/<file name>.png")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"folder for --png (default: ./{DEFAULT_OUT}/ in the current directory)")
+    args = parser.parse_args(argv)
+    if args.png:
+        args.out.mkdir(parents=True, exist_ok=True)
+    failed = False
+    for file in args.files:
+        error = report(file, args.path or ["auto"], args.cases, args.out if args.png else None)
+        if error:
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            failed = True
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
