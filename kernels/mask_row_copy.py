@@ -31,7 +31,7 @@ def mask_row_copy_kernel(
     start = tl.program_id(0) * ROWS
     prefix = count_true_before(mask_ptr, start, PREFIX_CHUNK)
     i = start + tl.arange(0, ROWS)
-    is_true = tl.load(mask_ptr + i, mask=i < n, other=0).to(tl.int32)
+    is_true = (tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32)  # any nonzero byte is True
     offsets = prefix + tl.cumsum(is_true, axis=0) - is_true
     row_ok = (is_true != 0) & (offsets < n_rows)
     dense_rows = dense_ptr + i.to(tl.int64)[:, None] * stride_dense_row  # 64-bit: N*H may pass 2**31

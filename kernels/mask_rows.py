@@ -25,7 +25,7 @@ def mask_to_rows_kernel(
     start = pid * BLOCK
     prefix = count_true_before(mask_ptr, start, PREFIX_CHUNK)
     i = start + tl.arange(0, BLOCK)
-    is_true = tl.load(mask_ptr + i, mask=i < n, other=0).to(tl.int32)
+    is_true = (tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32)  # any nonzero byte is True
     offsets = prefix + tl.cumsum(is_true, axis=0) - is_true
     tl.store(rows_ptr + offsets, i, mask=(is_true != 0) & (offsets < n_rows))
     if pid == tl.num_programs(0) - 1:

@@ -40,10 +40,11 @@ def move_rows(
 @triton.jit
 def count_true_before(mask_ptr, end, CHUNK: tl.constexpr):
     """Number of nonzero bytes in mask_ptr[0:end], read CHUNK bytes per step (wide steps: the loop is
-    latency-bound, so few iterations matter more than lanes)."""
+    latency-bound, so few iterations matter more than lanes). Any nonzero byte counts once: a bool's byte
+    may hold any nonzero value (``uint8_tensor.view(torch.bool)``), and PyTorch reads it as True."""
     lane = tl.arange(0, CHUNK)
     acc = tl.zeros([CHUNK], dtype=tl.int32)
     for s in range(0, end, CHUNK):
         idx = s + lane
-        acc += tl.load(mask_ptr + idx, mask=idx < end, other=0).to(tl.int32)
+        acc += (tl.load(mask_ptr + idx, mask=idx < end, other=0) != 0).to(tl.int32)
     return tl.sum(acc, axis=0)

@@ -1,24 +1,21 @@
 """Public API: the vLLM-compatible merge, and the general masked row scatter, in place and out of place."""
 from __future__ import annotations
 
-from operator import attrgetter
-
 import numpy as np
 import torch
 
 from . import inputs
 from .autograd import TritonScatter
-from .dispatch import Decision, choose, decide
+from .dispatch import Decision, decide
 from .inputs import NestedTensors
 from .items import ItemList, common_row_stride, items_in_place_pays, merge_items
-from .paths import RUNNERS, merge_triton, rows_view
+from .paths import PATHS, RUNNERS, merge_triton, rows_view
 from .plan import MergePlan
 from .rowmap import CountMismatch
-from .scatter import as_rows, default_config
+from .scatter import default_config
 
 
 _is_compiling = torch.compiler.is_compiling
-_requires_grad_of = attrgetter("requires_grad")
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
@@ -70,8 +67,13 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
 
     src: [M, H], or an ItemList of [m_i, H] items (already checked) that the Triton path reads in place.
     expression: the embeddings as the caller passed them, spelled vLLM's way in a count error.
+    Gradients: an in-place call that needs them arrives here on a fresh clone (see wants_grad), so the
+    Triton path may mark it dirty.
     """
     dst_name, mask_name, src_name = names
+    inputs.check_flag(accumulate, "accumulate")
+    inputs.check_flag(check_count, "check_count")
+    inputs.check_path(path, PATHS)
     inputs.check_dst(dst, dst_name)
     inputs.check_mask(mask, dst, mask_name, dst_name)
     if isinstance(src, ItemList):
@@ -79,19 +81,14 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
     else:
         inputs.check_src(src, dst, src_name, dst_name)
         n_rows, src_dtype = src.shape[0], src.dtype
-    if plan is not None and plan.device != dst.device:
-        raise ValueError(f"plan was built for {plan.device}; {dst_name} is on {dst.device}")
-    if path == "auto":
-        path, config = choose(dst, mask, src_dtype, n_rows)
-        if path == "triton" and (dst.dim() != 2 or dst.stride(1) != 1) and as_rows(dst) is None:
-            path, config = "index_put", None  # dst's rows form no 2-D view: index_put takes any layout
-    elif path == "triton":  # the Triton path asked for by name still takes the tuned configuration
-        chosen, config = choose(dst, mask, src_dtype, n_rows)
-        config = config if chosen == "triton" else None
-    elif path in RUNNERS:
-        config = None
-    else:
-        raise ValueError(f"path must be 'auto' or one of {tuple(RUNNERS)}, got {path!r}")
+    if plan is not None:
+        if plan.device != dst.device:
+            raise ValueError(f"plan was built for {plan.device}; {dst_name} is on {dst.device}")
+        plan.check_current(mask_name)
+    inputs.check_writable(dst, dst_name)
+    if dst.dim() == 1:  # one row and a 0-dim mask: every path takes them as [1, H] and [1] (index_put_ would not)
+        dst, mask = dst.unsqueeze(0), mask.reshape(1)
+    path, config, _ = decide(dst, mask, src_dtype, n_rows, path, None if isinstance(src, ItemList) else src)
     empty = n_rows == 0 or dst.shape[-1] == 0
     # The Triton path counts a CPU mask itself, from the row map it stages (CountMismatch, before any write).
     if path != "triton" or plan is not None or empty or not mask.is_cpu:
@@ -100,12 +97,20 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
             raise inputs.count_mismatch(n_rows, placeholders, _spelled(expression))
     if empty:
         return
+    # Memory shared with dst: read it before writing, or refuse where PyTorch refuses (a same-dtype src).
+    if mask.device == dst.device and inputs.overlaps(mask, dst):
+        mask = mask.clone()
+    if isinstance(src, ItemList):
+        aliased = inputs.any_overlaps(src.tensors, dst)
+    elif inputs.overlaps(src, dst):
+        if src.dtype == dst.dtype:
+            raise ValueError(f"{src_name} shares memory with {dst_name}, which the merge writes (PyTorch refuses "
+                             f"the same: some elements refer to a single memory location). Clone {src_name} first")
+        src = src.to(dst.dtype)  # the copy that dst[mask] = src.to(dst.dtype) makes: PyTorch's result
     needs_grad = torch.is_grad_enabled() and (dst.requires_grad or _requires_grad(src))
-    if needs_grad and dst.is_leaf and dst.requires_grad:  # PyTorch's own error, raised before the kernel writes
-        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
     try:
         if isinstance(src, ItemList):
-            in_place = path == "triton" and not needs_grad and items_in_place_pays(
+            in_place = path == "triton" and not needs_grad and not aliased and items_in_place_pays(
                 len(src.rows), n_rows, mask.numel(), dst, src_dtype)
             stride = common_row_stride(src.tensors) if in_place else None
             if stride is not None:
@@ -133,13 +138,49 @@ def _spelled(expression) -> str | None:
 
 
 def _requires_grad(src) -> bool:
-    return any(map(_requires_grad_of, src.tensors)) if isinstance(src, ItemList) else src.requires_grad
+    """src: a tensor, a list of tensors, or an ItemList (a generator, not map(attrgetter): Dynamo traces it)."""
+    if isinstance(src, ItemList):
+        src = src.tensors
+    if isinstance(src, (list, tuple)):
+        return any(t.requires_grad for t in src)
+    return src.requires_grad
+
+
+def wants_grad(dst, src) -> bool:
+    """Whether an in-place merge must record gradients. Such a call merges out of place (differentiable)
+    and copies the result into dst with ``copy_``: PyTorch's own in-place rules (a leaf that requires grad,
+    a view of one, a view from unbind/split, an inference tensor) then raise before anything is written,
+    on every route (eager, compiled, subclass), and the gradients are PyTorch's."""
+    return torch.is_grad_enabled() and (getattr(dst, "requires_grad", False) or _requires_grad(src))
 
 
 def _bump_version(dst: torch.Tensor) -> None:
     """The kernels write behind autograd's back: bump dst's version counter as any in-place op does."""
     if not dst.is_inference():
         torch.autograd.graph.increment_version(dst)
+
+
+_SCATTER_NAMES = ("dst", "mask", "src")
+
+
+def scatter(dst, mask, src, *, in_place: bool, accumulate, path, plan, check_count, names) -> torch.Tensor:
+    """masked_row_scatter_ (``in_place``) or masked_row_scatter, once mask (or plan's) and src are known;
+    ``names`` name dst, mask and src in errors (deepstack_add has its own)."""
+    if in_place and wants_grad(dst, src):
+        merged = scatter(dst, mask, src, in_place=False, accumulate=accumulate, path=path, plan=plan,
+                         check_count=check_count, names=names)
+        return dst.copy_(merged)
+    if not _eager(dst, mask, src):
+        if plan is not None:
+            plan.check_current()
+        if not in_place:
+            return torch.ops.mmmerge_triton.masked_row_scatter(dst, mask, src, accumulate, path, check_count)
+        torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, accumulate, path, check_count)
+        return dst
+    inputs.check_dst(dst, names[0])
+    out = dst if in_place else dst.clone(memory_format=torch.contiguous_format)
+    _merge_(out, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count, names=names)
+    return out
 
 
 def masked_row_scatter_(
@@ -167,19 +208,17 @@ def masked_row_scatter_(
             no memory out of bounds is touched. A CPU mask is always checked, at no cost.
 
     Returns:
-        dst. Differentiable (dst is marked dirty, as any in-place op), except for a leaf that requires grad.
+        dst. Differentiable, with PyTorch's in-place rules: where a gradient is needed the merge runs out of
+        place and ``dst.copy_`` writes the result, so a leaf that requires grad (or a view of one, or an
+        output of unbind) raises PyTorch's error before anything is written.
 
     Raises:
         ValueError: count mismatch ("Attempted to assign M multimodal tokens to K placeholders"), wrong
             shapes or devices. TypeError: wrong dtypes or types. Nothing is written when it raises.
     """
     mask = _scatter_args(mask, plan, src)
-    if not _eager(dst, mask, src):
-        torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, accumulate, path, check_count)
-        return dst
-    _merge_(dst, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
-            names=("dst", "mask", "src"))
-    return dst
+    return scatter(dst, mask, src, in_place=True, accumulate=accumulate, path=path, plan=plan,
+                   check_count=check_count, names=_SCATTER_NAMES)
 
 
 def masked_row_scatter(
@@ -198,13 +237,8 @@ def masked_row_scatter(
     [B, S] mask. Arguments as masked_row_scatter_. Returns a new [..., H] tensor of dst's dtype.
     """
     mask = _scatter_args(mask, plan, src)
-    if not _eager(dst, mask, src):
-        return torch.ops.mmmerge_triton.masked_row_scatter(dst, mask, src, accumulate, path, check_count)
-    inputs.check_dst(dst, "dst")
-    out = dst.clone()
-    _merge_(out, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
-            names=("dst", "mask", "src"))
-    return out
+    return scatter(dst, mask, src, in_place=False, accumulate=accumulate, path=path, plan=plan,
+                   check_count=check_count, names=_SCATTER_NAMES)
 
 
 def merge_multimodal_embeddings(
@@ -238,17 +272,26 @@ def merge_multimodal_embeddings(
         return inputs_embeds
     is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")
     items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
+    if not items:  # nested empty lists, e.g. [[]]: as empty as [], and vLLM returns early for that
+        return inputs_embeds
     inputs.check_dst(inputs_embeds, "inputs_embeds")
     rows = inputs.check_items(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
-    # Several items: read in place where the Triton path runs.
-    src = items[0] if len(items) == 1 else ItemList(items, rows)
-    if not (_eager(inputs_embeds, is_multimodal) and inputs.plain_tensors(items)):
-        src = src if len(items) == 1 else torch.cat(items)
-        torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
-        return inputs_embeds
-    _merge_(inputs_embeds, is_multimodal, src, accumulate=False, path=path, plan=plan, check_count=check_count,
-            names=("inputs_embeds", "is_multimodal", "multimodal_embeddings"),
-            expression=multimodal_embeddings)
+    names = ("inputs_embeds", "is_multimodal", "multimodal_embeddings")
+    grad = wants_grad(inputs_embeds, items)
+    if _eager(inputs_embeds, is_multimodal) and inputs.plain_tensors(items):
+        # Several items: read in place where the Triton path runs.
+        src = items[0] if len(items) == 1 else ItemList(items, rows)
+        target = inputs_embeds.clone(memory_format=torch.contiguous_format) if grad else inputs_embeds
+        _merge_(target, is_multimodal, src, accumulate=False, path=path, plan=plan, check_count=check_count,
+                names=names, expression=multimodal_embeddings)
+        return inputs_embeds.copy_(target) if grad else inputs_embeds
+    src = items[0] if len(items) == 1 else torch.cat(items)
+    if plan is not None:
+        plan.check_current()
+    if grad:
+        merged = torch.ops.mmmerge_triton.masked_row_scatter(inputs_embeds, is_multimodal, src, False, path, check_count)
+        return inputs_embeds.copy_(merged)
+    torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
     return inputs_embeds
 
 
@@ -262,4 +305,4 @@ def explain(
     inputs.check_mask(is_multimodal, inputs_embeds, "is_multimodal", "inputs_embeds")
     rows = inputs.check_items(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
     src_dtype = items[0].dtype if items else inputs_embeds.dtype
-    return decide(inputs_embeds, is_multimodal, src_dtype, sum(rows))
+    return decide(inputs_embeds, is_multimodal, src_dtype, sum(rows), src=items[0] if len(items) == 1 else None)

@@ -3,6 +3,8 @@
 Forward: dst[rows[j]] = src[j] (or +=). Backward, for the rows that moved (j < min(count, M)):
 grad_src[j] = grad[rows[j]] cast to src's dtype; grad_dst = grad with those rows zeroed (as it is, with
 ``accumulate``). Neither needs dst's old values, which is what lets the in-place form be differentiable.
+The backward is written with the registered ops (ops.py), which have autograd formulas of their own: so it is
+differentiable again (double backward, Hessian-vector products), and eager and compiled calls share it.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from .paths import merge_triton
 from .rowmap import RowMap, device_rows, host_rows, stage_rows
-from .scatter import as_rows, default_config, gather_rows, zero_rows
+from .scatter import as_rows, default_config, gather_rows
 
 
 def rowmap_for(mask: torch.Tensor, device: torch.device, n_rows: int) -> tuple[RowMap, int]:
@@ -31,6 +33,21 @@ def gather_masked_rows(dense: torch.Tensor, mask: torch.Tensor, n_rows: int, dty
     return gather_rows(dense2d, rows, count, n_rows, dtype, cfg, valid=used)
 
 
+def scatter_backward(grad: torch.Tensor, mask: torch.Tensor, n_rows: int, src_dtype: torch.dtype, accumulate: bool,
+                     needs_dst: bool, needs_src: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad_dst, grad_src) of out = dst with out[mask] = src (or +=): src's rows gathered from grad, and grad
+    with the overwritten rows zeroed (grad itself with ``accumulate``)."""
+    grad_src = grad_dst = None
+    if needs_src:
+        grad_src = torch.ops.mmmerge_triton.masked_row_gather(grad, mask, n_rows, src_dtype)
+    if needs_dst:
+        grad_dst = grad
+        if not accumulate:  # the overwritten rows get no gradient
+            zeros = grad.new_zeros(n_rows, grad.shape[-1])
+            grad_dst = torch.ops.mmmerge_triton.masked_row_scatter(grad, mask, zeros, False, "auto", False)
+    return grad_dst, grad_src
+
+
 class TritonScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dst, src, mask, plan, accumulate, config):
@@ -43,14 +60,6 @@ class TritonScatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        grad_src = grad_dst = None
-        if ctx.needs_input_grad[1]:
-            grad_src = gather_masked_rows(grad, mask, ctx.n_rows, ctx.src_dtype)
-        if ctx.needs_input_grad[0]:
-            grad_dst = grad
-            if not ctx.accumulate:  # the overwritten rows get no gradient
-                grad_dst = grad.contiguous().clone()
-                (rows, count), used = rowmap_for(mask, grad.device, ctx.n_rows)
-                grad2d = as_rows(grad_dst)
-                zero_rows(grad2d, rows, count, used, default_config(grad2d.shape[1], used, 0, False))
+        grad_dst, grad_src = scatter_backward(grad, mask, ctx.n_rows, ctx.src_dtype, ctx.accumulate,
+                                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_dst, grad_src, None, None, None, None

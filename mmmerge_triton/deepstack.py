@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .api import masked_row_scatter, masked_row_scatter_
+from . import inputs
+from .api import scatter, wants_grad
 from .plan import MergePlan
 
 
@@ -27,6 +28,11 @@ def deepstack_add(hidden_states: torch.Tensor, visual_embeds: torch.Tensor, plan
         hidden_states, updated in place, when no gradient is needed (inference); otherwise a new tensor
         (out of place, so autograd keeps any saved copy of the input intact), differentiable in both.
     """
-    if torch.is_grad_enabled() and (hidden_states.requires_grad or visual_embeds.requires_grad):
-        return masked_row_scatter(hidden_states, src=visual_embeds, plan=plan, accumulate=True)
-    return masked_row_scatter_(hidden_states, src=visual_embeds, plan=plan, accumulate=True)
+    inputs.check_tensor(hidden_states, "hidden_states")
+    inputs.check_tensor(visual_embeds, "visual_embeds")
+    if not isinstance(plan, MergePlan):
+        raise TypeError(f"plan must be a MergePlan of the visual position mask, got {type(plan).__name__}")
+    # Out of place where autograd needs the input (it may have saved it), in place otherwise.
+    return scatter(hidden_states, plan.mask, visual_embeds, in_place=not wants_grad(hidden_states, visual_embeds),
+                   accumulate=True, path="auto", plan=plan, check_count=False,
+                   names=("hidden_states", "plan.mask", "visual_embeds"))

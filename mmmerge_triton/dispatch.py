@@ -11,9 +11,13 @@ two-launch configuration carried to fewer source rows than its entry's takes pro
 program (a power of two), so that the launch keeps the entry's number of programs: a small M with many rows
 per program leaves SMs idle.
 Without a usable table (none for this device, unreadable, or written for another device) the heuristic
-below decides, after one warning. Decisions are cached per (device, dtypes, H, log2 N, log2 M, mask
-device), so dispatch costs a dict lookup per call. A dst whose rows form no 2-D view takes index_put
-whatever the table says (api._merge_ checks).
+below decides, after one warning. Inputs the Triton path cannot take (``triton_refusal``: not CUDA, a dtype
+other than fp32/fp16/bf16, 2**31 mask rows or more, a destination without a row view) take index_put.
+
+``decide`` is the one entry point: api.py asks it for every call, explain() returns what it returns. The
+table's rules read N and M through their quarter-octave bucket (``bucket``: exact below 8, else the top three
+bits), and a decision is cached per (device, dtypes, H, bucket of N, bucket of M, mask device): a function of
+its cache key alone, so the same input gets the same decision whatever came before, for a dict lookup.
 """
 from __future__ import annotations
 
@@ -22,13 +26,15 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from .inputs import TRITON_DTYPES
 from .paths import PATHS
-from .scatter import FUSED_BELOW, KernelConfig, default_config
+from .rowmap import MAX_ROWS
+from .scatter import FUSED_BELOW, KernelConfig, as_rows, default_config, supports
 
 TABLE_VERSION = 1
 FUSED_REACH = 1.5  # a fused (one-launch) winner serves N up to this multiple of its entry's N (or FUSED_BELOW)
@@ -36,8 +42,9 @@ _NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _NAME_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """What a merge runs: ``path``, the Triton ``config`` (None for the PyTorch paths), and ``reason``."""
+
     path: str
     config: KernelConfig | None
     reason: str
@@ -106,18 +113,24 @@ def _heuristic(dst: torch.Tensor, mask_on_device: bool, n: int, rows: int) -> De
     return Decision("triton", cfg, "heuristic: the Triton row copy on CUDA (scatter.default_config)")
 
 
-def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int) -> Decision:
-    """The decision for merging ``rows`` source rows of ``src_dtype`` into ``dst`` at ``mask``, with its reason
-    (uncached: explain() and the cache below use it)."""
-    n, hidden = mask.numel(), dst.shape[-1]
-    on_device = mask.is_cuda
+def bucket(x: int) -> int:
+    """The quarter-octave bucket of a count, as the value the rules read: x below 8, else x with all but its
+    top three bits cleared (so 16384 = FUSED_BELOW starts a bucket)."""
+    if x < 8:
+        return x
+    shift = x.bit_length() - 3
+    return x >> shift << shift
+
+
+def _table_decision(dst: torch.Tensor, on_device: bool, src_dtype: torch.dtype, n: int, rows: int) -> Decision:
+    """The table's (or the heuristic's) decision for N = n and M = rows, both bucket values."""
     if not dst.is_cuda:
         return _heuristic(dst, on_device, n, rows)
     table = load_table(torch.cuda.get_device_name(dst.device).replace(" ", "_"))
     if table is None:
         return _heuristic(dst, on_device, n, rows)
     mask_name, src_name, dst_name = ("gpu" if on_device else "cpu"), _NAMES[src_dtype], _NAMES[dst.dtype]
-    return decide_from_table(table, mask_name, src_name, dst_name, n, hidden, rows)
+    return decide_from_table(table, mask_name, src_name, dst_name, n, dst.shape[-1], rows)
 
 
 def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden: int, rows: int) -> Decision:
@@ -147,18 +160,58 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
     return Decision(best["path"], config, reason)
 
 
+
+
+def triton_refusal(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype,
+                   src: torch.Tensor | None = None) -> str | None:
+    """Why the Triton path cannot merge ``src`` (or rows of ``src_dtype``) into ``dst`` at ``mask`` (None: it
+    can). path="auto" then takes index_put; path="triton" raises with this reason."""
+    if not supports(dst.device):
+        return (f"it runs on CUDA tensors (the destination is on {dst.device}); on a CPU, set TRITON_INTERPRET=1 "
+                "before importing mmmerge_triton")
+    if dst.dtype not in TRITON_DTYPES or src_dtype not in TRITON_DTYPES:
+        return f"it moves float32, float16 and bfloat16 rows (got {src_dtype} into {dst.dtype})"
+    if mask.numel() > MAX_ROWS:
+        return f"its row maps are int32: at most {MAX_ROWS} mask rows (got {mask.numel()})"
+    for t, name in ((dst, "destination"), (src, "source")):  # a tensor at an odd byte, e.g. frombuffer(offset=1)
+        if t is not None and t.data_ptr() % t.element_size():
+            return f"the {name}'s address is not a multiple of its element size ({t.element_size()} bytes)"
+    if not (dst.dim() == 2 and dst.stride(1) == 1) and as_rows(dst) is None:
+        return (f"the destination's leading dims must flatten to rows without a copy (shape {tuple(dst.shape)}, "
+                f"strides {dst.stride()})")
+    return None
+
+
 _decisions: dict = {}
 
 
-def choose(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int) -> tuple[str, KernelConfig | None]:
-    """(path, config) for path="auto", cached per (device, dtypes, H, log2 N, log2 M, mask device). The
-    layout of dst is the caller's to check (a dst without a 2-D row view takes index_put)."""
-    key = (dst.get_device(), dst.dtype, src_dtype, dst.shape[-1], mask.numel().bit_length(), rows.bit_length(),
-           mask.is_cuda)
+def choose(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int) -> Decision:
+    """The table's decision for inputs the Triton path can take, cached per (device, dtypes, H, bucket of N,
+    bucket of M, mask device), the rules reading the bucket values."""
+    n, on_device = bucket(mask.numel()), mask.is_cuda
+    key = (dst.get_device(), dst.dtype, src_dtype, dst.shape[-1], n, bucket(rows), on_device)
     found = _decisions.get(key)
     if found is None:
-        decision = decide(dst, mask, src_dtype, rows)
-        found = _decisions[key] = (decision.path, decision.config)
+        found = _decisions[key] = _table_decision(dst, on_device, src_dtype, n, key[5])
+    return found
+
+
+def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int, path: str = "auto",
+           src: torch.Tensor | None = None) -> Decision:
+    """The decision for merging ``rows`` source rows of ``src_dtype`` (``src`` itself where it is one tensor)
+    into ``dst`` at ``mask`` by ``path``: "auto" (the rules above), "triton" (raises ValueError where it cannot
+    run; else the table's Triton configuration, or the default one where the table picks another path), or a
+    PyTorch path by name."""
+    if path not in ("auto", "triton"):
+        return Decision(path, None, f"path={path!r} asked for by name")
+    refusal = triton_refusal(dst, mask, src_dtype, src)
+    if refusal:
+        if path == "triton":
+            raise ValueError(f"path='triton' cannot merge these inputs: {refusal}. path='auto' takes index_put there")
+        return Decision("index_put", None, f"the Triton path cannot merge these inputs: {refusal}")
+    found = choose(dst, mask, src_dtype, rows)
+    if path == "triton" and found.path != "triton":
+        return Decision("triton", None, f"path='triton' asked for by name; the default configuration ({found.reason})")
     return found
 
 

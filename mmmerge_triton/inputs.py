@@ -4,19 +4,26 @@ from __future__ import annotations
 from operator import attrgetter, itemgetter
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 
 NestedTensors = Union[torch.Tensor, Sequence["NestedTensors"]]
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes the Triton path moves (dst and src alike)."""
+MERGE_DTYPES = (torch.float64, *TRITON_DTYPES)
+"""The dtypes the API merges: float64 too, through the PyTorch paths (training code runs gradcheck in float64)."""
+FLOAT_DTYPES = TRITON_DTYPES  # an older name, kept for the integrations that import it
 
-_FLOAT_SET = set(FLOAT_DTYPES)
-_dtype_of, _device_of = attrgetter("dtype"), attrgetter("device")
+_MERGE_SET = set(MERGE_DTYPES)
+_MERGE_NAMES = "float64, float32, float16 or bfloat16"
+_dtype_of, _device_of, _layout_of = attrgetter("dtype"), attrgetter("device"), attrgetter("layout")
 _first, _second = itemgetter(0), itemgetter(1)
 
 
 def flatten_items(embeddings: NestedTensors, name: str) -> list[torch.Tensor]:
-    """The tensors of a (nested) list/tuple, in order, each flattened to [rows, H] (a view)."""
+    """The tensors of a (nested) list/tuple, in order, each flattened to [rows, H] (a view). Empty nested
+    lists contribute nothing (``[[]]`` is as empty as ``[]``)."""
     if isinstance(embeddings, (list, tuple)) and plain_tensors(embeddings) \
             and set(map(torch.Tensor.dim, embeddings)) == {2}:
         return list(embeddings)  # the common case, a flat list of [m_i, H] tensors: no call per item
@@ -43,24 +50,50 @@ def count_mismatch(num_rows: int, num_placeholders: int, expression: str | None 
 
 
 def check_tensor(t, name: str) -> None:
+    """A dense (strided) torch.Tensor: sparse and other layouts have no rows to address."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
+def check_flag(value, name: str) -> None:
+    """A bool argument: a truthy string or int is a caller's mistake, not a request."""
+    if type(value) is not bool:
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_path(path, choices: Sequence[str]) -> None:
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str ('auto' or one of {tuple(choices)}), got {type(path).__name__}")
+    if path != "auto" and path not in choices:
+        raise ValueError(f"path must be 'auto' or one of {tuple(choices)}, got {path!r}")
 
 
 def check_dst(dst, name: str) -> None:
-    """dst: [..., H] float32/float16/bfloat16."""
+    """dst: [..., H] float64/float32/float16/bfloat16."""
     check_tensor(dst, name)
-    if dst.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {dst.dtype}")
+    if dst.dtype not in _MERGE_SET:
+        raise TypeError(f"{name} must be {_MERGE_NAMES}, got {dst.dtype}")
     if dst.dim() < 1:
         raise ValueError(f"{name} must have shape [..., H], got a 0-dim tensor")
 
 
+def check_writable(dst: torch.Tensor, name: str) -> None:
+    """PyTorch's rule for inference tensors, which the Triton path (writing behind autograd) must apply itself."""
+    if dst.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{name}: Inplace update to inference tensor outside InferenceMode is not allowed. You can make a clone "
+            "to get a normal tensor before doing inplace update. See https://github.com/pytorch/rfcs/pull/17 for "
+            "more details."
+        )
+
+
 def check_src(src, dst: torch.Tensor, src_name: str, dst_name: str) -> None:
-    """src: [M, H] float32/float16/bfloat16 on dst's device, H as dst's."""
+    """src: [M, H] float64/float32/float16/bfloat16 on dst's device, H as dst's."""
     check_tensor(src, src_name)
-    if src.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{src_name} must be float32, float16 or bfloat16, got {src.dtype}")
+    if src.dtype not in _MERGE_SET:
+        raise TypeError(f"{src_name} must be {_MERGE_NAMES}, got {src.dtype}")
     if src.dim() != 2:
         raise ValueError(f"{src_name} must have shape [M, H], got {tuple(src.shape)}")
     if src.shape[1] != dst.shape[-1]:
@@ -78,14 +111,19 @@ def plain_tensors(items) -> bool:
 def check_items(items: list[torch.Tensor], dst: torch.Tensor, src_name: str, dst_name: str) -> list[int]:
     """Checks each item as check_src does, and returns their row counts [m_i]. One pass per property, a few
     hundred ns per item on a fast host, where a call of check_src per item costs about 1 µs: engines pass
-    hundreds of items. Any failure reruns the item by item checks, which raise the error naming it."""
+    hundreds of items. Any failure reruns the item by item checks, which raise the error naming the item
+    (its index in the flattened list, and its shape)."""
     if plain_tensors(items):
         sizes = list(map(torch.Tensor.size, items))
         if (set(map(len, sizes)) == {2} and set(map(_second, sizes)) == {dst.shape[-1]}
-                and set(map(_dtype_of, items)) <= _FLOAT_SET and set(map(_device_of, items)) == {dst.device}):
+                and set(map(_dtype_of, items)) <= _MERGE_SET and set(map(_device_of, items)) == {dst.device}
+                and set(map(_layout_of, items)) == {torch.strided}):
             return list(map(_first, sizes))
-    for item in items:
-        check_src(item, dst, src_name, dst_name)
+    single = len(items) == 1
+    for i, item in enumerate(items):
+        name = src_name if single else f"{src_name} item {i}" + (
+            f" (shape {tuple(item.shape)})" if isinstance(item, torch.Tensor) else "")
+        check_src(item, dst, name, dst_name)
     return [item.shape[0] for item in items]
 
 
@@ -95,8 +133,50 @@ def check_mask(mask, dst: torch.Tensor, mask_name: str, dst_name: str) -> None:
     if mask.dtype != torch.bool:
         raise TypeError(f"{mask_name} must be a bool tensor, got {mask.dtype}")
     if mask.shape != dst.shape[:-1]:
+        if dst.dim() == 1:  # most often a caller's [N] rows passed as dst by mistake
+            raise ValueError(
+                f"{mask_name} has shape {tuple(mask.shape)}; {dst_name} is 1-D (one row of H={dst.shape[0]}), so "
+                f"{mask_name} must be a 0-dim bool. For N rows pass {dst_name} as [N, H]"
+            )
         raise ValueError(
             f"{mask_name} has shape {tuple(mask.shape)}; expected {tuple(dst.shape[:-1])} ({dst_name}.shape[:-1])"
         )
     if mask.device != dst.device and mask.device.type != "cpu":
         raise ValueError(f"{mask_name} is on {mask.device}; it must be on the CPU or on {dst_name}'s device ({dst.device})")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses that ``t`` may touch."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + (last + 1) * t.element_size()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors may share bytes. Cheap: tensors of disjoint allocations (the common case) are told
+    apart by their storages' address ranges (about 0.5 µs); within one allocation, by the address spans the
+    tensors touch, conservatively (interleaved views of disjoint bytes inside one span count as overlapping)."""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    pa, pb = sa.data_ptr(), sb.data_ptr()
+    if not (pa < pb + sb.nbytes() and pb < pa + sa.nbytes()):
+        return False
+    if a.device != b.device or a.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, a1 = _byte_span(a)
+    b0, b1 = _byte_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def any_overlaps(items: list[torch.Tensor], dst: torch.Tensor) -> bool:
+    """Whether any item [m_i, H] (on dst's device) may share bytes with dst (see overlaps). One pass per
+    property over the list: engines pass hundreds of items."""
+    if not items or dst.numel() == 0 or items[0].shape[1] == 0:
+        return False
+    d0, d1 = _byte_span(dst)
+    starts = np.fromiter(map(torch.Tensor.data_ptr, items), dtype=np.int64, count=len(items))
+    rows = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+    strides = np.array(list(map(torch.Tensor.stride, items)), dtype=np.int64).reshape(len(items), 2)
+    sizes = np.fromiter(map(torch.Tensor.element_size, items), dtype=np.int64, count=len(items))
+    last = (rows - 1) * strides[:, 0] + (items[0].shape[1] - 1) * strides[:, 1]
+    ends = starts + (last + 1) * sizes
+    return bool(np.any((rows > 0) & (starts < d1) & (d0 < ends)))

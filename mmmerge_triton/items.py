@@ -2,8 +2,10 @@
 
 Engines ``torch.cat`` their items before the scatter: an allocation of M x H and a full extra read and write
 of every multimodal row. Here each item is addressed relative to the first one's storage through a small
-table (element offset and first compact row of each item), staged with the row map in pinned memory and
-sent in one host-to-device copy into a buffer kept per stream.
+table (element offset and first compact row of each item), staged with the row map in the pinned ring and
+sent in one host-to-device copy to the ring's device mirror (staging.PinnedArena.put_device), under the
+same fences as the ring: one session per merge spans the staging, the copy and the launch, so threads and
+streams never share a table in flight.
 
 Host time is what limits this path (a few hundred items are common), so everything per item is done in one
 pass per property (``map`` over the list, numpy over the results), never in a Python call per item.
@@ -18,7 +20,7 @@ import torch
 
 from .kernels import multi_row_copy_kernel
 from .launch import FastKernel
-from .rowmap import CountMismatch, RowMap, device_rows, host_rows
+from .rowmap import MAX_ROWS, CountMismatch, RowMap, check_fits, device_rows, host_rows
 from .scatter import KernelConfig, cdiv
 from .staging import RawPointer, arena
 
@@ -50,7 +52,10 @@ _COPY_BYTES_PER_US = 2.9e6
 def items_in_place_pays(n_items: int, n_rows: int, n_mask: int, dst: torch.Tensor, src_dtype: torch.dtype) -> bool:
     """Whether reading the items in place beats concatenating them first, in loop time (the larger of host and
     device time, as calls overlap). In place halves the device work (one read and one write of the rows, where
-    cat + scatter does both twice) but costs more host time per item."""
+    cat + scatter does both twice) but costs more host time per item. Never past MAX_ROWS mask rows: the
+    item tables and row maps are int32."""
+    if n_mask > MAX_ROWS or n_rows > MAX_ROWS:
+        return False
     device_us = n_rows * dst.shape[-1] * (src_dtype.itemsize + dst.element_size()) / _COPY_BYTES_PER_US
     host_us = _MERGE_HOST_US + _MASK_ROW_HOST_US * n_mask
     in_place = max(host_us + _TABLE_HOST_US + _ITEM_HOST_US * n_items, device_us)
@@ -80,32 +85,20 @@ def common_row_stride(items: list[torch.Tensor]) -> int | None:
     return hidden if stride is None else stride
 
 
-def _tables(items: ItemList) -> tuple[np.ndarray, np.ndarray, int]:
+def _tables(items: ItemList) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(item element offsets from the first item [T] int64, item first rows [T + 1] int32, alignment in
-    elements that every offset shares)."""
+    elements that every offset shares), or None when an item's address is not a multiple of its element size
+    (``torch.frombuffer(..., offset=1)``, DLPack): element offsets cannot address it."""
     tensors = items.tensors
     size = tensors[0].element_size()
     ptrs = np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
+    if size > 1 and np.any(ptrs % size):
+        return None
     offsets = (ptrs - ptrs[0]) // size
     starts = np.zeros(len(tensors) + 1, dtype=np.int32)
     np.cumsum(items.rows, out=starts[1:])
     align = 16 // size if not np.any(ptrs % 16) else 1
     return offsets, starts, align
-
-
-_DEVICE_TABLES: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _to_device(pinned: torch.Tensor, device: torch.device, stream: int) -> int:
-    """Copy staged bytes into a device buffer kept per (device, stream); returns the copy's address. Work on
-    one stream runs in order, so the next call's copy cannot overwrite a table before this call's kernel has
-    read it (and no allocation is made per call)."""
-    buffer = _DEVICE_TABLES.get((device.index, stream))
-    if buffer is None or buffer.numel() < pinned.numel():
-        buffer = torch.empty(max(pinned.numel(), 1 << 16), dtype=torch.uint8, device=device)
-        _DEVICE_TABLES[(device.index, stream)] = buffer  # a replaced buffer is freed in stream order
-    buffer[: pinned.numel()].copy_(pinned, non_blocking=True)
-    return buffer.data_ptr()
 
 
 def _host_tensors(parts: list[np.ndarray]) -> list[torch.Tensor]:
@@ -116,15 +109,23 @@ def _host_tensors(parts: list[np.ndarray]) -> list[torch.Tensor]:
 def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: ItemList, stride: int, accumulate: bool,
                 cfg: KernelConfig, rowmap: RowMap | None = None) -> None:
     """dst2d[mask] = cat(items) (or +=), without the cat. items: 2-D, one dtype, unit column stride, sharing
-    row ``stride`` (common_row_stride). Raises CountMismatch for a CPU mask whose count differs."""
+    row ``stride`` (common_row_stride). Raises CountMismatch for a CPU mask whose count differs, and a
+    ValueError past MAX_ROWS mask rows. Items at addresses that are not a multiple of their element size are
+    concatenated first (the one case that pays for the cat)."""
     if 0 in items.rows:  # an empty item has no rows to address (nor, maybe, storage)
         kept = [(t, r) for t, r in zip(*items) if r]
         if not kept:
             return
         items = ItemList([t for t, _ in kept], [r for _, r in kept])
-    offsets, starts, align = _tables(items)
+    check_fits(max(dst2d.shape[0], sum(items.rows)), "reading items in place")
+    tables = _tables(items)
+    if tables is None:
+        whole = torch.cat(items.tensors)
+        items, stride = ItemList([whole], [whole.shape[0]]), whole.stride(0)
+        tables = _tables(items)
+    offsets, starts, align = tables
     first = items.tensors[0]
-    n_rows, n_items = int(starts[-1]), len(offsets)
+    n_rows = int(starts[-1])
     if align > 1 and (stride * first.element_size()) % 16:
         align = 1
     device = dst2d.device
@@ -138,27 +139,31 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: ItemList, stride
     if rowmap is None and on_device:
         rowmap = device_rows(mask, n_rows)
     parts = [starts, offsets] + ([host] if host is not None else [])
-    if device.type == "cuda":
-        stream = torch._C._cuda_getCurrentRawStream(device.index)
-        pinned, at = arena(device.index).put_packed(parts, stream)
-        base = _to_device(pinned, device, stream)
-        starts_dev, offsets_dev = RawPointer(base + at[0], torch.int32), RawPointer(base + at[1], torch.int64)
-        staged_rows = RawPointer(base + at[2], torch.int32) if host is not None else None
-    else:
-        starts_dev, offsets_dev, *rest = _host_tensors(parts)
-        staged_rows = rest[0] if host is not None else None
-    rows, count = (staged_rows, None) if host is not None else rowmap
+    common = (dst2d, first, stride, n_rows, len(offsets), accumulate, cfg, align)
+    if device.type != "cuda":
+        starts_host, offsets_host, *rest = _host_tensors(parts)
+        rows, count = (rest[0], None) if host is not None else rowmap
+        _launch(*common, offsets_host, starts_host, rows, count)
+        return
+    with arena(device.index) as ring:  # staging, the table's copy and the launch that reads both: one session
+        base, at = ring.put_device(parts)
+        rows, count = (RawPointer(base + at[2], torch.int32), None) if host is not None else rowmap
+        _launch(*common, RawPointer(base + at[1], torch.int64), RawPointer(base + at[0], torch.int32), rows, count)
+
+
+def _launch(dst2d, first, stride, n_rows, n_items, accumulate, cfg, align, offsets, starts, rows, count) -> None:
+    """multi_row_copy_kernel over the staged tables (tensors or RawPointers readable by the kernel)."""
     hidden = dst2d.shape[1]
     has_count = count is not None
     steps = max(1, (n_items - 1).bit_length())
-    key = (device.index, dst2d.dtype, first.dtype, dst2d.data_ptr() % 16, first.data_ptr() % 16, hidden,
+    key = (dst2d.device.index, dst2d.dtype, first.dtype, dst2d.data_ptr() % 16, first.data_ptr() % 16, hidden,
            dst2d.stride(0), stride, accumulate, has_count, steps, align, cfg)
     _multi_row_copy.launch(
         key,
         (cdiv(n_rows, cfg.rows), 1),
-        (dst2d, first, offsets_dev, starts_dev, rows, count if has_count else rows, n_rows, n_items, hidden,
+        (dst2d, first, offsets, starts, rows, count if has_count else rows, n_rows, n_items, hidden,
          dst2d.stride(0), stride),
         (1 if accumulate else 0, has_count, cfg.rows, cfg.block_h, steps, align),
         (cfg.num_warps, cfg.num_stages),
-        device.index,
+        dst2d.device.index,
     )

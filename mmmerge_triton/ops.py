@@ -2,14 +2,18 @@
 
 Eager calls from the public API skip these (a custom_op costs 40-55 µs per eager call on the H100 host,
 MEASUREMENTS.md); they are what the API calls while tracing, and what ``torch.ops.mmmerge_triton.*``
-names. Their fake implementations only check shapes, so a compiled graph holds them without a break.
+names. Each checks its inputs as the Python API does (they are public). Their fake implementations only
+check shapes, so a compiled graph holds them without a break. The out-of-place scatter and the gather have
+autograd formulas written with these same ops, so gradients of any order are PyTorch's; the in-place
+scatter has none (PyTorch registers none for a mutating custom op) and refuses inputs that need one.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from . import api
-from .autograd import gather_masked_rows
+from . import api, inputs
+from .autograd import gather_masked_rows, scatter_backward
 from .scatter import supports
 
 _NAMES = ("dst", "mask", "src")
@@ -28,25 +32,72 @@ def _(dst, mask, src, accumulate, path, check_count):
     return None
 
 
+_lib = torch.library.Library("mmmerge_triton", "IMPL")
+
+
+def _in_place_autograd(dst, mask, src, accumulate, path, check_count):
+    """The in-place op's autograd kernel: no formula, so a call that needs gradients is refused before it
+    writes (without this, PyTorch would run it and drop src's gradient silently)."""
+    if torch.is_grad_enabled() and (dst.requires_grad or src.requires_grad):
+        raise RuntimeError(
+            "torch.ops.mmmerge_triton.masked_row_scatter_ has no autograd formula (it mutates dst): with inputs "
+            "that require grad, call mmmerge_triton.masked_row_scatter_ (it routes gradients through the "
+            "out-of-place op) or torch.ops.mmmerge_triton.masked_row_scatter"
+        )
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, accumulate, path, check_count)
+
+
+_lib.impl("masked_row_scatter_", _in_place_autograd, "Autograd")
+
+
 @torch.library.custom_op("mmmerge_triton::masked_row_scatter", mutates_args=())
 def masked_row_scatter_op(
     dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, accumulate: bool, path: str, check_count: bool
 ) -> torch.Tensor:
-    """Out of place: a copy of dst with [mask] = src (or +=). See mmmerge_triton.masked_row_scatter."""
-    out = dst.clone()
+    """Out of place: a contiguous copy of dst with [mask] = src (or +=). See mmmerge_triton.masked_row_scatter."""
+    inputs.check_dst(dst, "dst")
+    out = dst.clone(memory_format=torch.contiguous_format)
     api._merge_(out, mask, src, accumulate=accumulate, path=path, plan=None, check_count=check_count, names=_NAMES)
     return out
 
 
 @masked_row_scatter_op.register_fake
 def _(dst, mask, src, accumulate, path, check_count):
-    return torch.empty_like(dst)
+    return torch.empty_like(dst, memory_format=torch.contiguous_format)
+
+
+def _setup_scatter(ctx, inputs, output):
+    dst, mask, src, accumulate, path, _ = inputs
+    ctx.save_for_backward(mask)
+    ctx.accumulate, ctx.src_dtype, ctx.n_rows = accumulate, src.dtype, src.shape[0]
+
+
+def _scatter_backward(ctx, grad):
+    (mask,) = ctx.saved_tensors
+    grad_dst, grad_src = scatter_backward(grad, mask, ctx.n_rows, ctx.src_dtype, ctx.accumulate,
+                                          ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+    return grad_dst, None, grad_src, None, None, None
+
+
+masked_row_scatter_op.register_autograd(_scatter_backward, setup_context=_setup_scatter)
+
+
+def _check_gather(dense, mask, num_rows, dtype) -> None:
+    inputs.check_dst(dense, "dense")
+    inputs.check_mask(mask, dense, "mask", "dense")
+    if num_rows < 0:
+        raise ValueError(f"num_rows must be >= 0, got {num_rows}")
+    if dtype not in inputs.MERGE_DTYPES:
+        raise TypeError(f"dtype must be float64, float32, float16 or bfloat16, got {dtype}")
 
 
 @torch.library.custom_op("mmmerge_triton::masked_row_gather", mutates_args=())
 def masked_row_gather_op(dense: torch.Tensor, mask: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """[num_rows, H]: row j is dense's j-th masked row cast to ``dtype`` (zero past the mask's true rows)."""
-    if supports(dense.device):
+    """[num_rows, H]: row j is dense's j-th masked row cast to ``dtype`` (zero past the mask's true rows).
+    dense: [..., H]; mask: bool of shape dense.shape[:-1], on the CPU or on dense's device."""
+    _check_gather(dense, mask, num_rows, dtype)
+    if supports(dense.device) and dense.dtype in inputs.TRITON_DTYPES and dtype in inputs.TRITON_DTYPES:
         return gather_masked_rows(dense, mask, num_rows, dtype)
     picked = dense[mask.to(dense.device)][:num_rows].to(dtype)
     out = picked.new_zeros(num_rows, dense.shape[-1])
@@ -56,23 +107,25 @@ def masked_row_gather_op(dense: torch.Tensor, mask: torch.Tensor, num_rows: int,
 
 @masked_row_gather_op.register_fake
 def _(dense, mask, num_rows, dtype):
+    _check_gather(dense, mask, num_rows, dtype)
     return dense.new_empty(num_rows, dense.shape[-1], dtype=dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    dst, mask, src, accumulate, path, _ = inputs
+def _setup_gather(ctx, inputs, output):
+    dense, mask, num_rows, _ = inputs
     ctx.save_for_backward(mask)
-    ctx.accumulate, ctx.path, ctx.src_dtype, ctx.n_rows = accumulate, path, src.dtype, src.shape[0]
+    ctx.dense_shape, ctx.dense_dtype = dense.shape, dense.dtype
 
 
-def _backward(ctx, grad):
+def _gather_backward(ctx, grad):
+    """grad_dense: zeros with the gathered rows' gradients scattered back (the first min(K, num_rows) rows)."""
     (mask,) = ctx.saved_tensors
-    grad_src = torch.ops.mmmerge_triton.masked_row_gather(grad, mask, ctx.n_rows, ctx.src_dtype)
-    grad_dst = grad
-    if not ctx.accumulate:  # the rows that were overwritten get no gradient
-        zeros = grad.new_zeros(ctx.n_rows, grad.shape[-1])
-        grad_dst = torch.ops.mmmerge_triton.masked_row_scatter(grad, mask, zeros, False, ctx.path, False)
-    return grad_dst, None, grad_src, None, None, None
+    if mask.is_cpu:  # counted on the host: the scatter back takes exactly K rows (a device mask moves min(K, M))
+        k = int(np.count_nonzero(mask.numpy()))
+        grad = grad[:k] if k <= grad.shape[0] else torch.cat([grad, grad.new_zeros(k - grad.shape[0], grad.shape[1])])
+    zeros = grad.new_zeros(ctx.dense_shape, dtype=ctx.dense_dtype)
+    grad_dense = torch.ops.mmmerge_triton.masked_row_scatter(zeros, mask, grad, False, "auto", False)
+    return grad_dense, None, None, None
 
 
-masked_row_scatter_op.register_autograd(_backward, setup_context=_setup_context)
+masked_row_gather_op.register_autograd(_gather_backward, setup_context=_setup_gather)

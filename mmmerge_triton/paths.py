@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .rowmap import RowMap, device_rows, host_rows, staged_rows
+from .rowmap import CountMismatch, RowMap, check_fits, device_rows, host_rows
 from .scatter import ADD, COPY, KernelConfig, as_rows, default_config, mask_bytes, mask_row_copy, row_copy, supports
+from .staging import arena
 
 
 def rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
@@ -27,13 +28,15 @@ def rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
 def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, config: KernelConfig | None = None):
     """The Triton row copy. A CPU mask: one launch, its row map staged in pinned memory and read in place.
     A device mask: one launch that finds offsets in-kernel (``config.fused``), or a row-map build then the
-    copy. Extra device memory: none for a CPU mask or a fused launch, 4 bytes per source row otherwise."""
+    copy. Extra device memory: none for a CPU mask or a fused launch, 4 bytes per source row otherwise.
+    Raises CountMismatch (a CPU mask whose true rows are not src's rows) before anything is written."""
     if not supports(dst.device):
         raise RuntimeError(
             "path='triton' runs on CUDA tensors; to run it on the CPU, set TRITON_INTERPRET=1 "
             "before importing mmmerge_triton"
         )
     dst2d = dst if dst.dim() == 2 and dst.stride(1) == 1 else rows_view(dst, "triton")
+    check_fits(dst2d.shape[0], "path='triton'")
     src2d = src if src.stride(1) == 1 or src.shape[1] == 1 else src.contiguous()  # src is [M, H]
     n_rows = src2d.shape[0]
     on_device = mask.is_cuda
@@ -41,12 +44,24 @@ def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, confi
     mode = ADD if accumulate else COPY
     if rowmap is None:
         if not on_device:
-            rowmap = staged_rows(mask, n_rows, dst.device)
-        elif cfg.fused:
+            rows = host_rows(mask)
+            if rows.size != n_rows:  # the map is count-less: it is read up to n_rows
+                raise CountMismatch(n_rows, rows.size)
+            if not dst.is_cuda:  # the interpreter reads host memory
+                row_copy(dst2d, src2d, torch.from_numpy(rows), None, mode, cfg)
+                return
+            if torch._C._cuda_isCurrentStreamCapturing():  # a replay would read a ring slot reused since
+                raise RuntimeError(
+                    "a CPU mask cannot be captured in a CUDA graph: its row map is staged per call. "
+                    "Capture with a mask on the GPU, or with a MergePlan built before capture."
+                )
+            with arena(dst.device.index) as ring:  # the reservation and the launch that reads it: one session
+                row_copy(dst2d, src2d, ring.put_int32(rows), None, mode, cfg)
+            return
+        if cfg.fused:
             mask_row_copy(dst2d, src2d, mask_bytes(mask), mode, cfg)
             return
-        else:
-            rowmap = device_rows(mask, n_rows)
+        rowmap = device_rows(mask, n_rows)
     row_copy(dst2d, src2d, rowmap.rows, rowmap.count, mode, cfg)
 
 
@@ -60,7 +75,8 @@ def merge_masked_scatter(dst, mask, src, accumulate, rowmap=None, config=None):
     """Legacy ``dst.masked_scatter_(mask[..., None], src)``: no sync, but it takes a prefix sum over the
     N*H broadcast mask (about 9 bytes per element of dst). ``accumulate`` adds a dense scattered copy, as
     engines add deepstack features today, then keeps the untouched rows as they were."""
-    expanded = mask.to(dst.device, non_blocking=True).unsqueeze(-1)
+    # != 0: a bool's byte may be 2 or 255 (a uint8 view); PyTorch's CUDA prefix sums would add it as such.
+    expanded = (mask.to(dst.device, non_blocking=True).view(torch.uint8) != 0).unsqueeze(-1)
     values = src.to(dst.dtype)
     # The aten op by name: integrations.transformers may have rerouted the Tensor method.
     if accumulate:  # a dense scattered copy added where the mask is set (untouched rows keep their bits, -0.0 too)
@@ -77,11 +93,11 @@ def merge_index_copy(dst, mask, src, accumulate, rowmap=None, config=None):
     dst2d = rows_view(dst, "index_copy")
     n, m = dst2d.shape[0], src.shape[0]
     if mask.device.type == "cpu":
-        index = torch.from_numpy(host_rows(mask).astype(np.int64))
+        index = torch.from_numpy(host_rows(mask).astype(np.int64, copy=False))  # int64 past 2**31 rows
         if dst.is_cuda:
             index = index.pin_memory().to(dst.device, non_blocking=True)
     else:
-        flat = mask.reshape(-1)
+        flat = mask.reshape(-1).view(torch.uint8) != 0  # 0/1 bytes: a bool may hold 2 or 255 (a uint8 view)
         ranks = torch.cumsum(flat, 0) - 1
         ranks.masked_fill_(~flat, m)
         rows = torch.full((m + 1,), n, dtype=torch.long, device=dst.device)

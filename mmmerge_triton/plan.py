@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .rowmap import RowMap, host_rows
+from .rowmap import RowMap, check_fits, host_rows
 from .scatter import mask_bytes, mask_to_rows
 from .staging import arena
 
@@ -25,12 +25,24 @@ class MergePlan:
     ``rows`` and ``count`` from the device, so ``update_`` with a new mask of the same N, then a replay,
     merges the new prompt).
 
-    mask: bool [...] (flattened to N rows), on the CPU or on a CUDA device.
+    mask: bool [...] (flattened to N <= 2**31 - 1 rows), on the CPU or on a CUDA device. Any nonzero byte
+        counts as true. The plan merges the mask as it was at the last ``update_``: a mask changed in place
+        since then raises a ValueError at the next merge (``check_current``; its version counter tells, so a
+        write through ``.numpy()`` or DLPack goes unseen). An inference tensor has no version counter: the
+        plan keeps its own copy of such a mask, so every path merges that copy.
     device: where the merges run; defaults to the mask's device.
+
+    Streams, as for any tensor: ``__init__`` and ``update_`` write the map on the stream current then. A
+    merge on another stream must be ordered after that write (``stream.wait_stream(writer)``); an
+    ``update_`` must be ordered after the merges still queued elsewhere that read the old map; and a plan
+    dropped while another stream's merges are queued must be kept alive until they have run, or marked
+    with ``plan.record_stream(stream)`` first. Threads may merge with one plan at once; updating it while
+    another thread merges with it is a race, as for any tensor.
     """
 
     def __init__(self, mask: torch.Tensor, device: torch.device | str | None = None):
         _require_bool(mask)
+        check_fits(mask.numel(), "MergePlan")
         self.device = torch.device(device) if device is not None else mask.device
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -49,26 +61,52 @@ class MergePlan:
             raise ValueError(f"mask has shape {tuple(mask.shape)}; this plan was built for {tuple(self.shape)}")
         if mask.device.type != "cpu" and mask.device != self.device:
             raise ValueError(f"mask is on {mask.device}; it must be on the CPU or on the plan's device ({self.device})")
-        self.mask = mask
+        if mask.device.type == "cpu" and self.device.type == "cuda" and torch._C._cuda_isCurrentStreamCapturing():
+            # A replay would re-read a ring slot reused since.
+            raise RuntimeError("MergePlan.update_ with a CPU mask cannot be captured in a CUDA graph: "
+                               "update outside the graph, or capture the update from a mask on the device")
+        if mask.is_inference():  # no version counter to watch: keep a copy that no one else can change
+            mask, version = mask.clone(), None
+        else:
+            version = mask._version
         if mask.device.type == "cpu":
             rows = host_rows(mask)
-            self.host_count = int(rows.size)
             head = np.zeros(_HEAD, dtype=np.int32)
             head[0] = rows.size
-            if self.device.type == "cuda":  # staged in the pinned ring (fenced until the copy has read it)
-                if torch._C._cuda_isCurrentStreamCapturing():  # a replay would re-read a ring slot reused since
-                    raise RuntimeError("MergePlan.update_ with a CPU mask cannot be captured in a CUDA graph: "
-                                       "update outside the graph, or capture the update from a mask on the device")
-                index = self.device.index
-                pinned, _ = arena(index).put_packed([head, rows], torch._C._cuda_getCurrentRawStream(index))
-                staged = pinned.view(torch.int32)
+            used = _HEAD + rows.size
+            if self.device.type == "cuda":  # staged in the pinned ring, the copy that reads it in one session
+                with arena(self.device.index) as ring:
+                    pinned, _ = ring.put_packed([head, rows])
+                    self._buffer[:used].copy_(pinned.view(torch.int32)[:used], non_blocking=True)
             else:
-                staged = torch.from_numpy(np.concatenate([head, rows]))
-            self._buffer[: _HEAD + rows.size].copy_(staged[: _HEAD + rows.size], non_blocking=True)
+                self._buffer[:used].copy_(torch.from_numpy(np.concatenate([head, rows])))
+            self.host_count = int(rows.size)
         else:
-            self.host_count = None
             mask_to_rows(mask_bytes(mask), self.rows, self.count, self.num_rows)
+            self.host_count = None
+        self.mask, self._built_from, self._version = mask, mask, version
         return self
+
+    def check_current(self, mask_name: str = "mask") -> None:
+        """Raise a ValueError (naming ``mask_name``) if the plan's mask was changed in place, or replaced,
+        since the plan was built or last updated: its row map would be stale. Cheap (no sync): the API calls
+        it before every merge with a plan, on every path."""
+        mask = self.mask
+        if mask is not self._built_from:
+            raise ValueError(f"plan.mask was replaced after the plan was built; call plan.update_({mask_name}) "
+                             "to merge a new mask")
+        if self._version is not None and mask._version != self._version:
+            raise ValueError(f"{mask_name} was changed in place after its MergePlan was built or last updated "
+                             f"(version {self._version}, now {mask._version}), so the plan's row map is stale: "
+                             f"call plan.update_({mask_name}) after changing it")
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """``Tensor.record_stream`` for the plan's device memory: freed, it is not reused before the work
+        queued on ``stream`` so far has run. For a plan dropped while merges on ``stream`` may be queued."""
+        if self._buffer.is_cuda:
+            self._buffer.record_stream(stream)
+        if self._version is None and self.mask.is_cuda:
+            self.mask.record_stream(stream)  # the plan's own copy of an inference mask
 
     @property
     def rowmap(self) -> RowMap:

@@ -2,8 +2,8 @@
 exclusive prefix sum of the mask). row_copy_kernel moves rows through them.
 
 A CPU mask's map is computed on the host (``np.flatnonzero``) and staged in pinned memory that the kernel
-reads in place: no copy launch, no sync, and the count is known on the host. A device mask's map is built
-on the device by mask_to_rows_kernel, its count left there: no sync either.
+reads in place (staging.py): no copy launch, no sync, and the count is known on the host. A device mask's
+map is built on the device by mask_to_rows_kernel, its count left there: no sync either.
 """
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import numpy as np
 import torch
 
 from .scatter import mask_bytes, mask_to_rows
-from .staging import RawPointer, arena
+from .staging import RawPointer
+
+MAX_ROWS = 2**31 - 1
+"""The most mask rows an int32 row map can address (the staged map, MergePlan, the item tables)."""
 
 
 class RowMap(NamedTuple):
@@ -32,42 +35,51 @@ class CountMismatch(ValueError):
         self.num_rows, self.num_placeholders = num_rows, num_placeholders
 
 
+def check_fits(n: int, what: str) -> None:
+    """Raise a ValueError naming ``what`` unless an int32 row map can address ``n`` mask rows."""
+    if n > MAX_ROWS:
+        raise ValueError(f"{what} uses int32 row maps: at most {MAX_ROWS} mask rows (2**31 - 1), got {n}; "
+                         "merge such a mask with path='index_put' (or 'index_copy')")
+
+
 _arange = np.arange(0, dtype=np.int32)
 
 
 def host_rows(mask: torch.Tensor) -> np.ndarray:
-    """Flat indices of the true entries of a CPU bool mask: [K] int32. (Indexing a kept int32 arange is the
-    fastest form numpy has: 0.38 µs against 1.0 for np.flatnonzero at N=512, 3.5 against 5.1 at N=16384.)"""
+    """Flat indices of the true entries of a CPU bool mask: [K] int32, or int64 past MAX_ROWS entries.
+
+    Any nonzero byte is true, as in PyTorch (a bool tensor viewed from uint8 may hold 2 or 255): numpy's
+    boolean indexing and count test ``!= 0``. (Indexing a kept int32 arange is the fastest form numpy has:
+    0.38 µs against 1.0 for np.flatnonzero at N=512, 3.5 against 5.1 at N=16384.)
+    """
     global _arange
     flat = mask.numpy().reshape(-1)
-    if _arange.size < flat.size:
-        _arange = np.arange(max(flat.size, 2 * _arange.size), dtype=np.int32)
-    return _arange[: flat.size][flat]
-
-
-def staged_rows(mask: torch.Tensor, n_rows: int, device: torch.device) -> RowMap:
-    """The row map of a CPU mask, readable by a kernel on ``device`` without a sync.
-
-    Raises CountMismatch (before anything is staged) unless the mask has exactly ``n_rows`` true rows: a
-    count-less map is read up to n_rows.
-    """
-    rows = host_rows(mask)
-    if rows.size != n_rows:
-        raise CountMismatch(n_rows, rows.size)
-    return stage_rows(rows, device)
+    if flat.size > MAX_ROWS:  # int32 would wrap (and a kept arange of that size would take 8 GiB)
+        return np.flatnonzero(flat)
+    arange = _arange  # one read: another thread may swap in a larger arange meanwhile
+    if arange.size < flat.size:
+        arange = _arange = np.arange(min(max(flat.size, 2 * arange.size), MAX_ROWS), dtype=np.int32)
+    return arange[: flat.size][flat]
 
 
 def stage_rows(rows: np.ndarray, device: torch.device) -> RowMap:
-    """Host row indices [K], made readable by a kernel on ``device`` without a sync (a count-less map of K)."""
+    """Host row indices [K], made readable by a kernel on ``device`` without a sync (a count-less map of K).
+
+    On CUDA this is a device copy made through PyTorch's pinned caching allocator, which keeps its host
+    buffer until the copy has run, from any thread on any stream: no session with the ring is needed, at
+    the cost of a copy launch (for backward passes; the forward merges read the ring in place).
+    """
+    if rows.size and rows.dtype != np.int32:
+        check_fits(int(rows.max()) + 1, "the staged row map")
+    host = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int32))
     if device.type != "cuda":  # the interpreter reads host memory directly
-        return RowMap(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int32)), None)
+        return RowMap(host, None)
     if torch._C._cuda_isCurrentStreamCapturing():
         raise RuntimeError(
             "a CPU mask cannot be captured in a CUDA graph: its row map is staged per call. "
             "Capture with a mask on the GPU, or with a MergePlan built before capture."
         )
-    index = device.index
-    return RowMap(arena(index).put_int32(rows, torch._C._cuda_getCurrentRawStream(index)), None)
+    return RowMap(host.pin_memory().to(device, non_blocking=True), None)
 
 
 def device_rows(mask: torch.Tensor, capacity: int) -> RowMap:

@@ -164,8 +164,8 @@ def test_plan_updated_between_forward_and_backward_keeps_forward_grads(path):
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_gradcheck_float32(path, accumulate):
-    """The API takes fp32/fp16/bf16 only (float64 is a TypeError), so gradcheck runs in fp32 with loose
-    tolerances: the op is linear, so central differences are exact up to fp32 rounding."""
+    """The Triton path moves fp32/fp16/bf16 only, so its gradcheck runs in fp32 with loose tolerances: the op
+    is linear, so central differences are exact up to fp32 rounding."""
     mask = make_mask("random50", (2, 5), seed=3)
     dst = randn(2, 5, 3).requires_grad_()
     src = randn(int(mask.sum()), 3, seed=1).requires_grad_()
@@ -180,3 +180,190 @@ def test_gradcheck_float32(path, accumulate):
         warnings.filterwarnings("ignore", message=".*double precision floating point.*")
         for fn in (in_place, out_of_place):
             assert torch.autograd.gradcheck(fn, (dst, src), eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("path", ["auto", "index_put", "masked_scatter", "index_copy"])
+def test_gradcheck_and_gradgradcheck_float64(path, accumulate):
+    """Training code runs gradcheck in float64: the PyTorch paths (and auto, which takes one) merge it."""
+    mask = make_mask("random50", (2, 5), seed=3)
+    dst = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    src = torch.randn(int(mask.sum()), 3, dtype=torch.float64, requires_grad=True)
+
+    def in_place(d, s):
+        return mm.masked_row_scatter_(d.clone(), mask, s, accumulate=accumulate, path=path)
+
+    def out_of_place(d, s):
+        return mm.masked_row_scatter(d, mask, s, accumulate=accumulate, path=path)
+
+    for fn in (in_place, out_of_place):
+        assert torch.autograd.gradcheck(fn, (dst, src))
+        assert torch.autograd.gradgradcheck(fn, (dst, src))
+
+
+def test_triton_path_refuses_float64_naming_the_dtypes():
+    mask = make_mask("random50", (7,))
+    dst = torch.randn(7, 3, dtype=torch.float64)
+    before = dst.clone()
+    with pytest.raises(ValueError, match=r"path='triton'.*float32, float16 and bfloat16.*float64"):
+        mm.masked_row_scatter_(dst, mask, torch.randn(int(mask.sum()), 3, dtype=torch.float64), path="triton")
+    assert_bits_equal(dst, before)
+
+
+# ---- gradients on every route: eager, compiled, subclasses, dispatch modes, double backward ------------------
+
+def torch_merge(d, mask, s, accumulate=False):
+    """PyTorch's own in-place merge of a copy of d: the gradients to match."""
+    return d.clone().index_put_((mask,), s.to(d.dtype), accumulate=accumulate)
+
+
+def grads_of(fn, mask, accumulate=False, seed=0):
+    d = randn(*mask.shape, H, seed=seed).requires_grad_()
+    s = randn(int(mask.sum()), H, seed=seed + 1).requires_grad_()
+    upstream = randn(*mask.shape, H, seed=seed + 2)
+    (fn(d, s) * upstream).sum().backward()
+    return d.grad, s.grad
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("kind", ["in_place", "out_of_place"])
+def test_compiled_merge_gives_pytorchs_gradients(kind, path, accumulate):
+    """Compiled, the API calls the registered ops: an in-place call that needs gradients must still give them
+    (it used to reach the in-place op, which has no autograd formula, and src.grad came back None)."""
+    torch._dynamo.reset()
+    mask = make_mask("random50", (3, 7), seed=4)
+    scatter = mm.masked_row_scatter_ if kind == "in_place" else mm.masked_row_scatter
+
+    def ours(d, s):
+        return scatter(d.clone() if kind == "in_place" else d, mask, s, accumulate=accumulate, path=path)
+
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    got_dst, got_src = grads_of(compiled, mask, accumulate)
+    want_dst, want_src = grads_of(lambda d, s: torch_merge(d, mask, s, accumulate), mask, accumulate)
+    assert got_src is not None, "src's gradient was dropped"
+    assert_bits_equal(got_dst, want_dst, "grad_dst")
+    assert_bits_equal(got_src, want_src, "grad_src")
+
+
+class Wrapped(torch.Tensor):
+    """A tensor subclass with the default __torch_function__ (as DTensor-like wrappers go through the API's op
+    route)."""
+
+
+class CountingMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("route", ["subclass", "dispatch_mode"])
+@pytest.mark.parametrize("kind", ["in_place", "out_of_place"])
+def test_subclass_and_dispatch_mode_give_pytorchs_gradients(kind, route, path):
+    mask = make_mask("random50", (3, 7), seed=5)
+    scatter = mm.masked_row_scatter_ if kind == "in_place" else mm.masked_row_scatter
+
+    def ours(d, s):
+        d = d.clone()
+        if route == "subclass":
+            d, s = d.as_subclass(Wrapped), s.as_subclass(Wrapped)
+            return scatter(d, mask, s, path=path)
+        mode = CountingMode()
+        with mode:
+            out = scatter(d, mask, s, path=path)
+        assert mode.calls > 0
+        return out
+
+    got_dst, got_src = grads_of(ours, mask)
+    want_dst, want_src = grads_of(lambda d, s: torch_merge(d, mask, s), mask)
+    assert got_src is not None, "src's gradient was dropped"
+    assert_bits_equal(got_dst, want_dst, "grad_dst")
+    assert_bits_equal(got_src, want_src, "grad_src")
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_double_backward_matches_pytorch(path, accumulate):
+    """A Hessian-vector product through the merge: the backward must itself be differentiable."""
+    mask = make_mask("random50", (11,), seed=6)
+    weight = randn(11, H, seed=9)
+    vec = randn(int(mask.sum()), H, seed=10)
+
+    def hvp(merge):
+        d = randn(11, H, seed=7).requires_grad_()
+        s = randn(int(mask.sum()), H, seed=8).requires_grad_()
+        loss = (merge(d * 1, s) ** 2 * weight).sum()
+        (g_src,) = torch.autograd.grad(loss, s, create_graph=True)
+        return torch.autograd.grad((g_src * vec).sum(), (d, s), allow_unused=True)
+
+    for kind in (mm.masked_row_scatter_, mm.masked_row_scatter):
+        got = hvp(lambda d, s: kind(d, mask, s, accumulate=accumulate, path=path))
+        want = hvp(lambda d, s: torch_merge(d, mask, s, accumulate))
+        for g, w, name in zip(got, want, ("d", "s")):
+            if w is None:
+                assert g is None or not g.any(), f"hvp wrt {name}"
+            else:  # equal values (the sign of an exact zero may differ between the two graphs)
+                assert g is not None and torch.equal(g, w), f"hvp wrt {name}: {g} != {w}"
+
+
+def test_registered_in_place_op_refuses_inputs_that_need_gradients():
+    mask = make_mask("random50", (9,))
+    dst = randn(9, H)
+    src = randn(int(mask.sum()), H, seed=1).requires_grad_()
+    before = dst.clone()
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, False, "auto", False)
+    assert_bits_equal(dst, before)
+    with torch.no_grad():
+        torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, False, "auto", False)
+    assert_bits_equal(dst[mask], src.detach())
+
+
+# ---- PyTorch's in-place rules, raised before anything is written ----------------------------------------------
+
+def leaf_param():
+    return torch.nn.Parameter(randn(9, H))
+
+
+IN_PLACE_TARGETS = {  # name -> (a function giving dst to write in place, keeping what it writes into alive)
+    "leaf": lambda: (lambda t: (t, t))(randn(9, H).requires_grad_()),
+    "parameter": lambda: (lambda t: (t, t))(leaf_param()),
+    "view_of_leaf": lambda: (lambda t: (t[1:], t))(randn(10, H).requires_grad_()),
+    "unbind_output": lambda: (lambda t: (t.unbind(0)[1], t))((randn(3, 9, H).requires_grad_() * 1)),
+}
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("target", IN_PLACE_TARGETS.keys())
+def test_in_place_write_that_autograd_forbids_raises_pytorchs_error_first(target, path):
+    mask = make_mask("random50", (9,), seed=2)
+    src = randn(int(mask.sum()), H, seed=3)
+    dst, owner = IN_PLACE_TARGETS[target]()
+    before = owner.detach().clone()
+    with pytest.raises(RuntimeError) as ours:
+        mm.masked_row_scatter_(dst, mask, src, path=path)
+    assert_bits_equal(owner.detach(), before, "written before raising")
+    dst, _ = IN_PLACE_TARGETS[target]()
+    with pytest.raises(RuntimeError) as stock:
+        dst.index_put_((mask,), src)
+    assert str(ours.value) == str(stock.value)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_in_place_write_to_an_inference_tensor_outside_inference_mode_raises(path):
+    with torch.inference_mode():
+        dst = randn(9, H)
+    mask = make_mask("random50", (9,), seed=2)
+    src = randn(int(mask.sum()), H, seed=3)
+    before = dst.clone()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        mm.masked_row_scatter_(dst, mask, src, path=path)
+    assert_bits_equal(dst, before)
+    with torch.inference_mode():  # inside the mode the write is legal
+        mm.masked_row_scatter_(dst, mask, src, path=path)
+    assert_bits_equal(dst[mask], src)

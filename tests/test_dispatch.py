@@ -152,13 +152,40 @@ def test_the_shipped_table_is_valid_and_its_selection_reproducible():
 def test_decisions_are_cached_per_bucket(monkeypatch):
     dispatch.clear_cache()
     calls = []
-    real = dispatch.decide
-    monkeypatch.setattr(dispatch, "decide", lambda *a: calls.append(a) or real(*a))
+    real = dispatch._table_decision
+    monkeypatch.setattr(dispatch, "_table_decision", lambda *a: calls.append(a) or real(*a))
     dst, mask = torch.zeros(300, 16), make_mask("random50", (300,))
-    for rows in (150, 151, 200):  # one log2 bucket of M
+    for rows in (160, 170, 191):  # one quarter-octave bucket of M: [160, 192)
         dispatch.choose(dst, mask, torch.float32, rows)
     dispatch.choose(dst, mask, torch.float32, 20)
     assert len(calls) == 2
+    assert [a[3:] for a in calls] == [(256, 160), (256, 20)], "the rules read the bucket values"
+
+
+def test_buckets_are_quarter_octaves_aligned_with_the_rules():
+    assert [dispatch.bucket(x) for x in (0, 1, 7, 8, 9, 15, 16, 23, 24)] == [0, 1, 7, 8, 8, 14, 16, 20, 24]
+    assert dispatch.bucket(dispatch.FUSED_BELOW) == dispatch.FUSED_BELOW  # the threshold starts a bucket
+    assert dispatch.bucket(dispatch.FUSED_BELOW - 1) < dispatch.FUSED_BELOW
+
+
+def test_a_decision_does_not_depend_on_which_call_came_first(monkeypatch):
+    """Over many inputs in two orders, each input gets one decision. The rules read exact N and M where the
+    cache was keyed by their octave, so whichever input came first in a bucket set the one-launch/two-launch
+    choice for the rest. Here the shipped H100 table decides (device masks, bf16) through choose()'s cache."""
+    table = json.loads(SHIPPED.read_text())
+    monkeypatch.setattr(dispatch, "_table_decision", lambda dst, on_device, src_dtype, n, rows:
+                        dispatch.decide_from_table(table, "gpu", "bf16", "bf16", n, dst.shape[-1], rows))
+    sizes = [(n, m) for n in (900, 1000, 12000, 15000, 16383, 16384, 17000, 23000, 24000, 100000)
+             for m in (1, 7, 100, 3000, 4000, 8000) if m <= n]
+
+    def decisions(order):
+        dispatch.clear_cache()
+        return {(n, m): dispatch.choose(torch.empty(0, 4096), torch.empty(n, dtype=torch.bool), torch.bfloat16, m)
+                for n, m in order}
+
+    first, second = decisions(sizes), decisions(sizes[::-1])
+    assert first == second
+    assert {d.config.fused for d in first.values()} == {True, False}, "both kernel kinds are exercised"
 
 
 def test_explain_names_the_rule_and_writes_nothing():

@@ -32,10 +32,9 @@ ARGUMENT_CASES = {
     "hidden_mismatch": lambda d, m, s: (d, m, s[:, :-1], ValueError, r"\bsrc\b has hidden size 3; \bdst\b has 4"),
     "src_1d": lambda d, m, s: (d, m, s[0], ValueError, r"\bsrc\b must have shape \[M, H\]"),
     "src_3d": lambda d, m, s: (d, m, s[None], ValueError, r"\bsrc\b must have shape \[M, H\]"),
-    "src_int32": lambda d, m, s: (d, m, s.to(torch.int32), TypeError, r"\bsrc\b must be float32"),
-    "src_float64": lambda d, m, s: (d, m, s.double(), TypeError, r"\bsrc\b must be float32.*float64"),
-    "dst_float64": lambda d, m, s: (d.double(), m, s, TypeError, r"\bdst\b must be float32.*float64"),
-    "dst_int64": lambda d, m, s: (d.long(), m, s, TypeError, r"\bdst\b must be float32"),
+    "src_int32": lambda d, m, s: (d, m, s.to(torch.int32), TypeError, r"\bsrc\b must be float64, float32"),
+    "src_complex64": lambda d, m, s: (d, m, s.to(torch.complex64), TypeError, r"\bsrc\b must be float64.*complex64"),
+    "dst_int64": lambda d, m, s: (d.long(), m, s, TypeError, r"\bdst\b must be float64, float32"),
     "dst_0d": lambda d, m, s: (d[0, 0], torch.tensor(True), s, ValueError, r"\bdst\b must have shape"),
     "more_src_rows": lambda d, m, s: (d, m, torch.cat([s, s[:1]]), ValueError,
                                       r"^Attempted to assign 4 multimodal tokens to 3 placeholders$"),
@@ -191,10 +190,13 @@ def test_merge_with_empty_item_list_returns_early_unchanged(path, empty):
 MERGE_CASES = {  # (inputs_embeds, multimodal_embeddings, is_multimodal) -> invalid ones, error, message regex
     "item_not_tensor": lambda e, i, m: (e, [i, 3], m, TypeError, r"\bmultimodal_embeddings\b must be a tensor"),
     "item_hidden_mismatch": lambda e, i, m: (e, [i[:5], i[5:, :-1]], m, ValueError,
-                                             r"\bmultimodal_embeddings\b has hidden size 3; \binputs_embeds\b has 4"),
+                                             r"\bmultimodal_embeddings item 1 \(shape \(5, 3\)\) has hidden size 3; "
+                                             r"\binputs_embeds\b has 4"),
     "item_1d": lambda e, i, m: (e, [i[:9], i[9]], m, ValueError, r"\bmultimodal_embeddings\b must have shape"),
-    "item_int": lambda e, i, m: (e, [i.long()], m, TypeError, r"\bmultimodal_embeddings\b must be float32"),
-    "embeds_float64": lambda e, i, m: (e.double(), i, m, TypeError, r"\binputs_embeds\b must be float32"),
+    "item_int": lambda e, i, m: (e, [i.long()], m, TypeError, r"\bmultimodal_embeddings\b must be float64, float32"),
+    "second_item_int": lambda e, i, m: (e, [i[:4], i[4:].long()], m, TypeError,
+                                        r"\bmultimodal_embeddings item 1 \(shape \(6, 4\)\) must be float64"),
+    "embeds_int": lambda e, i, m: (e.int(), i, m, TypeError, r"\binputs_embeds\b must be float64, float32"),
     "mask_uint8": lambda e, i, m: (e, i, m.to(torch.uint8), TypeError, r"\bis_multimodal\b must be a bool"),
     "mask_wrong_shape": lambda e, i, m: (e, i, m[:-2], ValueError, r"\bis_multimodal\b has shape \(14,\)"),
     "mask_on_other_device": lambda e, i, m: (e, i, m.to("meta"), ValueError, r"\bis_multimodal\b is on meta"),
@@ -234,16 +236,16 @@ def test_merge_with_non_tensor_inputs_embeds_raises_type_error():
         mm.merge_multimodal_embeddings(embeds.tolist(), randn(10, H), mask)
 
 
-# ---- the Triton path without the interpreter ----------------------------------------------------------------
+# ---- the Triton path where it cannot run ---------------------------------------------------------------------
 
-def test_triton_path_on_cpu_without_interpreter_raises_runtime_error():
+def test_triton_path_on_cpu_without_interpreter_raises_value_error():
     code = (
         "import torch, mmmerge_triton as mm\n"
         "dst = torch.zeros(4, 8); mask = torch.tensor([True, False, True, False]); src = torch.ones(2, 8)\n"
         "try:\n"
         "    mm.masked_row_scatter_(dst, mask, src, path='triton')\n"
-        "except RuntimeError as e:\n"
-        "    assert 'TRITON_INTERPRET' in str(e), e\n"
+        "except ValueError as e:\n"
+        "    assert 'TRITON_INTERPRET' in str(e) and \"path='triton'\" in str(e), e\n"
         "    assert dst.eq(0).all()\n"
         "    print('raised')\n"
         "mm.masked_row_scatter_(dst, mask, src, path='auto')\n"
@@ -253,3 +255,134 @@ def test_triton_path_on_cpu_without_interpreter_raises_runtime_error():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "raised"
+
+
+def test_triton_path_on_a_meta_destination_raises_value_error_naming_the_device():
+    dst, mask, src = (t.to("meta") for t in base_inputs())
+    with pytest.raises(ValueError, match=r"path='triton'.*CUDA tensors.*meta"):
+        mm.masked_row_scatter_(dst, mask, src, path="triton")
+
+
+# ---- flags, paths, layouts, nested empties, 1-D destinations -------------------------------------------------
+
+@pytest.mark.parametrize("value", ["yes", 1, None, np.bool_(True)], ids=["str", "int", "none", "numpy_bool"])
+@pytest.mark.parametrize("flag", ["accumulate", "check_count"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_flags_must_be_bool_on_every_path(path, flag, value):
+    dst, mask, src = base_inputs()
+    before = dst.clone()
+    with pytest.raises(TypeError, match=rf"^{flag} must be a bool, got"):
+        mm.masked_row_scatter_(dst, mask, src, path=path, **{flag: value})
+    assert_bits_equal(dst, before)
+
+
+@pytest.mark.parametrize("path", [None, 3, ["triton"]], ids=["none", "int", "list"])
+def test_non_string_path_raises_type_error_naming_path(path):
+    dst, mask, src = base_inputs()
+    before = dst.clone()
+    with pytest.raises(TypeError, match=r"^path must be a str"):
+        mm.masked_row_scatter_(dst, mask, src, path=path)
+    with pytest.raises(TypeError, match=r"^path must be a str"):
+        mm.merge_multimodal_embeddings(dst, src, mask, path=path)
+    assert_bits_equal(dst, before)
+
+
+SPARSE_CASES = {
+    "dst": lambda d, m, s: (d.to_sparse(), m, s, r"\bdst\b must be a dense \(strided\) tensor"),
+    "mask": lambda d, m, s: (d, m.to_sparse(), s, r"\bmask\b must be a dense \(strided\) tensor"),
+    "src": lambda d, m, s: (d, m, s.to_sparse(), r"\bsrc\b must be a dense \(strided\) tensor"),
+}
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES.keys())
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_sparse_tensors_raise_type_error_naming_them(path, case):
+    dst, mask, src, message = SPARSE_CASES[case](*base_inputs())
+    with pytest.raises(TypeError, match=message):
+        mm.masked_row_scatter_(dst, mask, src, path=path)
+
+
+def test_sparse_item_raises_type_error_naming_it():
+    embeds, mask = mm_inputs(10)
+    with pytest.raises(TypeError, match=r"\bmultimodal_embeddings item 1 .*dense \(strided\)"):
+        mm.merge_multimodal_embeddings(embeds, [randn(4, H), randn(6, H).to_sparse()], mask)
+
+
+@pytest.mark.parametrize("nested", [[[]], [[], ()], ([[]],)], ids=["list_of_list", "two_empties", "tuple"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_nested_empty_item_lists_are_a_no_op_like_an_empty_list(path, nested):
+    embeds, mask = mm_inputs(10)
+    before = embeds.clone()
+    assert mm.merge_multimodal_embeddings(embeds, nested, mask, path=path) is embeds
+    assert_bits_equal(embeds, before)
+
+
+@pytest.mark.parametrize("selected", [True, False])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_1d_destination_with_a_0d_mask_agrees_with_pytorch_on_every_path(path, selected):
+    dst = randn(H, seed=1)
+    mask = torch.tensor(selected)
+    src = randn(int(selected), H, seed=2)
+    expected = dst.clone()
+    expected[mask] = src
+    mm.masked_row_scatter_(dst, mask, src, path=path)
+    assert_bits_equal(dst, expected)
+
+
+def test_1d_destination_with_a_1d_mask_says_what_to_pass():
+    with pytest.raises(ValueError, match=r"\bis_multimodal\b has shape \(5,\); \binputs_embeds\b is 1-D.*\[N, H\]"):
+        mm.merge_multimodal_embeddings(randn(5), randn(2, 5), torch.ones(5, dtype=torch.bool))
+
+
+# ---- deepstack_add names its own arguments ----------------------------------------------------------------
+
+DEEPSTACK_CASES = {
+    "hidden_not_tensor": (lambda h, v, p: (h.tolist(), v, p), TypeError, r"^hidden_states must be a torch.Tensor"),
+    "embeds_not_tensor": (lambda h, v, p: (h, v.tolist(), p), TypeError, r"^visual_embeds must be a torch.Tensor"),
+    "no_plan": (lambda h, v, p: (h, v, None), TypeError, r"^plan must be a MergePlan"),
+    "mask_not_plan": (lambda h, v, p: (h, v, p.mask), TypeError, r"^plan must be a MergePlan"),
+    "hidden_mismatch": (lambda h, v, p: (h, v[:, :-1], p), ValueError, r"\bvisual_embeds\b has hidden size 3; "
+                                                                         r"\bhidden_states\b has 4"),
+    "count_mismatch": (lambda h, v, p: (h, v[:-1], p), ValueError, r"^Attempted to assign 2 multimodal tokens to 3"),
+    "hidden_float64_int": (lambda h, v, p: (h.int(), v, p), TypeError, r"^hidden_states must be float64"),
+}
+
+
+@pytest.mark.parametrize("case", DEEPSTACK_CASES.keys())
+def test_deepstack_add_errors_name_its_own_arguments(case):
+    make, error, message = DEEPSTACK_CASES[case]
+    hidden, mask, visual = base_inputs()
+    hidden, visual, plan = make(hidden, visual, mm.MergePlan(mask))
+    before = hidden.clone() if isinstance(hidden, torch.Tensor) else None
+    with pytest.raises(error, match=message):
+        mm.deepstack_add(hidden, visual, plan)
+    if before is not None:
+        assert_bits_equal(hidden, before)
+
+
+# ---- tensors at odd addresses ---------------------------------------------------------------------------------
+
+def odd_address(rows: int, cols: int) -> torch.Tensor:
+    """A float16 [rows, cols] tensor one byte past an aligned address (torch.frombuffer(..., offset=1))."""
+    raw = bytearray(2 * rows * cols + 1)
+    t = torch.frombuffer(raw, dtype=torch.float16, offset=1, count=rows * cols).view(rows, cols)
+    t.copy_(torch.randn(rows, cols).half())
+    return t
+
+
+@pytest.mark.parametrize("which", ["dst", "src"])
+def test_odd_address_takes_index_put_under_auto_and_is_refused_by_triton(which):
+    mask = MASK.clone()
+    dst = odd_address(N, H) if which == "dst" else randn(N, H, dtype=torch.float16)
+    src = odd_address(K, H) if which == "src" else randn(K, H, dtype=torch.float16, seed=2)
+    assert (dst if which == "dst" else src).data_ptr() % 2 == 1
+    decision = mm.explain(dst, src, mask)
+    assert decision.path == "index_put" and "multiple of its element size" in decision.reason
+    before = dst.clone()
+    with pytest.raises(ValueError, match=r"path='triton'.*not a multiple of its element size"):
+        mm.masked_row_scatter_(dst, mask, src, path="triton")
+    assert_bits_equal(dst, before)
+    expected = dst.clone()
+    expected[mask] = src
+    mm.masked_row_scatter_(dst, mask, src)
+    assert_bits_equal(dst, expected)

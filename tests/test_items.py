@@ -105,7 +105,7 @@ def test_several_items_into_a_destination_without_row_view_raise_value_error():
     mask[0, 1] = mask[1, 1] = mask[2, 3] = True
     embeds = randn(5, 3, 8).transpose(0, 1)
     before = embeds.clone()
-    with pytest.raises(ValueError, match="path='triton' needs the destination's leading dims"):
+    with pytest.raises(ValueError, match=r"path='triton' .*the destination's leading dims"):
         mm.merge_multimodal_embeddings(embeds, [randn(1, 8), randn(2, 8)], mask, path="triton")
     assert_bits_equal(embeds, before)
 
@@ -155,3 +155,28 @@ def test_merge_items_count_mismatch_with_cpu_mask_raises_before_writing():
     with pytest.raises(ValueError, match=r"^Attempted to assign 3 \+ 5 \+ 2 = 10 multimodal tokens to 9 placeholders$"):
         mm.merge_multimodal_embeddings(dst, items, mask, path="triton")
     assert_bits_equal(dst, before)
+
+
+@pytest.mark.parametrize("layout", ["first_off", "second_off", "both_off_alike"])
+def test_items_at_addresses_off_their_element_size_are_merged_right(layout):
+    """An item whose address is not a multiple of its element size (torch.frombuffer(..., offset=1), DLPack)
+    cannot be addressed in elements from another item: such lists are concatenated instead of read in place
+    (before, the odd item was read one byte early)."""
+    storage = np.zeros(4096, dtype=np.uint8)
+    offsets = {"first_off": (1, 1000), "second_off": (0, 1001), "both_off_alike": (1, 1001)}[layout]
+
+    def item(rows, byte_offset, seed):
+        t = torch.frombuffer(storage, dtype=torch.float16, offset=byte_offset, count=rows * H).view(rows, H)
+        t.copy_(randn(rows, H, dtype=torch.float16, seed=seed))
+        return t
+
+    items = [item(3, offsets[0], 1), item(4, offsets[1], 2)]
+    assert [t.data_ptr() % 2 for t in items] == [o % 2 for o in offsets]
+    assert items_mod._tables(items_mod.ItemList.of(items)) is None
+    mask = make_mask("random50", (20,), seed=3)
+    mask.view(-1)[:] = False
+    mask.view(-1)[[1, 2, 5, 8, 9, 13, 19]] = True
+    embeds = randn(20, H, dtype=torch.float32, seed=4)
+    before = embeds.clone()
+    mm.merge_multimodal_embeddings(embeds, items, mask, path="triton")
+    assert_merged(embeds, before, mask, torch.cat(items), False, "triton")

@@ -204,6 +204,31 @@ def test_device_rows_of_a_2d_mask_uses_flat_row_indices():
     assert rows.tolist() == np.flatnonzero(mask.numpy()).tolist()
 
 
+# ---- bool bytes other than 0 and 1 ---------------------------------------------------------------------------
+
+def odd_bytes_mask(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a bool mask whose true bytes are 1, 2, 7 or 255 — as uint8_tensor.view(torch.bool) gives —, the same
+    mask with 0/1 bytes). PyTorch reads any nonzero byte as True."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.tensor([0, 1, 2, 7, 255], dtype=torch.uint8)[torch.randint(0, 5, (n,), generator=g)]
+    return raw.view(torch.bool), raw != 0
+
+
+@pytest.mark.parametrize("n", [37, scatter.PREFIX_CHUNK + 905])
+def test_mask_kernels_read_any_nonzero_byte_as_true(n):
+    odd, clean = odd_bytes_mask(n, seed=n)
+    true_rows = np.flatnonzero(clean.numpy())
+    k = true_rows.size
+    assert int(odd.view(torch.uint8).sum()) > k, "the mask must hold bytes above 1"
+    rows, count = rowmap.device_rows(odd, k)
+    assert count.tolist() == [k]
+    assert rows[:k].tolist() == true_rows.tolist()
+    dense = Guarded(n, 8, torch.float32, seed=1)
+    compact = Guarded(k, 8, torch.float32, seed=2)
+    scatter.mask_row_copy(dense.view, compact.view, odd.view(torch.uint8), COPY, KernelConfig(16, 8))
+    assert_rows_moved(COPY, dense, compact, true_rows, k)
+
+
 # ---- merge_triton with explicit configurations and row maps ----------------------------------------------
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
@@ -248,6 +273,6 @@ def test_merge_triton_rejects_a_destination_without_a_row_view():
     mask = make_mask("random50", (3, 5))
     dst = randn(5, 3, H).transpose(0, 1)  # [3, 5, H] whose leading dims do not flatten to a view
     before = dst.clone()
-    with pytest.raises(ValueError, match="path='triton' needs the destination's leading dims"):
+    with pytest.raises(ValueError, match="path='triton' cannot merge.*leading dims must flatten to rows"):
         mm.masked_row_scatter_(dst, mask, randn(int(mask.sum()), H), path="triton")
     assert_bits_equal(dst, before)

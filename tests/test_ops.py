@@ -101,3 +101,21 @@ def test_compiled_masked_row_scatter_backward_equals_eager():
     torch.testing.assert_close(compiled[0], eager[0])  # the sum may be reordered by inductor
     assert_bits_equal(compiled[1], eager[1], "grad_dst")
     assert_bits_equal(compiled[2], eager[2], "grad_src")
+
+
+GATHER_CASES = {  # (dense, mask, num_rows, dtype) -> a bad call of the public op, its error and message
+    "mask_longer_than_dense": (lambda d, m: (d, torch.cat([m, m]), 3, torch.float32), ValueError, r"\bmask\b has shape"),
+    "mask_not_bool": (lambda d, m: (d, m.to(torch.uint8), 3, torch.float32), TypeError, r"\bmask\b must be a bool"),
+    "negative_rows": (lambda d, m: (d, m, -1, torch.float32), ValueError, r"num_rows must be >= 0"),
+    "int_dtype": (lambda d, m: (d, m, 3, torch.int32), TypeError, r"^dtype must be"),
+    "dense_int": (lambda d, m: (d.int(), m, 3, torch.float32), TypeError, r"\bdense\b must be"),
+}
+
+
+@pytest.mark.parametrize("case", GATHER_CASES.keys())
+def test_masked_row_gather_checks_its_inputs_as_the_api_does(case):
+    """The registered ops are public: a mask longer than dense once read out of bounds."""
+    make, error, message = GATHER_CASES[case]
+    dense, mask, _ = op_inputs()
+    with pytest.raises(error, match=message):
+        OPS.masked_row_gather(*make(dense, mask))

@@ -144,3 +144,106 @@ def test_deepstack_add_with_grad_is_out_of_place_and_differentiable():
     (out * upstream).sum().backward()
     assert_bits_equal(hidden.grad, upstream, "grad hidden_states (accumulate: unchanged)")
     assert_bits_equal(visual.grad, upstream[mask], "grad visual_embeds")
+
+
+# ---- a mask changed after the plan was built ---------------------------------------------------------------
+
+def _swap_one_true_row(mask: torch.Tensor, how: str) -> None:
+    """Move one true row of ``mask`` elsewhere, in place: the count stays, so only staleness tells."""
+    flat = mask.view(-1)
+    i, j = int(flat.nonzero()[0]), int((~flat).nonzero()[-1])
+    if how == "setitem":
+        flat[i], flat[j] = False, True
+    elif how == "uint8_view":  # a write through another view shares the version counter
+        flat.view(torch.uint8)[i], flat.view(torch.uint8)[j] = 0, 1
+    else:  # copy_ from a mask of the same count
+        moved = flat.clone()
+        moved[i], moved[j] = False, True
+        flat.copy_(moved)
+
+
+@pytest.mark.parametrize("how", ["setitem", "uint8_view", "copy_"])
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_of_a_mask_changed_in_place_raises_before_writing(path, how):
+    mask = make_mask("random50", (3, 10), seed=5)
+    plan = mm.MergePlan(mask)
+    src = randn(plan.host_count, H, seed=6)
+    _swap_one_true_row(mask, how)
+    dst = randn(3, 10, H)
+    before = dst.clone()
+    with pytest.raises(ValueError, match=r"mask was changed in place after its MergePlan was built .* "
+                                         r"call plan\.update_\(mask\)"):
+        mm.masked_row_scatter_(dst, src=src, plan=plan, path=path)
+    assert_bits_equal(dst, before)
+    plan.update_(mask)  # then it merges the new mask
+    out = mm.masked_row_scatter_(dst.clone(), src=src, plan=plan, path=path)
+    assert_merged(out, dst, mask, src, False, path)
+
+
+def test_stale_plan_raises_for_merge_multimodal_embeddings_and_deepstack_add():
+    mask = make_mask("blocks", (30,))
+    plan = mm.MergePlan(mask)
+    k = plan.host_count
+    _swap_one_true_row(mask, "setitem")
+    embeds = randn(30, H)
+    before = embeds.clone()
+    with pytest.raises(ValueError, match="changed in place"):
+        mm.merge_multimodal_embeddings(embeds, [randn(2, H), randn(k - 2, H)], plan=plan)
+    with torch.no_grad(), pytest.raises(ValueError, match="changed in place"):
+        mm.deepstack_add(embeds, randn(k, H), plan)
+    assert_bits_equal(embeds, before)
+
+
+def test_check_current_names_the_mask_and_sees_a_replaced_mask():
+    mask = make_mask("random50", (20,))
+    plan = mm.MergePlan(mask)
+    plan.check_current("is_multimodal")  # fresh: no error
+    mask[0] = ~mask[0]
+    with pytest.raises(ValueError, match=r"^is_multimodal was changed in place .*plan\.update_\(is_multimodal\)"):
+        plan.check_current("is_multimodal")
+    assert plan.update_(mask) is plan
+    plan.check_current()
+    plan.mask = mask.clone()
+    with pytest.raises(ValueError, match=r"plan\.mask was replaced"):
+        plan.check_current()
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_of_an_inference_mask_merges_the_mask_it_was_built_from(path):
+    """An inference tensor has no version counter: the plan keeps a copy of the mask, so that every path
+    merges what the row map was built from, whatever happens to the original."""
+    with torch.inference_mode():
+        mask = make_mask("random50", (30,), seed=7)
+        built_from = mask.clone()
+        plan = mm.MergePlan(mask)
+        _swap_one_true_row(mask, "setitem")
+        dst = randn(30, H)
+        src = randn(plan.host_count, H, seed=8)
+        out = mm.masked_row_scatter_(dst.clone(), src=src, plan=plan, path=path)
+    assert plan.mask is not mask and torch.equal(plan.mask, built_from)
+    assert_merged(out, dst, built_from, src, False, path)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_plan_of_a_mask_with_bytes_2_and_255(path):
+    """A bool viewed from uint8 may hold any nonzero byte: true, as in PyTorch."""
+    raw = torch.tensor([0, 2, 255, 1, 0, 7] * 5, dtype=torch.uint8)
+    mask, clean = raw.view(torch.bool), raw != 0
+    plan = mm.MergePlan(mask)
+    assert plan.host_count == int(clean.sum()) and plan.count.tolist() == [int(clean.sum())]
+    assert plan.rows[: plan.host_count].tolist() == clean.nonzero().flatten().tolist()
+    dst = randn(30, H)
+    src = randn(plan.host_count, H, seed=9)
+    out = mm.masked_row_scatter_(dst.clone(), src=src, plan=plan, path=path)
+    assert_merged(out, dst, clean, src, False, path)
+
+
+def test_plan_of_more_than_2_31_rows_raises_before_allocating():
+    huge = torch.zeros(1, dtype=torch.bool).expand(2**31)  # no memory behind it
+    with pytest.raises(ValueError, match=r"MergePlan uses int32 row maps: at most 2147483647 mask rows"):
+        mm.MergePlan(huge)
+
+
+def test_record_stream_of_a_host_plan_does_nothing():
+    plan = mm.MergePlan(make_mask("random50", (10,)))
+    plan.record_stream(None)  # nothing on a device to mark

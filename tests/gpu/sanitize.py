@@ -346,6 +346,52 @@ def main() -> int:
                 assert_same(dst, expected)
             case(f"L items {layout} accumulate {mask_kind}", run)
 
+    # M. bool masks whose true bytes are not 1 (uint8_tensor.view(torch.bool)): any nonzero byte is True, on
+    # every kernel and every path; a byte summed as its value would misplace rows or leave row-map entries
+    # unwritten that row_copy then dereferences.
+    for n, k in [(64, 30), (5000, 2500), (17000, 9000)]:
+        for kind in ("cpu", "fused", "two_pass", "plan", "plan_cpu", "api"):
+            for acc in (False, True):
+                def run(n=n, k=k, kind=kind, acc=acc):
+                    clean = random_mask((n,), k, seed=n + 7)
+                    g = torch.Generator().manual_seed(n)
+                    odd = (clean.to(torch.uint8) * torch.randint(1, 256, (n,), generator=g, dtype=torch.uint8))
+                    odd = torch.where(clean, odd.clamp(min=2), odd).view(torch.bool)
+                    dst = rand((n, 48), torch.bfloat16, seed=41)
+                    src = rand((k, 48), torch.float32, seed=42)
+                    expected = reference(dst, clean, src, acc)
+                    merge(kind, dst, odd, src, acc)
+                    assert_same(dst, expected)
+                case(f"M odd mask bytes N{n} {kind} {'add' if acc else 'copy'}", run)
+    for path in ("auto", "triton", "index_put", "masked_scatter", "index_copy"):
+        for on_device in (False, True):
+            def run(path=path, on_device=on_device):
+                n, k = 300, 120
+                clean = random_mask((n,), k, seed=5)
+                odd = (clean.to(torch.uint8) * 255).view(torch.bool)
+                odd = odd.to(DEV) if on_device else odd
+                dst = rand((n, 24), torch.float16, seed=43)
+                src = rand((k, 24), torch.float16, seed=44)
+                expected = reference(dst, clean, src)
+                mt.masked_row_scatter_(dst, odd, src, path=path)
+                assert_same(dst, expected)
+            case(f"M odd mask bytes path={path} {'device' if on_device else 'cpu'} mask", run)
+
+    # N. a device mask that is dst's own bytes (the one-launch kernel would read bytes it writes): read first
+    for kind in ("auto", "triton"):
+        def run(kind=kind):
+            n, h = 4096, 64
+            dst = torch.zeros(n, h, dtype=torch.float16, device=DEV)
+            selected = random_mask((n,), 1000, seed=9)
+            selected[0] = True
+            mask = dst.view(torch.uint8).reshape(-1)[:n].view(torch.bool)
+            mask.view(torch.uint8).copy_(selected.view(torch.uint8).to(DEV))
+            src = rand((1000, h), torch.float16, seed=45)
+            expected = reference(dst, selected, src)
+            mt.masked_row_scatter_(dst, mask, src, path=kind)
+            assert_same(dst, expected)
+        case(f"N device mask aliasing dst path={kind}", run)
+
     # K (last): device masks whose flattened view is strided or expanded (a suspected package bug: the
     # kernels read mask.reshape(-1).view(torch.uint8) as contiguous bytes).
     for mask_layout in ("strided", "expanded"):

@@ -2,7 +2,10 @@
 memory that the kernel reads when it runs, and the ring reuses that memory lap after lap. Many back-to-back
 CPU-mask merges with different masks, with the GPU held back by sleeps so that it runs laps behind the
 host, must all stay right: a region rewritten before its kernel ran would scatter rows to the wrong places.
-Each test takes a fresh arena (the module's dict of arenas is swapped for the test), of the default size.
+Lists of items stage their tables there too, copied to the ring's device mirror. Each test takes a fresh
+arena (the module's dict of arenas is swapped for the test), of the default size. (The ring's protocol under
+threads, destroyed streams and growth is checked on a fake GPU in tests/test_staging.py, and on the GPU in
+test_threads.py.)
 """
 import pytest
 import torch
@@ -20,23 +23,11 @@ DEV = dev()
 
 @pytest.fixture
 def arena(monkeypatch):
-    """A fresh arena for this device, and counters of quarter switches and growths."""
+    """A fresh arena for this device (the module's dict of arenas is swapped for the test); its counters
+    ``switches`` (quarter switches) and ``growths`` start at 0."""
     monkeypatch.setattr(staging, "_ARENAS", {})
-    stats = {"quarters": 0, "grows": 0}
-    next_quarter, grow = staging.PinnedArena._next_quarter, staging.PinnedArena._grow
-
-    def counting_next_quarter(self):
-        stats["quarters"] += 1
-        return next_quarter(self)
-
-    def counting_grow(self, nbytes):
-        stats["grows"] += 1
-        return grow(self, nbytes)
-
-    monkeypatch.setattr(staging.PinnedArena, "_next_quarter", counting_next_quarter)
-    monkeypatch.setattr(staging.PinnedArena, "_grow", counting_grow)
     ar = staging.arena(DEV.index)
-    yield ar, stats
+    yield ar
     torch.cuda.synchronize()  # nothing may still read the arena once the fixture drops it
 
 
@@ -54,7 +45,7 @@ def _replay_reference(n, h, plan):
 
 
 def test_3000_calls_lap_the_ring(arena):
-    ar, stats = arena
+    ar = arena
     rows_per_quarter = ar.quarter_bytes // 4
     k_big = rows_per_quarter // 3 + 1  # two such maps fit in a quarter, a third does not
     k_small = 1000
@@ -87,15 +78,15 @@ def test_3000_calls_lap_the_ring(arena):
         merge(i, dst, mask, src, acc)
     torch.cuda.synchronize()
     # 3 big maps and a small one per 4 calls, 2 big maps per quarter: about 1125 switches (281 laps)
-    assert stats["quarters"] >= calls // 4, f"only {stats['quarters']} quarter switches: the ring did not lap"
-    assert stats["grows"] == 0
+    assert ar.switches >= calls // 4, f"only {ar.switches} quarter switches: the ring did not lap"
+    assert ar.growths == 0
     assert_same(dst, _replay_reference(n, h, sequence))
 
 
 def test_growth_keeps_pending_maps_alive(arena):
     """A row map larger than a quarter grows the arena (twice here) while earlier maps are still queued
     (the GPU sleeps): the retired buffers must stay valid until the kernels that read them have run."""
-    ar, stats = arena
+    ar = arena
     q_rows = ar.quarter_bytes // 4
     n, h = 2 * q_rows + 4096, 2
     sizes = [100] * 6 + [q_rows + 100] + [100] * 6 + [2 * q_rows + 2000] + [100] * 20 + [q_rows // 2] * 12
@@ -114,7 +105,7 @@ def test_growth_keeps_pending_maps_alive(arena):
     for mask, src, acc in sequence():
         mt.masked_row_scatter_(dst, mask, src, accumulate=acc, path="triton")
     torch.cuda.synchronize()
-    assert stats["grows"] == 2
+    assert ar.growths == 2
     assert ar.quarter_bytes >= 4 * quarter_before
     assert_same(dst, _replay_reference(n, h, sequence))
 
@@ -122,7 +113,7 @@ def test_growth_keeps_pending_maps_alive(arena):
 def test_many_distinct_masks_overwrite(arena):
     """Overwrites of distinct row sets into distinct buffers, queued behind a sleep: each buffer's final
     content shows which row map its kernel read."""
-    ar, _ = arena
+    ar = arena
     k = ar.quarter_bytes // 4 // 2 + 7  # one map per quarter: a lap every 4 calls
     n, h = 2 * k, 8
     n_bufs = 24
@@ -139,3 +130,54 @@ def test_many_distinct_masks_overwrite(arena):
         expected = torch.zeros(n, h, device=DEV)
         expected[m.to(DEV)] = src
         assert_same(d, expected, f"buffer {i}")
+
+
+def test_growth_keeps_item_tables_in_flight_alive(arena):
+    """Lists of items stage their tables in the ring and copy them to its device mirror, which is made on
+    first use on the stream current then (s1 here). A row map larger than a quarter grows the ring (and the
+    mirror) while item merges queued on the default stream behind a sleep still read the old mirror; s1 then
+    allocates and fills memory of the mirror's size. Had the old mirror been freed at the growth, s1's pool
+    would hand it out and the queued merges would read 0xFF bytes."""
+    ar = arena
+    s1 = torch.cuda.Stream()
+    q_rows = ar.quarter_bytes // 4
+    n, h = 2 * q_rows + 4096, 4
+    k_items, k_big = 3000, q_rows + 100
+    masks = [random_mask((n,), k_items, seed=200 + i) for i in range(8)]
+    big_mask = random_mask((n,), k_big, seed=300)
+    src, big_src = _int_src(k_items, h, 4), _int_src(k_big, h, 5)
+    splits = [(0, 7, 900, 2999, k_items), (0, 1500, k_items), (0, 1, 2, 3, 1000, k_items)]
+
+    def items(i):
+        cuts = splits[i % len(splits)]
+        return [src[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+    dsts = [torch.zeros(n, h, device=DEV) for _ in masks]
+    scratch = torch.zeros(n, h, device=DEV)
+    s1.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s1):  # compile every variant; the mirror is made on s1
+        for i in range(len(splits)):
+            mt.merge_multimodal_embeddings(scratch, items(i), masks[0], path="triton")
+    mt.masked_row_scatter_(scratch, big_mask, big_src, path="triton")
+    torch.cuda.synchronize()
+    # A fresh ring of the default size again, whose mirror s1 makes.
+    staging._ARENAS.clear()
+    ar = staging.arena(DEV.index)
+    with torch.cuda.stream(s1):
+        mt.merge_multimodal_embeddings(scratch, items(0), masks[0], path="triton")
+    torch.cuda.synchronize()
+    mirror_bytes = ar._mirror.numel()
+    gpu_sleep(50_000_000)  # ~25 ms on the default stream: everything below is queued behind it
+    for i, (d, m) in enumerate(zip(dsts, masks)):
+        mt.merge_multimodal_embeddings(d, items(i), m, path="triton")
+        if i == 3:  # the first half read the old mirror
+            mt.masked_row_scatter_(scratch, big_mask, big_src, path="triton")
+    assert ar.growths == 1
+    with torch.cuda.stream(s1):  # runs at once: s1 is idle
+        junk = [torch.full((mirror_bytes,), 255, dtype=torch.uint8, device=DEV) for _ in range(4)]
+    torch.cuda.synchronize()
+    del junk
+    for i, (d, m) in enumerate(zip(dsts, masks)):
+        expected = torch.zeros(n, h, device=DEV)
+        expected[m.to(DEV)] = src
+        assert_same(d, expected, f"item merge {i}")
