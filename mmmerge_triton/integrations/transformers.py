@@ -3,15 +3,21 @@
 Transformers VLMs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA and others) merge image features with an inline
 ``inputs_embeds.masked_scatter(mask, features)``, the mask [B, S, 1] (or expanded to [B, S, H]). While
 enabled, ``torch.Tensor.masked_scatter`` / ``masked_scatter_`` calls whose mask is constant along the last dim
-run as a row scatter (``masked_row_scatter``: no N*H prefix sum, differentiable as before); every other call
-goes to PyTorch unchanged (the same result or error, bit for bit). Qwen3-VL's deepstack add (``_deepstack_process``) becomes one accumulate launch over
-the visual rows with a row map built once per forward, instead of a clone plus two bool-mask index ops (two
-host syncs) per layer. It stays out of place, as HF's own is: callers may hold the layer's output.
+run as a row scatter (``masked_row_scatter``: no N*H prefix sum, differentiable as before, the result laid out
+as PyTorch's); every other call goes to PyTorch unchanged (the same result or error, bit for bit): other
+masks and dtypes, in-place calls PyTorch refuses or runs on aliased memory, and every traced call
+(torch.compile, torch.export, fake, meta and subclass tensors), where counting the mask would force a value.
+Qwen3-VL's deepstack add (``_deepstack_process``) becomes one accumulate launch over the visual rows with a row
+map built once per forward, instead of a clone plus two bool-mask index ops (two host syncs) per layer; traced,
+HF's own runs. It stays out of place, as HF's own is: callers may hold the layer's output. The switch is
+thread-safe, and a method looked up while enabled keeps working after ``disable()``.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
+from typing import Callable
 
 import torch
 
@@ -23,14 +29,55 @@ _DEEPSTACK_CLASSES = (
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextModel"),
     ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeTextModel"),
 )
-_stock: dict = {}  # what enable() replaced, for disable()
+# PyTorch's methods, taken once at import: the patched functions call these, never a table that disable()
+# clears, so a reference kept from while enabled, or a call racing a toggle in another thread, still works.
+# (A reload while enabled would find the patched function here: take the stock one it carries.)
+_STOCK_MASKED_SCATTER = getattr(torch.Tensor.masked_scatter, "_mmmerge_stock", torch.Tensor.masked_scatter)
+_STOCK_MASKED_SCATTER_ = getattr(torch.Tensor.masked_scatter_, "_mmmerge_stock", torch.Tensor.masked_scatter_)
+_STOCK_DEEPSTACK: dict[type, Callable] = {}  # HF's _deepstack_process per class: filled by enable(), never emptied
+_INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, functional: tracers
+_toggle = threading.Lock()
+_replaced: dict = {}  # what enable() replaced, for disable(); empty while off
 
 
 class MaskedScatterCountError(ValueError, RuntimeError):
     """Fewer source rows than true mask rows: a count mismatch (ValueError) where PyTorch raises RuntimeError."""
 
 
-def _row_merge(self: torch.Tensor, mask, source) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _traced(*tensors: torch.Tensor) -> bool:
+    """Whether the call is traced or runs on tensors without values: torch.compile / export, torch.jit.trace,
+    a torch.func transform (vmap, grad), a fake, proxy or functional mode, a tensor subclass (FakeTensor,
+    DTensor, ...), a meta tensor. Such calls go to PyTorch: the row scatter counts the mask's values, which a
+    tracer can only bake in or refuse. Other dispatch modes (observers on real tensors) keep the row scatter,
+    through the registered ops."""
+    if torch.compiler.is_compiling():
+        return True
+    if torch._C._get_tracing_state() is not None or torch._C._functorch.maybe_current_level() is not None:
+        return True
+    for key in _INFRA_MODES:
+        if torch._C._get_dispatch_mode(key) is not None:
+            return True
+    return any(type(t) is not torch.Tensor or t.is_meta for t in tensors)
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same storage (any overlap, or none, within it): cheap, and enough to hand the call to PyTorch."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _refused_in_place(self: torch.Tensor, mask: torch.Tensor, source: torch.Tensor) -> bool:
+    """In-place calls that PyTorch refuses (its error is the one to raise) or runs on aliased memory (its
+    element order is the result to give): left to PyTorch."""
+    if torch._debug_has_internal_overlap(self) != 0:  # expanded self: PyTorch's "single memory location"
+        return True
+    if self.requires_grad and (self.is_leaf or self._is_view()):
+        return True  # a leaf (or a view of one) that requires grad: PyTorch's autograd error, or its no_grad write
+    if self.is_inference() and not torch.is_inference_mode_enabled():
+        return True
+    return _shares_memory(self, source) or _shares_memory(self, mask)
+
+
+def _row_merge(self: torch.Tensor, mask, source, in_place: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(row mask [...], source rows [K, H]) of a masked_scatter call that broadcasts one flag per row over the
     last dim and that a row scatter reproduces bit for bit; None for any other call, left to PyTorch.
 
@@ -40,6 +87,8 @@ def _row_merge(self: torch.Tensor, mask, source) -> tuple[torch.Tensor, torch.Te
     """
     if not (isinstance(mask, torch.Tensor) and isinstance(source, torch.Tensor) and mask.dtype == torch.bool):
         return None
+    if _traced(self, mask, source):
+        return None
     if self.dim() < 2 or mask.dim() != self.dim() or mask.shape[:-1] != self.shape[:-1]:
         return None
     if not (mask.shape[-1] == 1 or (mask.shape[-1] == self.shape[-1] and mask.stride(-1) == 0)):
@@ -47,6 +96,8 @@ def _row_merge(self: torch.Tensor, mask, source) -> tuple[torch.Tensor, torch.Te
     hidden = self.shape[-1]
     if (self.dtype not in FLOAT_DTYPES or source.dtype != self.dtype or source.device != self.device
             or mask.device != self.device or hidden == 0):
+        return None
+    if in_place and _refused_in_place(self, mask, source):
         return None
     rows = mask[..., 0]
     placeholders = int(rows.sum())
@@ -57,22 +108,31 @@ def _row_merge(self: torch.Tensor, mask, source) -> tuple[torch.Tensor, torch.Te
     return rows, source.reshape(-1)[:placeholders * hidden].view(-1, hidden)
 
 
-def _masked_scatter(self, mask, source):
-    merge = _row_merge(self, mask, source)
+def _masked_scatter(self: torch.Tensor, mask, source) -> torch.Tensor:
+    """``torch.Tensor.masked_scatter`` while enabled: a row scatter where it equals PyTorch's, else PyTorch's."""
+    merge = _row_merge(self, mask, source, in_place=False)
     if merge is None:
-        return _stock["masked_scatter"](self, mask, source)
-    return masked_row_scatter(self, merge[0], merge[1])
+        return _STOCK_MASKED_SCATTER(self, mask, source)
+    return masked_row_scatter(self, merge[0], merge[1])  # contiguous, whatever self's layout, as PyTorch's
 
 
-def _masked_scatter_(self, mask, source):
-    merge = _row_merge(self, mask, source)
+def _masked_scatter_(self: torch.Tensor, mask, source) -> torch.Tensor:
+    """``torch.Tensor.masked_scatter_`` while enabled: a row scatter where it equals PyTorch's, else PyTorch's."""
+    merge = _row_merge(self, mask, source, in_place=True)
     if merge is None:
-        return _stock["masked_scatter_"](self, mask, source)
+        return _STOCK_MASKED_SCATTER_(self, mask, source)
     return masked_row_scatter_(self, merge[0], merge[1])
+
+
+_masked_scatter._mmmerge_stock = _STOCK_MASKED_SCATTER
+_masked_scatter_._mmmerge_stock = _STOCK_MASKED_SCATTER_
 
 
 def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
     """Qwen3-VL's deepstack add after a decoder layer, as one accumulate launch over the visual rows."""
+    if _traced(hidden_states, visual_pos_masks, visual_embeds):  # the row map reads the mask's values
+        stock = next(_STOCK_DEEPSTACK[cls] for cls in type(self).__mro__ if cls in _STOCK_DEEPSTACK)
+        return stock(self, hidden_states, visual_pos_masks, visual_embeds)
     visual_pos_masks = visual_pos_masks.to(hidden_states.device)
     visual_embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
     cached = getattr(self, "_mmmerge_deepstack_plan", None)
@@ -84,36 +144,39 @@ def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
 
 def enable() -> None:
     """Route row-broadcast masked_scatter calls, and Qwen3-VL's deepstack add, through mmmerge_triton."""
-    if _stock:
-        return
-    _stock["masked_scatter"] = torch.Tensor.masked_scatter
-    _stock["masked_scatter_"] = torch.Tensor.masked_scatter_
-    torch.Tensor.masked_scatter = _masked_scatter
-    torch.Tensor.masked_scatter_ = _masked_scatter_
-    for module_name, class_name in _DEEPSTACK_CLASSES:
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):  # an older transformers without this model
-            continue
-        _stock[cls] = cls._deepstack_process
-        cls._deepstack_process = _deepstack_process
+    with _toggle:
+        if _replaced:
+            return
+        _replaced["masked_scatter"] = torch.Tensor.masked_scatter
+        _replaced["masked_scatter_"] = torch.Tensor.masked_scatter_
+        torch.Tensor.masked_scatter = _masked_scatter
+        torch.Tensor.masked_scatter_ = _masked_scatter_
+        for module_name, class_name in _DEEPSTACK_CLASSES:
+            try:
+                cls = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError):  # an older transformers without this model
+                continue
+            _replaced[cls] = cls._deepstack_process
+            _STOCK_DEEPSTACK.setdefault(cls, cls._deepstack_process)
+            cls._deepstack_process = _deepstack_process
 
 
 def disable() -> None:
-    """Restore what enable() replaced."""
-    if not _stock:
-        return
-    torch.Tensor.masked_scatter = _stock.pop("masked_scatter")
-    torch.Tensor.masked_scatter_ = _stock.pop("masked_scatter_")
-    for cls, method in list(_stock.items()):
-        cls._deepstack_process = method
-    _stock.clear()
+    """Restore what enable() replaced. A reference to a patched method taken while enabled keeps working."""
+    with _toggle:
+        if not _replaced:
+            return
+        torch.Tensor.masked_scatter = _replaced.pop("masked_scatter")
+        torch.Tensor.masked_scatter_ = _replaced.pop("masked_scatter_")
+        for cls, method in _replaced.items():
+            cls._deepstack_process = method
+        _replaced.clear()
 
 
 @contextlib.contextmanager
 def enabled():
     """``with enabled(): model(**inputs)``: the integration on for the block, then restored."""
-    was_on = bool(_stock)
+    was_on = bool(_replaced)
     enable()
     try:
         yield

@@ -5,13 +5,19 @@ and Qwen3-VL's deepstack add (``Qwen3VLTextModel._deepstack_process``) run throu
 prove, on tiny random models (tiny_vlms.py): the logits and every gradient are bit-identical to the stock run;
 aten's masked_scatter no longer runs (an mmmerge_triton op runs instead); a count mismatch raises ValueError
 and writes nothing; every other ``masked_scatter`` call still goes to PyTorch; ``disable()`` restores exactly
-what ``enable()`` replaced.
+what ``enable()`` replaced. And that the switch behaves exactly as stock (issue 13, part 5): a method kept across
+``disable()`` or a toggle in another thread, traced calls (meta, FakeTensorMode, torch.export, torch.compile,
+vmap, grad, jit.trace), the result's layout, in-place calls PyTorch refuses, a source aliasing self.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import re
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -251,7 +257,12 @@ def _other_calls(device):
         "source of another dtype": (emb, row[..., None], _randn(n_row, 8, device=device, dtype=torch.float64)),
         "int tensor": (torch.arange(96, device=device).view(2, 6, 8), row[..., None],
                        torch.arange(n_row * 8, device=device)),
+        "tensor subclass": (emb.as_subclass(_Tagged), row[..., None], _randn(n_row, 8, device=device)),
     }
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass that keeps its type through ops (as DTensor-like wrappers do)."""
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["masked_scatter", "masked_scatter_"])
@@ -259,7 +270,8 @@ def _other_calls(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_other_masked_scatter_calls_go_to_pytorch(device, case, in_place):
     """Calls that are not a row scatter (an elementwise mask, a 1-D tensor, a broadcast in a leading dim, a
-    materialized mask, a source of another dtype, an integer tensor) run PyTorch's own op while enabled: the
+    materialized mask, a source of another dtype, an integer tensor), and calls on a tensor subclass (whose
+    own dispatch, e.g. DTensor's, must see PyTorch's op), run PyTorch's own op while enabled: the
     same result bit for bit, or the same error, and no mmmerge_triton op."""
 
     def call(self, mask, source):
@@ -355,3 +367,283 @@ def test_deepstack_method_replaced():
     assert replacement.__module__ == hf.__name__
     assert calls == ["mmmerge"] * len(model.config.vision_config.deepstack_visual_indexes)
     assert Qwen3VLTextModel._deepstack_process.__module__ == Qwen3VLTextModel.__module__
+
+
+# ------------------------------------------------------------------------------------- exactly as stock (#13.5)
+
+
+def _outcome(call):
+    """call()'s result, or its error as (type, text): what two runs must agree on."""
+    try:
+        return call()
+    except Exception as error:  # noqa: BLE001 (the outcome compared is the error's type and text)
+        return (type(error), str(error))
+
+
+def _assert_same_outcome(merged, stock):
+    if isinstance(stock, torch.Tensor):
+        assert isinstance(merged, torch.Tensor), merged
+        assert merged.shape == stock.shape and merged.stride() == stock.stride() and merged.dtype == stock.dtype
+        if type(stock) is torch.Tensor and not stock.is_meta:  # fake and meta tensors hold no values
+            assert torch.equal(merged, stock)
+    else:
+        assert merged == stock
+
+
+def test_reference_kept_across_disable_reaches_stock():
+    """``torch.Tensor.masked_scatter(_)`` looked up while enabled and called after ``disable()`` (a bound
+    method kept by a module, a functools.partial...) still runs: a call that is not a row scatter reaches
+    PyTorch's op (today: KeyError 'masked_scatter'), and a row scatter still gives PyTorch's result."""
+    hf.enable()
+    kept, kept_ = torch.Tensor.masked_scatter, torch.Tensor.masked_scatter_
+    hf.disable()
+    emb, mask, src = _other_calls("cpu")["elementwise mask"]
+    assert torch.equal(kept(emb, mask, src), emb.masked_scatter(mask, src))
+    assert torch.equal(kept_(emb.clone(), mask, src), emb.clone().masked_scatter_(mask, src))
+    row = _row_mask("cpu")[..., None]
+    rows = _randn(int(row.sum()), 8, device="cpu", seed=1)
+    assert torch.equal(kept(emb, row, rows), emb.masked_scatter(row, rows))
+
+
+def test_toggling_thread_never_breaks_a_caller():
+    """One thread switches the integration on and off for a second while another calls masked_scatter(_)
+    (row scatters and elementwise masks): every call succeeds and gives PyTorch's result (today the caller
+    sees KeyError 'masked_scatter' once disable() has run between its lookup and its call)."""
+    emb, elementwise, src = _other_calls("cpu")["elementwise mask"]
+    row = _row_mask("cpu")[..., None]
+    rows = _randn(int(row.sum()), 8, device="cpu", seed=1)
+    calls = [(elementwise, src), (row, rows)]
+    expected = [emb.masked_scatter(m, s) for m, s in calls]
+    stop, errors = threading.Event(), []
+
+    def toggle():
+        while not stop.is_set():
+            hf.enable()
+            hf.disable()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # many more thread switches per second: more chances to land in a window
+    toggler = threading.Thread(target=toggle)
+    toggler.start()
+    try:
+        deadline, n = time.monotonic() + 1.0, 0
+        while time.monotonic() < deadline:
+            i = n % 2
+            try:
+                out = emb.masked_scatter(*calls[i]) if n % 4 < 2 else emb.clone().masked_scatter_(*calls[i])
+                assert torch.equal(out, expected[i])
+            except Exception as error:  # noqa: BLE001 (collected and reported below)
+                errors.append(error)
+            n += 1
+    finally:
+        stop.set()
+        toggler.join()
+        sys.setswitchinterval(interval)
+    assert not errors, f"{len(errors)} of {n} calls failed, first: {errors[0]!r}"
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["masked_scatter", "masked_scatter_"])
+def test_meta_tensors_as_stock(in_place):
+    """Row-broadcast masked_scatter on meta tensors (shape inference, ``init_empty_weights``-style loading)
+    gives stock's meta result while enabled (today: counting the mask raises on a meta tensor)."""
+    emb = torch.empty(2, 6, 8, device="meta")
+    mask = torch.empty(2, 6, 1, dtype=torch.bool, device="meta")
+    src = torch.empty(7, 8, device="meta")
+
+    def call():
+        return emb.clone().masked_scatter_(mask, src) if in_place else emb.masked_scatter(mask, src)
+
+    stock = _outcome(call)
+    with hf.enabled():
+        _assert_same_outcome(_outcome(call), stock)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["masked_scatter", "masked_scatter_"])
+def test_fake_tensor_mode_as_stock(in_place):
+    """Under FakeTensorMode (how torch.export and torch.compile trace) a row-broadcast call gives stock's
+    fake result: same shape, strides and dtype (today: counting the mask is data-dependent and raises)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    emb, mask, src = _randn(2, 6, 8, device="cpu"), _row_mask("cpu")[..., None], _randn(9, 8, device="cpu")
+    with FakeTensorMode() as mode:
+        emb, mask, src = (mode.from_tensor(t) for t in (emb, mask, src))
+
+        def call():
+            return emb.clone().masked_scatter_(mask, src) if in_place else emb.masked_scatter(mask, src)
+
+        stock = _outcome(call)
+        with hf.enabled():
+            merged = _outcome(call)
+    assert isinstance(stock, torch.Tensor)
+    _assert_same_outcome(merged, stock)
+
+
+class _Merge(torch.nn.Module):
+    """HF's inline image merge: ``inputs_embeds.masked_scatter(mask [B, S, 1], features)``, then a use."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+
+    def forward(self, emb, mask, features):
+        if self.in_place:
+            emb = emb.clone()
+            emb.masked_scatter_(mask, features)
+            return emb * 2
+        return emb.masked_scatter(mask, features) * 2
+
+
+def _merge_inputs(seed=0, shift=0):
+    """(emb [2, 6, 8], mask [2, 6, 1], features [K, 8]); ``shift`` rolls the mask: other rows, the same K."""
+    mask = _row_mask("cpu").roll(shift, dims=1)[..., None]
+    return _randn(2, 6, 8, device="cpu", seed=seed), mask, _randn(int(mask.sum()), 8, device="cpu", seed=seed + 1)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["masked_scatter", "masked_scatter_"])
+def test_torch_export_as_stock(in_place):
+    """torch.export of a module with HF's inline merge succeeds while enabled, and the exported program gives
+    stock's result, also for another mask than the traced one (today: the export raises, the count forced
+    out of a traced mask)."""
+    module = _Merge(in_place)
+    with hf.enabled():
+        program = torch.export.export(module, _merge_inputs())
+    assert any(node.target in ATEN_MASKED_SCATTER for node in program.graph.nodes)
+    for seed, shift in ((0, 0), (3, 1), (4, 3)):
+        inputs = _merge_inputs(seed, shift)
+        assert torch.equal(program.module()(*inputs), module(*inputs))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["masked_scatter", "masked_scatter_"])
+def test_torch_compile_fullgraph_as_stock(in_place):
+    """``torch.compile(fullgraph=True)`` of HF's inline merge traces without a break while enabled and gives
+    stock's result (today: the mask's count is forced, a graph break that fullgraph turns into an error)."""
+    torch._dynamo.reset()
+    module = _Merge(in_place)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    with hf.enabled():
+        for seed, shift in ((0, 0), (3, 1), (4, 3)):
+            inputs = _merge_inputs(seed, shift)
+            assert torch.equal(compiled(*inputs), module(*inputs))
+    torch._dynamo.reset()
+
+
+def _run_transformed(transform: str) -> torch.Tensor:
+    """HF's inline merge under a torch.func transform, or traced by torch.jit.trace, and run."""
+    emb, mask, features = _merge_inputs()
+    if transform == "vmap":  # over a leading batch of 3 prompts, each with the same count
+        masks = torch.stack([mask.roll(i, dims=1) for i in range(3)])
+        return torch.vmap(_Merge(False))(torch.stack([emb] * 3), masks, torch.stack([features] * 3))
+    if transform == "grad":
+        return torch.func.grad(lambda e, m, f: _Merge(False)(e, m, f).sum())(emb, mask, features)
+    traced = torch.jit.trace(_Merge(False), (emb, mask, features), check_trace=False)
+    return traced(*_merge_inputs(3, 1))  # another mask than the traced one
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jit.trace"])
+def test_function_transforms_as_stock(transform):
+    """torch.vmap, torch.func.grad and torch.jit.trace of HF's inline merge run while enabled and give stock's
+    result; a trace taken while enabled generalizes to another mask (today: vmap and grad raise, and
+    jit.trace records the traced mask's count)."""
+    stock = _outcome(lambda: _run_transformed(transform))
+    assert isinstance(stock, torch.Tensor)
+    with hf.enabled():
+        merged = _outcome(lambda: _run_transformed(transform))
+    _assert_same_outcome(merged, stock)
+
+
+def _layouts() -> dict[str, torch.Tensor]:
+    """self tensors [2, 6, 8] of layouts that are not the contiguous one, by name."""
+    base = _randn(6, 2, 8, device="cpu")
+    dense = _randn(2, 6, 8, device="cpu")
+    return {
+        "transposed": base.transpose(0, 1),
+        "sliced": _randn(2, 6, 16, device="cpu")[..., ::2],
+        "expanded": _randn(1, 6, 8, device="cpu").expand(2, 6, 8),
+        "size-1 dim of odd stride": torch.as_strided(dense[:, :1], (2, 1, 8), (48, 999, 1)),
+        "contiguous": dense,
+    }
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+def test_out_of_place_result_layout_as_stock(layout):
+    """The out-of-place result has stock's strides (PyTorch returns a contiguous tensor whatever self's
+    layout), so a later ``.view`` works as it does stock (today: a transposed self gives a transposed result)."""
+    emb = _layouts()[layout]
+    mask = _row_mask("cpu", shape=emb.shape[:-1])[..., None]
+    src = _randn(int(mask.sum()), 8, device="cpu", seed=1)
+    stock = emb.masked_scatter(mask, src)
+    with hf.enabled(), OpRecorder() as recorder:
+        merged = emb.masked_scatter(mask, src)
+    _assert_same_outcome(merged, stock)
+    assert merged.view(-1).shape == (emb.numel(),)
+    assert recorder.count(ATEN_MASKED_SCATTER) == 0  # still a row scatter
+
+
+def _refused_in_place() -> dict:
+    """In-place calls PyTorch refuses: (self, mask [2, 6, 1], source)."""
+    mask = _row_mask("cpu")[..., None]
+    src = _randn(int(mask.sum()), 8, device="cpu", seed=1)
+    leaf = _randn(2, 6, 8, device="cpu").requires_grad_()
+    with torch.inference_mode():
+        inference = _randn(2, 6, 8, device="cpu")
+    return {
+        "expanded self": (_randn(1, 6, 8, device="cpu").expand(2, 6, 8), mask, src),
+        "leaf that requires grad": (leaf, mask, src),
+        "view of a leaf that requires grad": (leaf[:, :], mask, src),
+        "inference tensor": (inference, mask, src),
+    }
+
+
+@pytest.mark.parametrize("case", list(_refused_in_place()))
+def test_in_place_refusals_as_stock(case):
+    """An in-place call that PyTorch refuses raises PyTorch's error (type and text) while enabled, and leaves
+    self as PyTorch leaves it (unchanged, but for an inference tensor, which PyTorch writes before raising).
+    Today an expanded self raises another error after writing, and an inference tensor is written in full."""
+    outcomes = []
+    for on in (False, True):
+        self, mask, source = _refused_in_place()[case]  # fresh tensors per run, the same values
+        with hf.enabled() if on else contextlib.nullcontext():
+            outcomes.append((_outcome(lambda: self.masked_scatter_(mask, source)), self.detach().clone()))
+    (stock, stock_self), (merged, merged_self) = outcomes
+    assert not isinstance(stock, torch.Tensor)
+    _assert_same_outcome(merged, stock)
+    assert torch.equal(merged_self, stock_self)
+
+
+@pytest.mark.parametrize("overlap", ["rows before", "rows after", "all of self"])
+def test_in_place_source_aliasing_self_as_stock(overlap):
+    """An in-place call whose source is a view of self's own rows gives stock's result, or stock's error
+    (today: the row scatter refuses what PyTorch runs)."""
+    mask = torch.zeros(2, 6, 1, dtype=torch.bool)
+    mask[0, 2:5] = True
+
+    def call():
+        emb = torch.arange(96, dtype=torch.float32).view(2, 6, 8)
+        source = {"rows before": emb[0, 1:4], "rows after": emb[0, 3:6], "all of self": emb}[overlap]
+        return emb.masked_scatter_(mask, source)
+
+    stock = _outcome(call)
+    with hf.enabled():
+        _assert_same_outcome(_outcome(call), stock)
+
+
+@pytest.mark.skipif(not tiny_vlms.available("qwen3vl"), reason="transformers lacks Qwen3-VL")
+def test_deepstack_under_fake_tensors_as_stock():
+    """Qwen3-VL's deepstack add under FakeTensorMode (torch.export, torch.compile) gives HF's fake result
+    while enabled (today: building the row map reads the fake mask's values and raises)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+    model, _ = tiny_vlms.build("qwen3vl", 1)
+    text_model = next(m for m in model.modules() if isinstance(m, Qwen3VLTextModel))
+    hidden = _randn(2, 6, 8, device="cpu")
+    mask = _row_mask("cpu")
+    visual = _randn(int(mask.sum()), 8, device="cpu", seed=1)
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:  # HF's bool-mask indexing needs symbolic sizes
+        args = [mode.from_tensor(t) for t in (hidden, mask, visual)]
+        stock = _outcome(lambda: text_model._deepstack_process(*args))
+        with hf.enabled():
+            merged = _outcome(lambda: text_model._deepstack_process(*args))
+    assert isinstance(stock, torch.Tensor)
+    _assert_same_outcome(merged, stock)
