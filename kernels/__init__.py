@@ -8,6 +8,7 @@
 from .mask_row_copy import mask_row_copy_kernel
 from .mask_rows import mask_to_rows_kernel
 from .multi_row_copy import multi_row_copy_kernel
+from .request_rows import request_row_copy_kernel, request_rows_kernel
 from .row_copy import ADD, COPY, GATHER, ZERO, row_copy_kernel
 
 __all__ = ["row_copy_kernel", "mask_row_copy_kernel", "mask_to_rows_kernel", "multi_row_copy_kernel", "COPY", "ADD", "GATHER", "ZERO"]

@@ -9,6 +9,7 @@ from .deepstack import deepstack_add
 from .dispatch import Decision
 from .paths import PATHS
 from .plan import MergePlan
+from .requests import merge_requests
 from .scatter import KernelConfig
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "masked_row_scatter_",
     "masked_row_scatter",
     "MergePlan",
+    "merge_requests",
     "deepstack_add",
     "explain",
     "Decision",
