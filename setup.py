@@ -8,6 +8,7 @@ setup(
     description="Triton kernels for the multimodal embedding merge of vision-language models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
     python_requires=">=3.10",
     packages=["mmmerge_triton", "mmmerge_triton.kernels", "mmmerge_triton.integrations", "mmmerge_triton.tools"],
     package_dir={"mmmerge_triton": "mmmerge_triton", "mmmerge_triton.kernels": "kernels"},
