@@ -1,0 +1,237 @@
+"""Where a merge's host time goes, and what a caller sees, on a GPU (issue: "decide once, launch lean").
+
+    python bench/host_path.py --out DIR        # writes DIR/host_path_<device>.json, prints the tables
+
+1. stages: host µs of each piece of one call (perf_counter_ns over 400 calls, the GPU kept busy by a spin
+   kernel so no launch waits), at N = 512, 4096, 65536 (H 4096, bf16, half the rows in image blocks), CPU and
+   GPU mask, next to the floors: a bare compiled launch, a bare numpy row map, a tiny torch op.
+2. loop: wall µs per call back to back (medians of 5 rounds, the calls alternating within each round) at
+   N <= 16384: ours with a CPU and a GPU mask, index_put with a CPU mask (vLLM), a tiny torch op.
+3. idle: CUDA-event µs of one call with nothing queued before it (the host work before the first launch
+   shows as GPU time), against a device copy of the same bytes, at >= 64 MB moved; and the same call with
+   the GPU kept busy (host work hidden).
+4. heldout: path="auto" against every path through the API on 48 shapes none of the tuned table's points
+   hold (N, H, density, block and scattered masks, all nine dtype pairs, both mask devices), in loop time
+   and in busy-GPU device time: auto's ratio to the best path at each point.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import mmmerge_triton as mm
+from mmmerge_triton import dispatch, inputs, rowmap, scatter
+from mmmerge_triton.staging import arena
+from mmmerge_triton.tools import timing
+from mmmerge_triton.tools.bench import environment
+from mmmerge_triton.tools.cases import DTYPES, Case, make_inputs
+
+DEV = torch.device("cuda", 0)
+
+
+def spin(us: float) -> None:
+    torch.cuda._sleep(int(us * timing._cycles_per_us(DEV)))
+
+
+def host_us(fn, calls: int = 400) -> float:
+    """Median host µs of fn over ``calls`` calls, the GPU kept busy so no call waits for a launch slot."""
+    fn()
+    torch.cuda.synchronize()
+    spin(60_000)
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - start) / 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def loop_us(calls: dict, rounds: int = 5, seconds: float = 0.02) -> dict:
+    """Wall µs per call back to back, median of ``rounds`` rounds, the calls alternating within each round."""
+    samples = {k: [] for k in calls}
+    for fn in calls.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            torch.cuda.synchronize()
+            count, start = 0, time.perf_counter()
+            while count < 20 or time.perf_counter() - start < seconds:
+                fn()
+                count += 1
+            torch.cuda.synchronize()
+            samples[name].append((time.perf_counter() - start) / count * 1e6)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def event_us(fn, busy: bool, reps: int = 15) -> float:
+    """CUDA-event µs of one call: with nothing queued before it (busy=False), or behind a spin (True)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        if busy:
+            spin(300)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def stages(n: int, on_device: bool) -> dict:
+    case = Case(n, 4096, 0.5, mask="gpu" if on_device else "cpu")
+    dst, mask, src = make_inputs(case, DEV)
+    m = src.shape[0]
+    decision = dispatch.decide(dst, mask, src.dtype, m)
+    cfg = decision.config or scatter.default_config(4096, m, n, on_device)
+    rows = rowmap.host_rows(mask.cpu())
+    out = {"decision": decision.reason}
+    out["api merge_multimodal_embeddings"] = host_us(lambda: mm.merge_multimodal_embeddings(dst, src, mask))
+    out["api masked_row_scatter_"] = host_us(lambda: mm.masked_row_scatter_(dst, mask, src))
+    out["checks (inputs.check_*)"] = host_us(lambda: (inputs.check_dst(dst, "d"), inputs.check_mask(mask, dst, "m", "d"),
+                                                      inputs.check_src(src, dst, "s", "d")))
+    out["overlap checks"] = host_us(lambda: (inputs.overlaps(mask, dst), inputs.overlaps(src, dst)))
+    out["decide (cached)"] = host_us(lambda: dispatch.decide(dst, mask, src.dtype, m))
+    if on_device:
+        if cfg.fused:
+            out["launch: mask_row_copy wrapper"] = host_us(
+                lambda: scatter.mask_row_copy(dst, src, scatter.mask_bytes(mask), scatter.COPY, cfg))
+        else:
+            out["row map: device_rows"] = host_us(lambda: rowmap.device_rows(mask, m))
+    else:
+        out["row map: host_rows (numpy)"] = host_us(lambda: rowmap.host_rows(mask))
+        out["count: np.count_nonzero"] = host_us(lambda: np.count_nonzero(mask.numpy()))
+
+        def staged_launch():
+            with arena(0) as ring:
+                scatter.row_copy(dst, src, ring.put_int32(rows), None, scatter.COPY, cfg)
+        out["stage + launch: ring session, row_copy wrapper"] = host_us(staged_launch)
+        pinned = torch.from_numpy(rows).pin_memory()
+        out["launch: row_copy wrapper (map already staged)"] = host_us(
+            lambda: scatter.row_copy(dst, src, pinned, None, scatter.COPY, cfg))
+        run, function, packed = next(iter(scatter._row_copy._cache.values()))
+        grid = scatter.cdiv(m, cfg.rows)
+        args = (dst, src, pinned, pinned, m, 4096, dst.stride(0), src.stride(0), scatter.COPY, False, cfg.rows, cfg.block_h)
+        out["floor: bare compiled launch"] = host_us(
+            lambda: run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(0), function, packed, None, None, None, *args))
+    cpu_mask = mask.cpu()
+    out["index_put, CPU mask (vLLM)"] = host_us(lambda: dst.index_put_((cpu_mask,), src))
+    small = torch.zeros(16, device=DEV)
+    out["floor: tiny torch op"] = host_us(lambda: small.add_(1))
+    return out
+
+
+def loop_table() -> list[dict]:
+    rows = []
+    small = torch.zeros(16, device=DEV)
+    for n, h in [(512, 4096), (2048, 4096), (4096, 3584), (8192, 3584), (16384, 4096)]:
+        dst, mask, src = make_inputs(Case(n, h, 0.5), DEV)
+        gmask = mask.to(DEV)
+        calls = {"ours, CPU mask": lambda: mm.merge_multimodal_embeddings(dst, src, mask),
+                 "ours, GPU mask": lambda: mm.merge_multimodal_embeddings(dst, src, gmask),
+                 "index_put, CPU mask": lambda: dst.index_put_((mask,), src),
+                 "tiny torch op": lambda: small.add_(1)}
+        times = loop_us(calls)
+        rows.append({"n": n, "hidden": h, "loop_us": times,
+                     "cpu_mask_vs_index_put": times["ours, CPU mask"] / times["index_put, CPU mask"],
+                     "gpu_mask_vs_index_put": times["ours, GPU mask"] / times["index_put, CPU mask"]})
+        print(f"loop N={n} H={h}: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()), flush=True)
+    return rows
+
+
+def idle_table() -> list[dict]:
+    rows = []
+    for n, h, d in [(16384, 4096, 0.5), (65536, 5120, 0.8), (131072, 4096, 0.8)]:
+        dst, mask, src = make_inputs(Case(n, h, d), DEV)
+        gmask = mask.to(DEV)
+        floor_dst = torch.empty_like(src)
+        row = {"n": n, "hidden": h, "density": d, "moved_mb": Case(n, h, d).moved_bytes / 1e6}
+        for name, fn in {"copy": lambda: floor_dst.copy_(src),
+                         "ours, CPU mask": lambda: mm.merge_multimodal_embeddings(dst, src, mask),
+                         "ours, GPU mask": lambda: mm.merge_multimodal_embeddings(dst, src, gmask),
+                         "index_put, CPU mask": lambda: dst.index_put_((mask,), src)}.items():
+            row[name] = {"idle_us": event_us(fn, busy=False), "busy_us": event_us(fn, busy=True)}
+        for name in ("ours, CPU mask", "ours, GPU mask", "index_put, CPU mask"):
+            row[name]["idle_vs_copy"] = row[name]["idle_us"] / row["copy"]["busy_us"]
+            row[name]["busy_vs_copy"] = row[name]["busy_us"] / row["copy"]["busy_us"]
+        rows.append(row)
+        print(f"idle N={n} H={h}: " + ", ".join(f"{k} {v['idle_us']:.1f}/{v['busy_us']:.1f}" for k, v in row.items()
+                                                if isinstance(v, dict)), flush=True)
+        del dst, mask, src, gmask, floor_dst
+        torch.cuda.empty_cache()
+    return rows
+
+
+def heldout_cases(count: int = 48) -> list[Case]:
+    """``count`` shapes drawn (seeded) from a grid the tuned table never measured, every value of each axis
+    used at least once."""
+    axes = dict(n=(700, 2500, 9000, 20000, 70000), hidden=(1152, 2048, 3584, 5120), density=(0.05, 0.3, 0.7),
+                pattern=("blocks", "scattered"), pair=list(itertools.product(DTYPES, DTYPES)), mask=("cpu", "gpu"))
+    everything = list(itertools.product(*axes.values()))
+    random.Random(0).shuffle(everything)
+    return [Case(n, h, d, p, s, t, m) for n, h, d, p, (s, t), m in everything[:count]]
+
+
+def heldout() -> dict:
+    points = []
+    for case in heldout_cases():
+        dst, mask, src = make_inputs(case, DEV)
+        calls = {p: (lambda p=p: mm.masked_row_scatter_(dst, mask, src, path=p)) for p in ("auto",) + mm.PATHS}
+        loops = loop_us(calls, rounds=3, seconds=0.01)
+        device = {p: timing.device_time_us(fn, DEV, reps=7) for p, fn in calls.items()}
+        chosen = mm.explain(dst, src, mask).path
+        others = [p for p in mm.PATHS if p != chosen]  # the chosen path by name is the same call as auto
+        best_loop = min(loops[p] for p in others + ["auto"])
+        best_device = min(device[p] for p in others + ["auto"])
+        points.append({"case": case.as_dict(), "auto_path": chosen, "loop_us": loops, "device_us": device,
+                       "loop_ratio": loops["auto"] / best_loop, "device_ratio": device["auto"] / best_device})
+        print(f"heldout {case.label()}: auto={chosen} loop x{points[-1]['loop_ratio']:.2f} "
+              f"device x{points[-1]['device_ratio']:.2f}", flush=True)
+        del dst, mask, src
+        torch.cuda.empty_cache()
+
+    def summary(key):
+        r = [p[key] for p in points]
+        return {"within_5pct": sum(x <= 1.05 for x in r) / len(r), "worst": max(r), "median": statistics.median(r)}
+
+    return {"points": points, "loop": summary("loop_ratio"), "device": summary("device_ratio")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("mmmerge-results"))
+    parser.add_argument("--parts", default="stages,loop,idle,heldout")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"environment": environment(DEV)}
+    path = args.out / f"host_path_{torch.cuda.get_device_name(DEV).replace(' ', '_')}.json"
+    for part in args.parts.split(","):
+        if part == "stages":
+            result["stages"] = {f"N={n} {'gpu' if d else 'cpu'} mask": stages(n, d)
+                                for n in (512, 4096, 65536) for d in (False, True)}
+            for name, st in result["stages"].items():
+                print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in st.items() if k != "decision"), flush=True)
+        elif part == "loop":
+            result["loop"] = loop_table()
+        elif part == "idle":
+            result["idle"] = idle_table()
+        elif part == "heldout":
+            result["heldout"] = heldout()
+            print("heldout loop:", result["heldout"]["loop"], "device:", result["heldout"]["device"], flush=True)
+        path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
