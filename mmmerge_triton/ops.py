@@ -48,7 +48,8 @@ def _in_place_autograd(dst, mask, src, accumulate, path, check_count):
         return torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, accumulate, path, check_count)
 
 
-_lib.impl("masked_row_scatter_", _in_place_autograd, "Autograd")
+# custom_op registered an autograd kernel of its own, which runs the op and drops src's gradient: override it.
+_lib.impl("masked_row_scatter_", _in_place_autograd, "Autograd", allow_override=True)
 
 
 @torch.library.custom_op("mmmerge_triton::masked_row_scatter", mutates_args=())
