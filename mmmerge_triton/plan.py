@@ -76,8 +76,7 @@ class MergePlan:
             used = _HEAD + rows.size
             if self.device.type == "cuda":  # staged in the pinned ring, the copy that reads it in one session
                 with arena(self.device.index) as ring:
-                    pinned, _ = ring.put_packed([head, rows])
-                    self._buffer[:used].copy_(pinned.view(torch.int32)[:used], non_blocking=True)
+                    ring.put_into([head, rows], self._buffer[:used].view(torch.uint8))
             else:
                 self._buffer[:used].copy_(torch.from_numpy(np.concatenate([head, rows])))
             self.host_count = int(rows.size)

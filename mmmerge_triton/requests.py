@@ -319,8 +319,7 @@ def _tables_on(device: torch.device, parts: list[np.ndarray]) -> tuple[torch.Ten
             return entry[0], at
     buffer = torch.empty(total, dtype=torch.uint8, device=device)
     with arena(index) as ring:  # the copy that reads the staged bytes is issued inside the session
-        pinned, _ = ring.put_packed(parts)
-        buffer.copy_(pinned, non_blocking=True)
+        ring.put_into(parts, buffer)
     with _tables_lock:
         _recent[key] = (buffer, stream)
         _recent.move_to_end(key)

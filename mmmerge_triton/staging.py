@@ -29,10 +29,15 @@ import threading
 import numpy as np
 import torch
 
+from .kernels import copy_words_kernel
+from .launch import FastKernel
+
 _QUARTERS = 4
 _ALIGN = 16  # bytes: keeps every staged array 16-byte aligned, as the kernels' loads prefer
 
 Stream = tuple  # (stream id, device index, device type): what torch._C._cuda_getCurrentStream returns
+_copy_words = FastKernel(copy_words_kernel)
+_COPY_BLOCK = 1024
 
 
 def _aligned(nbytes: int) -> int:
@@ -81,8 +86,13 @@ class CudaSide:
         return torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", self.device_index))
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """A host-to-device copy queued on the current stream."""
-        dst.copy_(src, non_blocking=True)
+        """Copy pinned bytes ``src`` into device bytes ``dst`` (both uint8, a multiple of 4 bytes), queued on the
+        current stream, by a kernel: a Tensor.copy_ would make PyTorch's pinned allocator record an event on
+        this stream when the ring's buffer is freed one day, and an external stream may be dead by then."""
+        words = src.numel() // 4
+        _copy_words.launch((dst.device.index,), (-(-words // _COPY_BLOCK), 1),
+                           (RawPointer(src.data_ptr(), torch.int32), RawPointer(dst.data_ptr(), torch.int32), words),
+                           (_COPY_BLOCK,), (4, 1), dst.device.index)
 
     def current_stream(self) -> Stream:
         return torch._C._cuda_getCurrentStream(self.device_index)
@@ -104,7 +114,7 @@ class PinnedArena:
             rows = ring.put_int32(values)
             launch(..., rows, ...)
 
-    One reservation per session (``put_int32``, ``put_packed`` or ``put_device``). Threads take turns.
+    One reservation per session (``put_int32``, ``put_device`` or ``put_into``). Threads take turns.
     """
 
     def __init__(self, device_index: int, quarter_bytes: int = 1 << 20, gpu: CudaSide | None = None):
@@ -184,26 +194,31 @@ class PinnedArena:
         np.copyto(self._int32[start >> 2 : (start >> 2) + values.size], values, casting="unsafe")
         return RawPointer(self._base + start, torch.int32)
 
-    def put_packed(self, arrays: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
-        """Pack ``arrays`` at 16-byte aligned offsets; returns a pinned uint8 tensor view of the packed bytes
-        (for a non_blocking copy that this session issues) and each array's byte offset in it."""
-        offsets, total = packed_layout(arrays)
-        start = self._reserve(total)
-        self._write(start, arrays, offsets)
-        return self._buffer[start : start + total], offsets
-
     def put_device(self, arrays: list[np.ndarray]) -> tuple[int, list[int]]:
-        """As put_packed, then one non_blocking copy to the same offsets of a device mirror of the ring, on
-        the session's stream: returns the device address of the packed bytes and each array's byte offset.
-        For tables a kernel reads many times (pinned memory is read over PCIe). The mirror region is reused
-        under the same fences as the pinned one, which cover both the copy and the kernel."""
-        offsets, total = packed_layout(arrays)
-        start = self._reserve(total)
-        self._write(start, arrays, offsets)
+        """Pack ``arrays`` at 16-byte aligned offsets and copy them to the same offsets of a device mirror of the
+        ring, on the session's stream: returns the device address of the packed bytes and each array's byte
+        offset. For tables a kernel reads many times (pinned memory is read over PCIe). The mirror region is
+        reused under the same fences as the pinned one, which cover both the copy and the kernel."""
+        start, offsets, total = self._stage(arrays)
         if self._mirror is None:
             self._mirror = self._gpu.device_bytes(self._buffer.numel())
         self._gpu.copy(self._mirror[start : start + total], self._buffer[start : start + total])
         return self._mirror.data_ptr() + start, offsets
+
+    def put_into(self, arrays: list[np.ndarray], dst: torch.Tensor) -> list[int]:
+        """Pack ``arrays`` as put_device does and copy the packed bytes into ``dst`` (device uint8, at most as
+        many bytes), on the session's stream; returns each array's byte offset."""
+        start, offsets, total = self._stage(arrays)
+        nbytes = min(total, dst.numel())
+        self._gpu.copy(dst[:nbytes], self._buffer[start : start + nbytes])
+        return offsets
+
+    def _stage(self, arrays: list[np.ndarray]) -> tuple[int, list[int], int]:
+        """Reserve and write ``arrays`` packed: (start in the ring, each array's offset, total bytes)."""
+        offsets, total = packed_layout(arrays)
+        start = self._reserve(total)
+        self._write(start, arrays, offsets)
+        return start, offsets, total
 
     def _write(self, start: int, arrays: list[np.ndarray], offsets: list[int]) -> None:
         for a, offset in zip(arrays, offsets):

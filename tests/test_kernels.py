@@ -276,3 +276,15 @@ def test_merge_triton_rejects_a_destination_without_a_row_view():
     with pytest.raises(ValueError, match="path='triton' cannot merge.*leading dims must flatten to rows"):
         mm.masked_row_scatter_(dst, mask, randn(int(mask.sum()), H), path="triton")
     assert_bits_equal(dst, before)
+
+
+# ---- copy_words (staged tables into device memory) -----------------------------------------------------------
+
+@pytest.mark.parametrize("words", [1, 1023, 1024, 3000])
+def test_copy_words_copies_exactly_n_words(words):
+    from mmmerge_triton.kernels import copy_words_kernel
+
+    src = torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32)
+    dst = torch.full((words + 5,), 7, dtype=torch.int32)
+    copy_words_kernel[(-(-words // 1024),)](src, dst, words, BLOCK=1024)
+    assert torch.equal(dst[:words], src) and dst[words:].eq(7).all()
