@@ -195,7 +195,8 @@ def worker(index: int, streams: str, device: torch.device, deadline: float, roun
                 for r in range(rounds):
                     if time.monotonic() > deadline:
                         break
-                    sleep = rng.randrange(20_000_000, 60_000_000)  # ~10-30 ms of GPU time
+                    # ~50-150 ms of GPU time: six threads' host work (sharing the GIL) must not outrun it
+                    sleep = rng.randrange(100_000_000, 300_000_000)
                     run_round(rng, streams, device, per_round, sleep, tally,
                               f"thread {index} ({streams} stream, {device}) round {r}", big_every, kinds)
     except Exception as e:  # noqa: BLE001 - every exception is a failure of the run
