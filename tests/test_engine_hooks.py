@@ -1,12 +1,13 @@
 """The vLLM and SGLang hooks (mmmerge_triton.integrations.vllm / .sglang), against stand-in engines.
 
-Neither engine can be installed here, so each test builds the engine's module tree in ``sys.modules``
-(``types.ModuleType``, restored by monkeypatch) around a stand-in of the engine's merge function, written
-after notes/integrations.md: vLLM 0.33's ``_merge_multimodal_embeddings`` (in place, flatten/cat, index_put,
-its ValueError texts) and SGLang 0.5.23's ``_scatter_mm_embedding`` (cumsum ranks, index_copy_). The tests
-prove that ``enable()`` replaces every binding and ``disable()`` restores it, that the replacement gives the
-stand-in's results bit for bit on the engines' own test cases, with the same errors, and vLLM's plugin
-entry point.
+CI has neither engine, so each test builds the engine's module tree in ``sys.modules`` (``types.ModuleType``,
+restored by monkeypatch) around a stand-in of the engine's merge function, written after vLLM 0.33's
+``_merge_multimodal_embeddings`` (in place, flatten/cat, index_put, its ValueError texts and chaining) and
+SGLang 0.5.23's ``_scatter_mm_embedding`` (cumsum ranks, index_copy_). The tests prove that ``enable()``
+replaces every binding and ``disable()`` restores it, that the replacement gives the stand-in's results bit
+for bit on the engines' own test cases, hands every input off its fast path to the engine's function (the
+same result or error), and vLLM's plugin entry point. The same checks against the real engines are in
+tests/engines/ (they skip here).
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def fake_vllm(monkeypatch):
     """vllm.model_executor.models.utils holding the stand-in, and the model module fake_vlm that imported it;
     yields (utils, fake_vlm). The hook is disabled, then sys.modules restored, afterwards."""
     monkeypatch.delenv(mm_vllm.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(mm_vllm, "_engine", [])  # the hook's memory of the engine, per test
+    monkeypatch.setattr(mm_vllm, "_installed", [])
     _install(monkeypatch, "vllm")
     _install(monkeypatch, "vllm.model_executor")
     _install(monkeypatch, "vllm.model_executor.models")
@@ -212,8 +215,9 @@ def _embeddings(shapes, device):
 @pytest.mark.parametrize("shapes, n_true, message", VLLM_MISMATCHES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_vllm_mismatch_error_text(fake_vllm, device, shapes, n_true, message):
-    """A count mismatch raises ValueError with vLLM's exact text (its count expression included), the same as
-    the stand-in's, and leaves inputs_embeds unchanged."""
+    """A count mismatch raises ValueError with vLLM's exact text (its count expression included) from the
+    index error, as the stand-in does (the replacement hands it to the engine's function), and leaves
+    inputs_embeds unchanged."""
     utils, _ = fake_vllm
     inputs_embeds = torch.zeros(6, 10, dtype=torch.bfloat16, device=device)
     is_multimodal = torch.arange(6) < n_true
@@ -225,22 +229,105 @@ def test_vllm_mismatch_error_text(fake_vllm, device, shapes, n_true, message):
     with pytest.raises(ValueError) as ours:
         utils._merge_multimodal_embeddings(inputs_embeds, multimodal_embeddings, is_multimodal)
     assert str(ours.value) == message
+    assert type(ours.value.__cause__) is type(stock.value.__cause__) is RuntimeError
     assert not inputs_embeds.any()
 
 
-def test_vllm_documented_differences(fake_vllm):
-    """Where the replacement deliberately differs (its docstring): one source row for several placeholders,
-    which vLLM's index_put broadcasts silently, raises the count error instead. An empty list is a no-op in
-    both."""
+def test_vllm_one_row_broadcast_is_vllms(fake_vllm):
+    """One source row for several placeholders, which vLLM's index_put broadcasts: the replacement's count
+    check refuses it before writing, then hands it to vLLM's function, which broadcasts it as before. An empty
+    list is a no-op in both."""
     utils, _ = fake_vllm
-    inputs_embeds = torch.zeros(5, 10)
     is_multimodal = torch.tensor([True, False, True, True, False])
-    assert vllm_merge_multimodal_embeddings(inputs_embeds.clone(), [torch.ones(1, 10)], is_multimodal).sum() == 30
+    expected = vllm_merge_multimodal_embeddings(torch.zeros(5, 10), [torch.ones(1, 10)], is_multimodal)
+    assert expected.sum() == 30
     mm_vllm.enable()
-    with pytest.raises(ValueError, match=r"^Attempted to assign 1 = 1 multimodal tokens to 3 placeholders$"):
-        utils._merge_multimodal_embeddings(inputs_embeds, [torch.ones(1, 10)], is_multimodal)
+    inputs_embeds = torch.zeros(5, 10)
+    assert utils._merge_multimodal_embeddings(inputs_embeds, [torch.ones(1, 10)], is_multimodal) is inputs_embeds
+    assert torch.equal(inputs_embeds, expected)
     assert utils._merge_multimodal_embeddings(inputs_embeds, [], is_multimodal) is inputs_embeds
-    assert not inputs_embeds.any()
+
+
+def _outcome(fn, *args):
+    """(the first argument afterwards, and the error's type, text, cause type) of one call."""
+    try:
+        fn(*args)
+        error = None
+    except Exception as e:  # noqa: BLE001 - compared, type included
+        error = (type(e), str(e), type(e.__cause__))
+    return args[0], error
+
+
+_MASK5 = torch.tensor([True, False, True, True, False])
+
+# The issue's table (inputs vLLM handles its own way): (name, inputs_embeds, multimodal_embeddings, is_multimodal)
+VLLM_ENGINE_INPUTS = [
+    ("count mismatch", torch.zeros(5, 4), [torch.ones(2, 4)], _MASK5),
+    ("equal counts, wrong hidden size", torch.zeros(5, 4), [torch.ones(3, 5)], _MASK5),
+    ("[0, H] tensor with placeholders", torch.zeros(5, 4), torch.ones(0, 4), _MASK5),
+    ("float64 destination", torch.zeros(5, 4, dtype=torch.float64), [torch.ones(3, 4)], _MASK5),
+    ("float64 source", torch.zeros(5, 4), [torch.ones(3, 4, dtype=torch.float64)], _MASK5),
+    ("uint8 mask", torch.zeros(5, 4), [torch.ones(3, 4)], _MASK5.to(torch.uint8)),
+    ("int64 index tensor as the mask", torch.zeros(5, 4), [torch.ones(3, 4)], _MASK5.nonzero().squeeze(1)),
+    ("mask shorter than the destination", torch.zeros(5, 4), [torch.ones(3, 4)], _MASK5[:4]),
+    ("1-D item", torch.zeros(5, 4), [torch.ones(4)], _MASK5),
+    ("nested empty list", torch.zeros(5, 4), [[]], _MASK5),
+    ("leaf that requires grad", torch.zeros(5, 4, requires_grad=True), [torch.ones(3, 4)], _MASK5),
+]
+
+
+@pytest.mark.parametrize("name, inputs_embeds, multimodal_embeddings, is_multimodal", VLLM_ENGINE_INPUTS,
+                         ids=[case[0] for case in VLLM_ENGINE_INPUTS])
+def test_vllm_hands_other_inputs_to_vllm(fake_vllm, name, inputs_embeds, multimodal_embeddings, is_multimodal):
+    """Inputs off the fast path go to vLLM's function unchanged: the stand-in's result, or its exception type,
+    text and cause (ValueError from the RuntimeError, "Error during index put operation", IndexError), never
+    this package's own error."""
+    utils, _ = fake_vllm
+
+    def fresh():
+        return inputs_embeds.detach().clone().requires_grad_(inputs_embeds.requires_grad)
+
+    expected = _outcome(vllm_merge_multimodal_embeddings, fresh(), multimodal_embeddings, is_multimodal)
+    mm_vllm.enable()
+    actual = _outcome(utils._merge_multimodal_embeddings, fresh(), multimodal_embeddings, is_multimodal)
+    assert actual[1] == expected[1]
+    assert torch.equal(actual[0].detach(), expected[0].detach()) and actual[0].dtype == expected[0].dtype
+    # The route: off the fast path, or on it and refused by the merge's checks (before writing).
+    if mm_vllm.on_fast_path(inputs_embeds, multimodal_embeddings, is_multimodal):
+        assert name in ("count mismatch", "equal counts, wrong hidden size", "1-D item")
+        with pytest.raises((TypeError, ValueError)):
+            mm_vllm.merge_multimodal_embeddings(fresh(), multimodal_embeddings, is_multimodal)
+
+
+def test_vllm_fast_path_predicate():
+    """on_fast_path takes what vLLM's model runner passes (bf16/fp16/fp32, a bool CPU mask, items in lists)."""
+    dst = torch.zeros(5, 4, dtype=torch.bfloat16)
+    assert mm_vllm.on_fast_path(dst, [torch.ones(3, 4)], _MASK5)
+    assert mm_vllm.on_fast_path(dst, torch.ones(3, 4, dtype=torch.float16), _MASK5)
+    assert mm_vllm.on_fast_path(dst, [[torch.ones(1, 4)], (torch.ones(2, 1, 4),)], _MASK5)
+    assert not mm_vllm.on_fast_path(dst, [dst[:3]], _MASK5)  # aliasing: vLLM's function decides
+    assert not mm_vllm.on_fast_path(dst.t(), [torch.ones(3, 5)], torch.ones(4, dtype=torch.bool))
+
+
+def test_vllm_reference_survives_disable(fake_vllm):
+    """A reference to the replacement taken while enabled still reaches vLLM's function after disable()."""
+    utils, _ = fake_vllm
+    mm_vllm.enable()
+    merge = utils._merge_multimodal_embeddings
+    mm_vllm.disable()
+    inputs_embeds = torch.zeros(5, 4, dtype=torch.float64)  # off the fast path: vLLM's function runs
+    merge(inputs_embeds, [torch.ones(3, 4)], _MASK5)
+    assert inputs_embeds.sum() == 12
+
+
+@pytest.mark.parametrize("hook, engine", [(mm_vllm, "vllm"), (mm_sglang, "sglang")])
+def test_enable_without_the_engine(monkeypatch, hook, engine):
+    """Without the engine, enable() says so in one line, naming it (not a bare ModuleNotFoundError)."""
+    monkeypatch.setitem(sys.modules, engine, None)  # importing the engine fails as if it were absent
+    monkeypatch.setitem(sys.modules, hook.TARGET_MODULE, None)  # (also where it is installed and imported)
+    with pytest.raises(ModuleNotFoundError, match=rf"^mmmerge_triton\.integrations\.{engine} needs ") as raised:
+        hook.enable()
+    assert "\n" not in str(raised.value)
 
 
 def test_vllm_entry_point():
@@ -285,6 +372,8 @@ def sglang_scatter_mm_embedding(dest: torch.Tensor, mask: torch.Tensor, src: tor
 def fake_sglang(monkeypatch):
     """sglang.srt.managers.mm_utils holding the stand-in; yields that module. The hook is disabled, then
     sys.modules restored, afterwards."""
+    monkeypatch.setattr(mm_sglang, "_engine", [])
+    monkeypatch.setattr(mm_sglang, "_installed", [])
     _install(monkeypatch, "sglang")
     _install(monkeypatch, "sglang.srt")
     _install(monkeypatch, "sglang.srt.managers")
@@ -365,8 +454,8 @@ def test_sglang_no_sync(fake_sglang):
 
 def test_sglang_row_count_mismatch_fails_loud(fake_sglang):
     """SGLang's test_scatter_row_count_mismatch_fails_loud (a CPU test; on CUDA neither SGLang's recipe nor a
-    device mask can report a mismatch without a sync): both directions raise an error that SGLang's
-    ``except (RuntimeError, IndexError)`` catches, and dest is left unchanged. The stand-in raises too."""
+    device mask can report a mismatch without a sync): both directions raise, the replacement's error is both
+    a RuntimeError and an IndexError (the two types SGLang's function raises), and dest is left unchanged."""
     src_short_mask = _make_mask("all_false")[:8]
     src_short_mask[1] = True  # 1 true
     mask_heavy = src_short_mask.clone()
@@ -378,6 +467,29 @@ def test_sglang_row_count_mismatch_fails_loud(fake_sglang):
     mm_sglang.enable()
     for mask, src in cases:
         dest = torch.zeros(8, 4)
-        with pytest.raises((RuntimeError, IndexError)):
+        with pytest.raises(mm_sglang.ScatterCountError) as raised:
             fake_sglang._scatter_mm_embedding(dest=dest, mask=mask, src=src)
+        assert isinstance(raised.value, RuntimeError) and isinstance(raised.value, IndexError)
         assert not dest.any()
+
+
+# Inputs SGLang's function takes (or refuses) its own way: (name, dest, mask, src)
+SGLANG_ENGINE_INPUTS = [
+    ("float64 dest", torch.zeros(8, 4, dtype=torch.float64), _make_mask("blocks")[:8], torch.ones(3, 4)),
+    ("float64 src", torch.zeros(8, 4), _make_mask("blocks")[:8], torch.ones(3, 4, dtype=torch.float64)),
+    ("int64 dest", torch.zeros(8, 4, dtype=torch.int64), _make_mask("blocks")[:8], torch.ones(3, 4)),
+    ("uint8 mask", torch.zeros(8, 4), _make_mask("blocks")[:8].to(torch.uint8), torch.ones(3, 4)),
+    ("wrong width", torch.zeros(8, 4), _make_mask("blocks")[:8], torch.ones(3, 5)),
+]
+
+
+@pytest.mark.parametrize("name, dest, mask, src", SGLANG_ENGINE_INPUTS, ids=[c[0] for c in SGLANG_ENGINE_INPUTS])
+def test_sglang_hands_other_inputs_to_sglang(fake_sglang, name, dest, mask, src):
+    """Issue 13: the dtypes SGLang's function accepts (float64, integer dest) work through the replacement,
+    bit for bit; what it refuses (uint8 mask, wrong width) raises its own error."""
+    expected = _outcome(sglang_scatter_mm_embedding, dest.clone(), mask, src)
+    mm_sglang.enable()
+    actual = _outcome(fake_sglang._scatter_mm_embedding, dest.clone(), mask, src)
+    assert actual[1] == expected[1]
+    assert torch.equal(actual[0], expected[0]) and actual[0].dtype == expected[0].dtype
+    assert not mm_sglang.on_fast_path(dest, mask, src)
