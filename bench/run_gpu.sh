@@ -5,6 +5,11 @@
 #   bash bench/run_gpu.sh evaluate OUT   # path="auto" against every path on the held-out grid (regret table)
 #   bash bench/run_gpu.sh bench OUT      # the full benchmark grid (JSON, PNG)
 #   bash bench/run_gpu.sh suites OUT     # items / plan / deepstack suites
+#   bash bench/run_gpu.sh host OUT       # host cost per stage, loop time, idle-GPU time, held-out auto (bench/host_path.py)
+#   bash bench/run_gpu.sh matters OUT    # headroom, stalls, deepstack, share of a step (bench/matters/)
+#   bash bench/run_gpu.sh twogpu OUT     # the 2-GPU tests and the stress run over both GPUs (needs 2 GPUs)
+# The real-engine hook tests need the engines' Python files: bench/engines/make_engine_env.sh bundle, then carry
+# .engine_bundle and run bash .engine_bundle/run_tests.sh.
 # Install first: pip install -e . (offline: python -m pip install --no-deps --no-build-isolation -e .).
 set -uo pipefail
 out=${2:-bench/results/run}
@@ -15,8 +20,8 @@ for stage in ${1//,/ }; do
     > "$out/environment.txt"
   case $stage in
     tests)
-      python -m pytest tests/gpu tests/models tests/test_engine_hooks.py -q -rs -p no:cacheprovider \
-        --junitxml="$out/gpu_junit.xml" > "$out/gpu_tests.log" 2>&1
+      python -m pytest tests/gpu tests/models tests/test_engine_hooks.py tests/test_requests.py -q -rs \
+        -p no:cacheprovider --junitxml="$out/gpu_junit.xml" > "$out/gpu_tests.log" 2>&1
       tail -n 3 "$out/gpu_tests.log"
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
         python tests/gpu/sanitize.py > "$out/sanitize.log" 2>&1
@@ -37,6 +42,21 @@ for stage in ${1//,/ }; do
     suites)
       python -m mmmerge_triton.tools.bench --suite all --out "$out" > "$out/suites.log" 2>&1
       tail -n 30 "$out/suites.log"
+      ;;
+    host)
+      python bench/host_path.py --out "$out" > "$out/host_path.log" 2>&1
+      tail -n 4 "$out/host_path.log"
+      ;;
+    matters)
+      bash bench/matters/run.sh "$out/matters" > "$out/matters.log" 2>&1
+      tail -n 3 "$out/matters.log"
+      ;;
+    twogpu)
+      python -m pytest tests/gpu/test_threads.py tests/gpu/test_streams.py tests/gpu/test_tensor_parallel.py -q -rs \
+        -p no:cacheprovider > "$out/gpu_2gpu_tests.log" 2>&1
+      tail -n 3 "$out/gpu_2gpu_tests.log"
+      python tests/gpu/stress.py --devices 2 --seconds 40 > "$out/stress_2gpu.log" 2>&1
+      tail -n 2 "$out/stress_2gpu.log"
       ;;
   esac
 done
