@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch, inputs, rowmap, scatter
+from mmmerge_triton import dispatch, inputs, kernel_config, rowmap, scatter
 from mmmerge_triton.staging import arena
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import environment
@@ -94,7 +94,7 @@ def stages(n: int, on_device: bool) -> dict:
     dst, mask, src = make_inputs(case, DEV)
     m = src.shape[0]
     decision = dispatch.decide(dst, mask, src.dtype, m)
-    cfg = decision.config or scatter.default_config(4096, m, n, on_device)
+    cfg = decision.config or kernel_config.default_config(4096, m, n, on_device)
     rows = rowmap.host_rows(mask.cpu())
     out = {"decision": decision.reason}
     out["api merge_multimodal_embeddings"] = host_us(lambda: mm.merge_multimodal_embeddings(dst, src, mask))

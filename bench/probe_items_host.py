@@ -4,7 +4,7 @@
 
 Prints, per list shape, the host µs of the list merge against one pre-concatenated tensor and torch.cat alone
 (tools.timing.host_time_us), then the profile's top functions; last, the host µs of building a MergePlan from a
-CPU mask. The constants of items.items_in_place_pays were read off this and the items suite.
+CPU mask. The constants of dispatch.items_in_place_pays were read off this and the items suite.
 """
 import cProfile
 import io
@@ -12,14 +12,14 @@ import pstats
 
 import torch
 
-import mmmerge_triton.api as api
+import mmmerge_triton.dispatch as dispatch
 from mmmerge_triton import MergePlan
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.cases import make_mask
 
 
 def main() -> None:
-    api.items_in_place_pays = lambda *args: True  # profile the in-place path whatever the rule says
+    dispatch.items_in_place_pays = lambda *args: True  # profile the in-place path whatever the rule says
     dev = torch.device("cuda")
     for count, rows, hidden in [(8, 1024, 3584), (64, 256, 3584), (512, 256, 3584)]:
         m = count * rows

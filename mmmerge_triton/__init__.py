@@ -10,7 +10,7 @@ from .dispatch import Decision
 from .paths import PATHS
 from .plan import MergePlan
 from .requests import merge_requests
-from .scatter import KernelConfig
+from .kernel_config import KernelConfig
 
 __all__ = [
     "merge_multimodal_embeddings",

@@ -8,11 +8,12 @@ from . import inputs
 from .autograd import TritonScatter
 from .dispatch import Decision, decide
 from .inputs import NestedTensors
-from .items import ItemList, common_row_stride, items_in_place_pays, merge_items
+from . import dispatch
+from .items import ItemList, common_row_stride, merge_items
 from .paths import PATHS, RUNNERS, merge_triton, rows_view
 from .plan import MergePlan
 from .rowmap import CountMismatch
-from .scatter import default_config
+from .kernel_config import default_config
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -140,7 +141,7 @@ def _execute(dst, mask, src, n_rows: int, src_dtype, *, accumulate, path, plan, 
     needs_grad = torch.is_grad_enabled() and (dst.requires_grad or _requires_grad(src))
     try:
         if isinstance(src, ItemList):
-            in_place = path == "triton" and not needs_grad and not aliased and items_in_place_pays(
+            in_place = path == "triton" and not needs_grad and not aliased and dispatch.items_in_place_pays(
                 len(src.rows), n_rows, mask.numel(), dst, src_dtype)
             stride = common_row_stride(src.tensors) if in_place else None
             if stride is not None:

@@ -12,7 +12,8 @@ import torch
 
 from .paths import merge_triton
 from .rowmap import RowMap, device_rows, host_rows, stage_rows
-from .scatter import as_rows, default_config, gather_rows
+from .scatter import as_rows, gather_rows
+from .kernel_config import default_config
 
 
 def rowmap_for(mask: torch.Tensor, device: torch.device, n_rows: int) -> tuple[RowMap, int]:

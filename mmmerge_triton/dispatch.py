@@ -5,7 +5,7 @@ Tuned tables (written by ``mmmerge-tune``) live in ``configs/<device name>.json`
 another folder. Each entry holds, for one (mask device, src dtype, dst dtype, N, H, M), the path with the
 lowest loop time and the best Triton configuration. At run time the nearest entry wins: same mask device,
 the closest dtype pair (by element sizes), then the smallest distance in log2 N, log2 H and log2 M. For a
-device mask the kind of kernel then follows N: under scatter.FUSED_BELOW rows the entry's best one-launch
+device mask the kind of kernel then follows N: under kernel_config.FUSED_BELOW rows the entry's best one-launch
 configuration, and a one-launch winner is not carried past FUSED_REACH times the N it was measured at. A
 two-launch configuration carried to fewer source rows than its entry's takes proportionally fewer rows per
 program (a power of two), so that the launch keeps the entry's number of programs: a small M with many rows
@@ -34,7 +34,8 @@ import torch
 from .inputs import TRITON_DTYPES
 from .paths import PATHS
 from .rowmap import MAX_ROWS
-from .scatter import FUSED_BELOW, KernelConfig, as_rows, default_config, supports
+from .scatter import as_rows, supports
+from .kernel_config import FUSED_BELOW, KernelConfig, default_config
 
 TABLE_VERSION = 1
 FUSED_REACH = 1.5  # a fused (one-launch) winner serves N up to this multiple of its entry's N (or FUSED_BELOW)
@@ -110,7 +111,7 @@ def _heuristic(dst: torch.Tensor, mask_on_device: bool, n: int, rows: int) -> De
     if not dst.is_cuda:
         return Decision("index_put", None, "CPU tensors: index_put (Triton has no compiled CPU path)")
     cfg = default_config(dst.shape[-1], rows, n, mask_on_device)
-    return Decision("triton", cfg, "heuristic: the Triton row copy on CUDA (scatter.default_config)")
+    return Decision("triton", cfg, "heuristic: the Triton row copy on CUDA (kernel_config.default_config)")
 
 
 def bucket(x: int) -> int:
@@ -213,6 +214,30 @@ def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: 
     if path == "triton" and found.path != "triton":
         return Decision("triton", None, f"path='triton' asked for by name; the default configuration ({found.reason})")
     return found
+
+
+# Lists of items, read in place or concatenated first. Loop-time model of the two ways to merge a list (µs, bytes per µs), fit to the H100 host of bench/results/h100
+# (probe_items_host.log, suite_history/suite_items_rule_fit.json; checked against suite_items_*.json, a later
+# run, in tests/test_items.py): a merge's host time is about 40 µs plus
+# 0.002 µs per mask row (the host row map); reading items in place adds about 100 µs plus 1.2 µs per item
+# (item table, staging, copy), concatenating them 0.33 µs per item (torch.cat); the device copies at 2.9 TB/s.
+_MERGE_HOST_US, _MASK_ROW_HOST_US = 40.0, 0.002
+_TABLE_HOST_US, _ITEM_HOST_US, _CAT_ITEM_HOST_US = 100.0, 1.2, 0.33
+_COPY_BYTES_PER_US = 2.9e6
+
+
+def items_in_place_pays(n_items: int, n_rows: int, n_mask: int, dst: torch.Tensor, src_dtype: torch.dtype) -> bool:
+    """Whether reading the items in place beats concatenating them first, in loop time (the larger of host and
+    device time, as calls overlap). In place halves the device work (one read and one write of the rows, where
+    cat + scatter does both twice) but costs more host time per item. Never past MAX_ROWS mask rows: the
+    item tables and row maps are int32."""
+    if n_mask > MAX_ROWS or n_rows > MAX_ROWS:
+        return False
+    device_us = n_rows * dst.shape[-1] * (src_dtype.itemsize + dst.element_size()) / _COPY_BYTES_PER_US
+    host_us = _MERGE_HOST_US + _MASK_ROW_HOST_US * n_mask
+    in_place = max(host_us + _TABLE_HOST_US + _ITEM_HOST_US * n_items, device_us)
+    concatenated = max(host_us + _CAT_ITEM_HOST_US * n_items, 2 * device_us)
+    return in_place < concatenated
 
 
 def clear_cache() -> None:

@@ -21,7 +21,8 @@ import torch
 from .kernels import multi_row_copy_kernel
 from .launch import FastKernel
 from .rowmap import MAX_ROWS, CountMismatch, RowMap, check_fits, device_rows, host_rows
-from .scatter import KernelConfig, cdiv
+from .scatter import cdiv
+from .kernel_config import KernelConfig
 from .staging import RawPointer, arena
 
 _multi_row_copy = FastKernel(multi_row_copy_kernel)
@@ -37,30 +38,6 @@ class ItemList(NamedTuple):
     @classmethod
     def of(cls, tensors: list[torch.Tensor]) -> "ItemList":
         return cls(tensors, [t.shape[0] for t in tensors])
-
-
-# Loop-time model of the two ways to merge a list (µs, bytes per µs), fit to the H100 host of bench/results/h100
-# (probe_items_host.log, suite_history/suite_items_rule_fit.json; checked against suite_items_*.json, a later
-# run, in tests/test_items.py): a merge's host time is about 40 µs plus
-# 0.002 µs per mask row (the host row map); reading items in place adds about 100 µs plus 1.2 µs per item
-# (item table, staging, copy), concatenating them 0.33 µs per item (torch.cat); the device copies at 2.9 TB/s.
-_MERGE_HOST_US, _MASK_ROW_HOST_US = 40.0, 0.002
-_TABLE_HOST_US, _ITEM_HOST_US, _CAT_ITEM_HOST_US = 100.0, 1.2, 0.33
-_COPY_BYTES_PER_US = 2.9e6
-
-
-def items_in_place_pays(n_items: int, n_rows: int, n_mask: int, dst: torch.Tensor, src_dtype: torch.dtype) -> bool:
-    """Whether reading the items in place beats concatenating them first, in loop time (the larger of host and
-    device time, as calls overlap). In place halves the device work (one read and one write of the rows, where
-    cat + scatter does both twice) but costs more host time per item. Never past MAX_ROWS mask rows: the
-    item tables and row maps are int32."""
-    if n_mask > MAX_ROWS or n_rows > MAX_ROWS:
-        return False
-    device_us = n_rows * dst.shape[-1] * (src_dtype.itemsize + dst.element_size()) / _COPY_BYTES_PER_US
-    host_us = _MERGE_HOST_US + _MASK_ROW_HOST_US * n_mask
-    in_place = max(host_us + _TABLE_HOST_US + _ITEM_HOST_US * n_items, device_us)
-    concatenated = max(host_us + _CAT_ITEM_HOST_US * n_items, 2 * device_us)
-    return in_place < concatenated
 
 
 def common_row_stride(items: list[torch.Tensor]) -> int | None:

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .rowmap import CountMismatch, RowMap, check_fits, device_rows, host_rows
-from .scatter import ADD, COPY, KernelConfig, as_rows, default_config, mask_bytes, mask_row_copy, row_copy, supports
+from .scatter import ADD, COPY, as_rows, mask_bytes, mask_row_copy, row_copy, supports
+from .kernel_config import KernelConfig, default_config
 from .staging import arena
 
 

@@ -29,7 +29,8 @@ from .kernels import request_row_copy_kernel, request_rows_kernel
 from .launch import FastKernel
 from .paths import PATHS
 from .rowmap import host_rows
-from .scatter import PREFIX_CHUNK, cdiv, default_of_kind, mask_bytes, next_pow2
+from .scatter import PREFIX_CHUNK, cdiv, mask_bytes
+from .kernel_config import default_of_kind, next_pow2
 from .staging import RawPointer, arena, packed_layout
 
 _request_rows = FastKernel(request_rows_kernel)

@@ -9,7 +9,7 @@ import torch
 
 import mmmerge_triton as mm
 from mmmerge_triton import dispatch
-from mmmerge_triton.scatter import KernelConfig
+from mmmerge_triton.kernel_config import KernelConfig
 from mmmerge_triton.tools import tune
 
 from .conftest import assert_merged, make_mask

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import api
+from mmmerge_triton import api, dispatch
+
+ITEMS_RULE = dispatch.items_in_place_pays  # the rule itself: the fixture below forces its answer elsewhere
 from mmmerge_triton import items as items_mod
 from mmmerge_triton import rowmap
-from mmmerge_triton.scatter import KernelConfig
+from mmmerge_triton.kernel_config import KernelConfig
 
 from .conftest import ALL_PATHS, assert_bits_equal, assert_merged, make_mask, randn
 
@@ -43,7 +45,7 @@ LAYOUTS = ["separate_tensors", "slices_of_one_tensor", "empty_items_first_and_be
 @pytest.fixture(autouse=True)
 def items_in_place(monkeypatch):
     """These CPU-sized merges would take torch.cat under the loop-time rule: force the in-place kernel."""
-    monkeypatch.setattr(api, "items_in_place_pays", lambda *args: True)
+    monkeypatch.setattr(dispatch, "items_in_place_pays", lambda *args: True)
 
 
 def test_in_place_rule_picks_the_faster_variant_at_every_measured_point():
@@ -61,7 +63,7 @@ def test_in_place_rule_picks_the_faster_variant_at_every_measured_point():
         if max(in_place, cat) < 1.05 * min(in_place, cat):
             continue  # a tie within the host's noise
         n_rows = record["items"] * record["rows_per_item"]
-        pays = items_mod.items_in_place_pays(record["items"], n_rows, record["n"], dst, torch.bfloat16)
+        pays = ITEMS_RULE(record["items"], n_rows, record["n"], dst, torch.bfloat16)
         assert pays == (in_place < cat), record
 
 

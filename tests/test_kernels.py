@@ -12,7 +12,8 @@ import torch
 
 import mmmerge_triton as mm
 from mmmerge_triton import paths, rowmap, scatter
-from mmmerge_triton.scatter import ADD, COPY, GATHER, ZERO, KernelConfig
+from mmmerge_triton.scatter import ADD, COPY, GATHER, ZERO
+from mmmerge_triton.kernel_config import KernelConfig
 
 from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal, assert_merged, make_mask, randn
 

@@ -439,8 +439,8 @@ def test_int32_row_maps_refuse_more_than_2_31_rows():
         mm.MergePlan(mask)
     items = items_mod.ItemList.of([torch.zeros(1, 4), torch.zeros(2, 4)])
     with pytest.raises(ValueError, match="int32 row maps"):
-        items_mod.merge_items(dst, mask, items, 4, False, mm.scatter.default_config(4, 3, 1, False))
-    assert not items_mod.items_in_place_pays(2, 3, mask.shape[0], dst, torch.float32)
+        items_mod.merge_items(dst, mask, items, 4, False, mm.kernel_config.default_config(4, 3, 1, False))
+    assert not mm.dispatch.items_in_place_pays(2, 3, mask.shape[0], dst, torch.float32)
     rowmap.check_fits(rowmap.MAX_ROWS, "at the limit")  # 2**31 - 1 rows still fit
 
 

@@ -7,7 +7,7 @@
 Each reports device time, loop time and peak extra memory per variant (timing.py), within one run; on a CPU,
 wall times only (a smoke test of the tooling).
 
-Runtime internals used (no public function does the same): ``api.items_in_place_pays``, patched to force a
+Runtime internals used (no public function does the same): ``dispatch.items_in_place_pays``, patched to force a
 list to be read in place or concatenated; ``paths.merge_index_put``, vLLM's bare index_put after its torch.cat.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from unittest import mock
 
 import torch
 
-from .. import MergePlan, api, deepstack_add, masked_row_scatter_, merge_multimodal_embeddings, paths
+from .. import MergePlan, api, deepstack_add, dispatch, masked_row_scatter_, merge_multimodal_embeddings, paths
 from . import timing
 from .cases import make_mask
 
@@ -31,7 +31,7 @@ def _measure(calls: dict, device: torch.device) -> dict:
 @contextlib.contextmanager
 def _items_in_place(forced: bool):
     """Force the list merge to read items in place (or to concatenate them), whatever the loop-time rule says."""
-    with mock.patch.object(api, "items_in_place_pays", lambda *args: forced):
+    with mock.patch.object(dispatch, "items_in_place_pays", lambda *args: forced):
         yield
 
 

@@ -13,8 +13,8 @@ Triton configuration at each point, and writes the regret table (default
 ./mmmerge-results/regret_<device>.json in the current directory).
 
 Runtime internals used (no public function does the same): ``paths.RUNNERS`` (the bare paths, as in bench.py),
-``paths.merge_triton(config=...)`` (a Triton configuration launched directly), ``scatter.default_config`` and
-``scatter.default_of_kind`` (the defaults a measured configuration must beat), and ``dispatch.TABLE_VERSION``,
+``paths.merge_triton(config=...)`` (a Triton configuration launched directly), ``kernel_config.default_config`` and
+``kernel_config.default_of_kind`` (the defaults a measured configuration must beat), and ``dispatch.TABLE_VERSION``,
 ``table_dir``, ``table_file_name``, ``clear_cache`` and ``choose`` (the table's format, where it lives, and the
 cached decision whose cost --evaluate reports).
 """
@@ -33,7 +33,7 @@ import torch
 import triton
 
 from .. import PATHS, KernelConfig, dispatch, explain, masked_row_scatter_, paths
-from ..scatter import default_config, default_of_kind
+from ..kernel_config import default_config, default_of_kind
 from . import timing
 from .bench import DEFAULT_OUT, _progress, device_name, environment
 from .cases import Case, make_inputs
@@ -100,7 +100,7 @@ def tune_case(case: Case, device: torch.device) -> dict:
 
 
 CONFIG_MARGIN = 0.95
-"""A configuration replaces the default one (scatter.default_config) only where it beats it by 5% in loop time.
+"""A configuration replaces the default one (kernel_config.default_config) only where it beats it by 5% in loop time.
 Where the host dominates, every configuration measures alike and the fastest one is noise; carried by the
 nearest-key lookup to larger inputs, such a pick ran up to 1.4x slower than the default (H100 held-out run,
 bench/results/h100/regret_history/1_*.json). The margin keeps the table's departures from the default to those
@@ -129,7 +129,7 @@ def _keep_default(times: dict, default: KernelConfig) -> KernelConfig:
 def select(entry: dict) -> dict:
     """Fill in an entry's winner from its measured loop times: the best Triton configuration of each kind
     (two-launch; one-launch for a device mask), each kept at the default unless beaten by CONFIG_MARGIN, the
-    kind that scatter.default_config takes at this N unless the other beats it by the margin too; then the
+    kind that kernel_config.default_config takes at this N unless the other beats it by the margin too; then the
     path with the lowest loop time."""
     key = entry["key"]
     times = {parse_config_name(name): t for name, t in entry["triton_configs"].items()}

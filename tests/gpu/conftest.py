@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _items_in_place(monkeypatch):
     """Lists of items go through the in-place multi-item kernel here, whatever their size: these tests check
-    that kernel (at these sizes the loop-time rule, api.items_in_place_pays, would concatenate them)."""
-    import mmmerge_triton.api as api
+    that kernel (at these sizes the loop-time rule, dispatch.items_in_place_pays, would concatenate them)."""
+    import mmmerge_triton.dispatch as dispatch
 
-    monkeypatch.setattr(api, "items_in_place_pays", lambda *args: True)
+    monkeypatch.setattr(dispatch, "items_in_place_pays", lambda *args: True)

@@ -49,9 +49,9 @@ def main() -> int:
     import mmmerge_triton as mt
     import mmmerge_triton.api
 
-    mmmerge_triton.api.items_in_place_pays = lambda *args: True  # lists through the multi-item kernel
+    mmmerge_triton.dispatch.items_in_place_pays = lambda *args: True  # lists through the multi-item kernel
     from mmmerge_triton import paths, scatter
-    from mmmerge_triton.scatter import KernelConfig
+    from mmmerge_triton.kernel_config import KernelConfig
 
     from gpu_helpers import DTYPE_PAIRS, assert_same, dev, first_true, pair_id, rand, random_mask, reference
 

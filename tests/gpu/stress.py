@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import api, staging  # noqa: E402
+from mmmerge_triton import dispatch, staging  # noqa: E402
 
 from gpu_helpers import gpu_sleep, random_mask  # noqa: E402
 
@@ -93,12 +93,12 @@ def items_in_place():
     """Lists of items take the in-place kernel whatever their size (the loop-time rule would concatenate
     some): the kernel and its staged tables are what is under test. (tests/gpu/conftest.py does the same
     for every GPU test.)"""
-    rule = api.items_in_place_pays
-    api.items_in_place_pays = lambda *args: True
+    rule = dispatch.items_in_place_pays
+    dispatch.items_in_place_pays = lambda *args: True
     try:
         yield
     finally:
-        api.items_in_place_pays = rule
+        dispatch.items_in_place_pays = rule
 
 
 def warm_up(device: torch.device, big: bool = True) -> None:

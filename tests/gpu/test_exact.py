@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 import mmmerge_triton as mt  # noqa: E402
 from mmmerge_triton import paths  # noqa: E402
-from mmmerge_triton.scatter import KernelConfig  # noqa: E402
+from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import (  # noqa: E402
     DTYPE_PAIRS, assert_same, dev, first_true, pair_id, rand, random_mask, reference, special_matrix,
@@ -568,7 +568,7 @@ def test_item_lists_cpu_mask_count_mismatch_raises():
 def test_merge_items_accumulate(pair, mask_on_gpu):
     """The multi-item kernel's ADD mode (reached through items.merge_items; the public list merge overwrites)."""
     from mmmerge_triton import items as mm_items
-    from mmmerge_triton.scatter import default_config
+    from mmmerge_triton.kernel_config import default_config
 
     src_dt, dst_dt = pair
     h = 100

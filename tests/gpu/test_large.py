@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import paths, scatter  # noqa: E402
-from mmmerge_triton.scatter import KernelConfig  # noqa: E402
+from mmmerge_triton import kernel_config, paths, scatter  # noqa: E402
+from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, rand  # noqa: E402
 
@@ -114,7 +114,7 @@ def test_gather_and_zero_past_2_31_elements():
     try:
         fill(dst)
         plan = mt.MergePlan(_mask().to(DEV))
-        cfg = scatter.default_config(H, M, N, False)
+        cfg = kernel_config.default_config(H, M, N, False)
         out = scatter.gather_rows(dst, plan.rows, plan.count, M, torch.float32, cfg)
         assert_same(out, pattern_at(torch.tensor(SEL, device=DEV)).float())
         scatter.zero_rows(dst, plan.rows, plan.count, M, cfg)
@@ -165,7 +165,7 @@ def test_src_past_2_31_elements(kind):
             expected_last = src[-CHUNK:].clone()
             src.zero_()
             scatter.row_copy(dst, src, plan.rows, plan.count, scatter.GATHER,
-                             scatter.default_config(H, M_BIG, N_BIG, False))
+                             kernel_config.default_config(H, M_BIG, N_BIG, False))
             assert_same(src[-CHUNK:], expected_last, "GATHER: the last rows are src's again")
             for j0 in range(0, M_BIG, CHUNK):
                 j1 = min(M_BIG, j0 + CHUNK)

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 
 import mmmerge_triton as mt  # noqa: E402
 from mmmerge_triton import items as mm_items  # noqa: E402
-from mmmerge_triton import launch, paths, scatter  # noqa: E402
-from mmmerge_triton.scatter import KernelConfig  # noqa: E402
+from mmmerge_triton import kernel_config, launch, paths, scatter  # noqa: E402
+from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, pair_id, rand, random_mask, reference  # noqa: E402
 
@@ -168,7 +168,7 @@ def test_gather_and_zero_launches(recorded):
     plan = mt.MergePlan(mask)
     for dtype in (torch.float32, torch.bfloat16):
         dense = rand((n, h), dtype, seed=8)
-        cfg = scatter.default_config(h, m, n, False)
+        cfg = kernel_config.default_config(h, m, n, False)
         out = scatter.gather_rows(dense, plan.rows, plan.count, m, torch.float16, cfg)
         assert_same(out, dense[mask].to(torch.float16))
         expected = dense.clone()

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import mmmerge_triton as mt  # noqa: E402
 from mmmerge_triton import paths  # noqa: E402
-from mmmerge_triton.scatter import KernelConfig  # noqa: E402
+from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, rand, random_mask, reference, sync_debug_error  # noqa: E402
 

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 import mmmerge_triton as mt  # noqa: E402
 from mmmerge_triton import paths  # noqa: E402
-from mmmerge_triton.scatter import KernelConfig  # noqa: E402
+from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, gpu_sleep, rand, random_mask, reference, sync_debug_error  # noqa: E402
 
@@ -114,7 +114,7 @@ def test_item_tables_across_two_streams():
     different item table (other splits, other mask) through the pinned ring into its stream's device buffer,
     so a table overwritten before its kernel ran would show as a wrong sum."""
     from mmmerge_triton import items as mm_items
-    from mmmerge_triton.scatter import default_config
+    from mmmerge_triton.kernel_config import default_config
 
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
     n, h, k = 3000, 64, 2000
