@@ -7,10 +7,10 @@ from . import ops as _ops  # noqa: F401  (registers torch.ops.mmmerge_triton.*)
 from .api import explain, masked_row_scatter, masked_row_scatter_, merge_multimodal_embeddings
 from .deepstack import deepstack_add
 from .dispatch import Decision
+from .kernel_config import KernelConfig
 from .paths import PATHS
 from .plan import MergePlan
 from .requests import merge_requests
-from .kernel_config import KernelConfig
 
 __all__ = [
     "merge_multimodal_embeddings",

@@ -5,15 +5,14 @@ import numpy as np
 import torch
 
 from . import inputs
+from . import dispatch
 from .autograd import TritonScatter
 from .dispatch import Decision, decide
 from .inputs import NestedTensors
-from . import dispatch
-from .items import ItemList, common_row_stride, merge_items
-from .paths import PATHS, RUNNERS, merge_triton, rows_view
+from .items import ItemList, common_row_stride
+from .paths import PATHS, RUNNERS, merge_triton
 from .plan import MergePlan
 from .rowmap import CountMismatch
-from .kernel_config import default_config
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -145,9 +144,7 @@ def _execute(dst, mask, src, n_rows: int, src_dtype, *, accumulate, path, plan, 
                 len(src.rows), n_rows, mask.numel(), dst, src_dtype)
             stride = common_row_stride(src.tensors) if in_place else None
             if stride is not None:
-                cfg = config or default_config(dst.shape[-1], n_rows, mask.numel(), not mask.is_cpu)
-                merge_items(rows_view(dst, "triton"), mask, src, stride, accumulate, cfg,
-                            plan.rowmap if plan is not None else None)
+                merge_triton(dst, mask, src, accumulate, plan.rowmap if plan is not None else None, config, stride)
                 _bump_version(dst)
                 return
             src = torch.cat(src.tensors)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from .kernel_config import default_config
 from .paths import merge_triton
 from .rowmap import RowMap, device_rows, host_rows, stage_rows
 from .scatter import as_rows, gather_rows
-from .kernel_config import default_config
 
 
 def rowmap_for(mask: torch.Tensor, device: torch.device, n_rows: int) -> tuple[RowMap, int]:

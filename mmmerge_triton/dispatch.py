@@ -32,10 +32,10 @@ from typing import NamedTuple
 import torch
 
 from .inputs import TRITON_DTYPES
+from .kernel_config import FUSED_BELOW, KernelConfig, default_config
 from .paths import PATHS
 from .rowmap import MAX_ROWS
 from .scatter import as_rows, supports
-from .kernel_config import FUSED_BELOW, KernelConfig, default_config
 
 TABLE_VERSION = 1
 FUSED_REACH = 1.5  # a fused (one-launch) winner serves N up to this multiple of its entry's N (or FUSED_BELOW)

@@ -18,11 +18,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .kernel_config import KernelConfig
 from .kernels import multi_row_copy_kernel
 from .launch import FastKernel
-from .rowmap import MAX_ROWS, CountMismatch, RowMap, check_fits, device_rows, host_rows
+from .rowmap import RowMap, check_fits, cpu_rows, device_rows
 from .scatter import cdiv
-from .kernel_config import KernelConfig
 from .staging import RawPointer, arena
 
 _multi_row_copy = FastKernel(multi_row_copy_kernel)
@@ -110,9 +110,7 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: ItemList, stride
         raise RuntimeError("a list of items cannot be merged inside a CUDA graph capture: its item table is staged "
                            "per call. Concatenate the items first, or merge outside the graph.")
     on_device = dst2d.is_cuda and mask.device.type != "cpu"
-    host = None if (rowmap is not None or on_device) else host_rows(mask)
-    if host is not None and host.size != n_rows:
-        raise CountMismatch(n_rows, host.size)
+    host = None if (rowmap is not None or on_device) else cpu_rows(mask, n_rows, device)
     if rowmap is None and on_device:
         rowmap = device_rows(mask, n_rows)
     parts = [starts, offsets] + ([host] if host is not None else [])

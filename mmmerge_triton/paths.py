@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .rowmap import CountMismatch, RowMap, check_fits, device_rows, host_rows
-from .scatter import ADD, COPY, as_rows, mask_bytes, mask_row_copy, row_copy, supports
+from .items import ItemList, merge_items
 from .kernel_config import KernelConfig, default_config
+from .rowmap import RowMap, check_fits, cpu_rows, device_rows, host_rows
+from .scatter import ADD, COPY, as_rows, mask_bytes, mask_row_copy, row_copy, supports
 from .staging import arena
 
 
@@ -26,8 +27,12 @@ def rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
     return view
 
 
-def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, config: KernelConfig | None = None):
-    """The Triton row copy. A CPU mask: one launch, its row map staged in pinned memory and read in place.
+def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, config: KernelConfig | None = None,
+                 item_stride: int | None = None):
+    """The Triton row copy: the one executor of the Triton path, for a tensor or a list of items.
+
+    src: [M, H]; or an ItemList of items sharing the row stride ``item_stride``, read in place by one launch
+    (items.merge_items). A CPU mask: its row map is staged in pinned memory and read in place (one launch).
     A device mask: one launch that finds offsets in-kernel (``config.fused``), or a row-map build then the
     copy. Extra device memory: none for a CPU mask or a fused launch, 4 bytes per source row otherwise.
     Raises CountMismatch (a CPU mask whose true rows are not src's rows) before anything is written."""
@@ -38,24 +43,21 @@ def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, confi
         )
     dst2d = dst if dst.dim() == 2 and dst.stride(1) == 1 else rows_view(dst, "triton")
     check_fits(dst2d.shape[0], "path='triton'")
+    on_device = mask.is_cuda
+    if isinstance(src, ItemList):
+        cfg = config or default_config(dst2d.shape[1], sum(src.rows), dst2d.shape[0], on_device)
+        merge_items(dst2d, mask, src, item_stride, accumulate, cfg, rowmap)
+        return
     src2d = src if src.stride(1) == 1 or src.shape[1] == 1 else src.contiguous()  # src is [M, H]
     n_rows = src2d.shape[0]
-    on_device = mask.is_cuda
     cfg = config or default_config(dst2d.shape[1], n_rows, dst2d.shape[0], on_device)
     mode = ADD if accumulate else COPY
     if rowmap is None:
         if not on_device:
-            rows = host_rows(mask)
-            if rows.size != n_rows:  # the map is count-less: it is read up to n_rows
-                raise CountMismatch(n_rows, rows.size)
+            rows = cpu_rows(mask, n_rows, dst.device)
             if not dst.is_cuda:  # the interpreter reads host memory
                 row_copy(dst2d, src2d, torch.from_numpy(rows), None, mode, cfg)
                 return
-            if torch._C._cuda_isCurrentStreamCapturing():  # a replay would read a ring slot reused since
-                raise RuntimeError(
-                    "a CPU mask cannot be captured in a CUDA graph: its row map is staged per call. "
-                    "Capture with a mask on the GPU, or with a MergePlan built before capture."
-                )
             with arena(dst.device.index) as ring:  # the reservation and the launch that reads it: one session
                 row_copy(dst2d, src2d, ring.put_int32(rows), None, mode, cfg)
             return

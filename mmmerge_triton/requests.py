@@ -25,12 +25,12 @@ from .api import merge_multimodal_embeddings
 from .dispatch import triton_refusal
 from .inputs import NestedTensors
 from .items import ItemList, _tables as item_tables, common_row_stride
+from .kernel_config import default_of_kind, next_pow2
 from .kernels import request_row_copy_kernel, request_rows_kernel
 from .launch import FastKernel
 from .paths import PATHS
 from .rowmap import host_rows
 from .scatter import PREFIX_CHUNK, cdiv, mask_bytes
-from .kernel_config import default_of_kind, next_pow2
 from .staging import RawPointer, arena, packed_layout
 
 _request_rows = FastKernel(request_rows_kernel)

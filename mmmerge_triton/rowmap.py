@@ -62,6 +62,22 @@ def host_rows(mask: torch.Tensor) -> np.ndarray:
     return arange[: flat.size][flat]
 
 
+def cpu_rows(mask: torch.Tensor, n_rows: int, device: torch.device) -> np.ndarray:
+    """The row map of a CPU mask for a launch on ``device`` that stages it per call (the Triton path's one
+    count check and one capture refusal): raises CountMismatch unless the mask has exactly ``n_rows`` true
+    rows (a staged map is count-less, read up to n_rows), and refuses CUDA-graph capture (a replay would read
+    a ring slot reused since)."""
+    rows = host_rows(mask)
+    if rows.size != n_rows:
+        raise CountMismatch(n_rows, rows.size)
+    if device.type == "cuda" and torch._C._cuda_isCurrentStreamCapturing():
+        raise RuntimeError(
+            "a CPU mask cannot be captured in a CUDA graph: its row map is staged per call. "
+            "Capture with a mask on the GPU, or with a MergePlan built before capture."
+        )
+    return rows
+
+
 def stage_rows(rows: np.ndarray, device: torch.device) -> RowMap:
     """Host row indices [K], made readable by a kernel on ``device`` without a sync (a count-less map of K).
 

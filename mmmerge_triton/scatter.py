@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import ADD, COPY, GATHER, ZERO, mask_row_copy_kernel, mask_to_rows_kernel, row_copy_kernel
 from .kernel_config import KernelConfig, next_pow2
+from .kernels import ADD, COPY, GATHER, ZERO, mask_row_copy_kernel, mask_to_rows_kernel, row_copy_kernel
 from .launch import INTERPRET, FastKernel
 
 _row_copy = FastKernel(row_copy_kernel)

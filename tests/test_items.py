@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import api, dispatch
+from mmmerge_triton import dispatch
 
 ITEMS_RULE = dispatch.items_in_place_pays  # the rule itself: the fixture below forces its answer elsewhere
 from mmmerge_triton import items as items_mod
+from mmmerge_triton import paths as paths_mod
 from mmmerge_triton import rowmap
 from mmmerge_triton.kernel_config import KernelConfig
 
@@ -72,7 +73,7 @@ def test_in_place_rule_picks_the_faster_variant_at_every_measured_point():
 def test_merge_of_several_items_matches_reference(path, layout, monkeypatch):
     items, shared = item_layout(layout)
     launches = []
-    monkeypatch.setattr(api, "merge_items", lambda *args: launches.append(1) or items_mod.merge_items(*args))
+    monkeypatch.setattr(paths_mod, "merge_items", lambda *args: launches.append(1) or items_mod.merge_items(*args))
     rows = torch.cat([t.reshape(-1, H).float() for t in items])
     mask = torch.zeros(2, 30, dtype=torch.bool)
     mask.view(-1)[torch.randperm(60, generator=torch.Generator().manual_seed(2))[: rows.shape[0]]] = True

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import triton
 
+from . import timing
 from .. import PATHS, KernelConfig, dispatch, explain, masked_row_scatter_, paths
 from ..kernel_config import default_config, default_of_kind
-from . import timing
 from .bench import DEFAULT_OUT, _progress, device_name, environment
 from .cases import Case, make_inputs
 
