@@ -208,3 +208,49 @@ def test_every_path_the_shipped_table_chooses_gives_the_reference(path):
         out = dst.clone()
         mm.paths.RUNNERS[path](out, mask, src, False, config=cfg)
         assert_merged(out, dst, mask, src, accumulate=False, path=path)
+
+
+def test_explain_returns_what_the_call_executes_on_every_branch(monkeypatch):
+    """For inputs that reach each branch of dispatch.decide (the table's rules through the shipped H100 table,
+    the heuristic, every refusal), the path and configuration the call runs are the ones explain() returns."""
+    from mmmerge_triton import api
+
+    table = json.loads(SHIPPED.read_text())
+    ran = []
+    real_triton = api.merge_triton
+    monkeypatch.setattr(api, "merge_triton", lambda dst, mask, src, acc, rowmap=None, config=None, *a:
+                        ran.append(("triton", config)) or real_triton(dst, mask, src, acc, rowmap, config, *a))
+    for name, runner in list(mm.paths.RUNNERS.items()):
+        if name != "triton":
+            monkeypatch.setitem(api.RUNNERS, name, lambda *args, _n=name, _r=runner: ran.append((_n, None)) or _r(*args))
+
+    def check(dst, src, mask, label):
+        ran.clear()
+        decision = mm.explain(dst, src, mask)
+        mm.merge_multimodal_embeddings(dst, src, mask)
+        assert ran == [(decision.path, decision.config)], f"{label}: ran {ran}, explain said {decision[:2]}"
+        return decision
+
+    def inputs(n, m, hidden=64, dtype=torch.float32, src_dtype=torch.float32):
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.randperm(n, generator=torch.Generator().manual_seed(n))[:m]] = True
+        return torch.randn(n, hidden, dtype=dtype), torch.randn(m, hidden, dtype=src_dtype), mask
+
+    seen = set()
+    for mask_kind in ("cpu", "gpu"):  # the table's CPU-mask and device-mask rules (masks stay on the CPU here)
+        monkeypatch.setattr(dispatch, "_table_decision", lambda dst, on_device, src_dtype, n, rows, _k=mask_kind:
+                            dispatch.decide_from_table(table, _k, "bf16", "bf16", n, dst.shape[-1], rows))
+        dispatch.clear_cache()
+        for n, m in [(600, 300), (3000, 40), (9000, 4500), (20000, 100), (20000, 19000), (100000, 5000), (250000, 2000)]:
+            decision = check(*inputs(n, m, hidden=16), f"table {mask_kind} N={n} M={m}")
+            seen.add((mask_kind, decision.config.fused, "one-launch" in decision.reason))
+    assert {("cpu", False, False), ("gpu", True, True), ("gpu", False, False)} <= seen, f"branches reached: {seen}"
+    monkeypatch.undo()
+    dispatch.clear_cache()
+    for label, (dst, src, mask) in {
+        "float64 (refused: dtype)": inputs(50, 20, dtype=torch.float64, src_dtype=torch.float64),
+        "CPU tensors (heuristic or refusal)": inputs(50, 20),
+    }.items():
+        ran.clear()
+        decision = mm.explain(dst, src, mask)
+        assert decision.path == "index_put", label
