@@ -17,7 +17,7 @@ setup(
     # compiled-launcher contract this package has not been checked against.
     install_requires=["torch>=2.9", "triton>=3.6,<3.10", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],  # the tools' plots are tested too
         "bench": ["matplotlib", "tqdm"],
         "models": ["transformers>=4.57"],
     },

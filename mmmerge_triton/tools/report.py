@@ -362,12 +362,51 @@ def numbers_markdown(run: dict) -> str:
     return "\n".join(["| name | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in run.items()])
 
 
+def _flat(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_flat(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
+    return str(value)
+
+
+def records_markdown(records: list[dict]) -> str:
+    """Any list of flat records (a when-it-matters benchmark's), one row each, nested values spelled inline."""
+    keys = list(dict.fromkeys(k for r in records for k, v in r.items() if not isinstance(v, list)))
+    rows = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    rows += ["| " + " | ".join(_flat(r.get(k, "-")) for k in keys) + " |" for r in records]
+    return "\n".join(rows)
+
+
+def host_path_markdown(run: dict) -> str:
+    """bench/host_path.py's file: per-stage host µs, loop µs, idle/busy event µs, the held-out summary."""
+    out = []
+    for name, stages in run.get("stages", {}).items():
+        out += [f"\nstages, {name} (host µs)", numbers_markdown({k: v for k, v in stages.items() if k != "decision"})]
+    if run.get("loop"):
+        out += ["\nloop µs per call", records_markdown([{"n": r["n"], "hidden": r["hidden"], **r["loop_us"]}
+                                                          for r in run["loop"]])]
+    if run.get("idle"):
+        out += ["\nevent µs of one call, idle / busy GPU", records_markdown(
+            [{"n": r["n"], "hidden": r["hidden"], **{k: f"{v['idle_us']:.1f} / {v['busy_us']:.1f}"
+                                                     for k, v in r.items() if isinstance(v, dict)}} for r in run["idle"]])]
+    if run.get("heldout"):
+        held = run["heldout"]
+        out += [f"\nheld-out, {len(held['points'])} points: auto against the best other path"]
+        out += [f"  {key}: {_flat(held[key])}" for key in held if key not in ("points", "note")]
+    return "\n".join(out)
+
+
 def kind_of(run) -> str | None:
     """Which of the package's files this is, by its keys; None for a file the package does not write."""
     if not isinstance(run, dict):
         return None
     if "suite" in run and isinstance(run.get("records"), list):
         return "suite"
+    if "benchmark" in run and isinstance(run.get("records"), list):
+        return "matters"
+    if any(k in run for k in ("stages", "loop", "idle", "heldout")) and "environment" in run:
+        return "host_path"
     if isinstance(run.get("records"), list):
         return "bench"
     if isinstance(run.get("points"), list):
@@ -387,7 +426,8 @@ def report(file: Path, paths: list[str], cases: bool, png_dir: Path | None) -> s
         return f"{file}: cannot read it as JSON ({error})"
     kind = kind_of(run)
     if kind is None:
-        return (f"{file}: not a file this package writes (a bench, suite, regret, tuned-table or probe JSON)")
+        return (f"{file}: not a file this package writes (a bench, suite, regret, tuned-table, probe, host-path or "
+                "when-it-matters JSON)")
     env = run.get("environment") if kind != "numbers" else None
     print(f"# {file.name}: {kind}" + (f" — {_title(env)}" if env else ""))
     cpu = is_cpu_run(env) and kind in ("bench", "suite")
@@ -417,12 +457,17 @@ def report(file: Path, paths: list[str], cases: bool, png_dir: Path | None) -> s
         drawn = lambda out: plot_regret(run, out)  # noqa: E731
     elif kind == "table":
         print(table_summary(run))
+    elif kind == "matters":
+        print(f"\n{run['benchmark']} (bench/matters; python bench/matters/summary.py renders the README's tables)\n")
+        print(records_markdown(run["records"]))
+    elif kind == "host_path":
+        print(host_path_markdown(run))
     else:
         print(numbers_markdown(run))
     if png_dir is not None:
         out = png_dir / f"{file.stem}.png"
         if drawn is None:
-            print(f"(no plot for a {'tuned table' if kind == 'table' else 'probe record'})")
+            print(f"(no plot for a {kind} file)")
         elif drawn(out):
             print(f"wrote {out}")
         else:
