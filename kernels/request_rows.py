@@ -6,7 +6,7 @@ request_row_copy_kernel (the rows, as multi_row_copy_kernel, skipping the slots 
 import triton
 import triton.language as tl
 
-from .row_tiles import count_true_before, move_rows
+from .row_tiles import count_true_before, item_rows, move_rows
 
 
 @triton.jit
@@ -76,15 +76,7 @@ def request_row_copy_kernel(
     in_range = j < n_rows
     dense_row = tl.load(rows_ptr + j, mask=in_range, other=-1)
     row_ok = dense_row >= 0
-    lo = tl.zeros([ROWS], dtype=tl.int32)
-    hi = tl.zeros([ROWS], dtype=tl.int32) + (n_items - 1)
-    for _ in tl.static_range(SEARCH_STEPS):  # largest t with item_starts[t] <= j
-        mid = (lo + hi + 1) // 2
-        below = tl.load(item_starts_ptr + mid, mask=row_ok, other=0) <= j
-        lo = tl.where(below, mid, lo)
-        hi = tl.where(below, hi, mid - 1)
-    item_offset = tl.multiple_of(tl.load(item_offsets_ptr + lo, mask=row_ok, other=0), ITEM_ALIGN)
-    local_row = (j - tl.load(item_starts_ptr + lo, mask=row_ok, other=0)).to(tl.int64)
     dense_rows = dense_ptr + tl.where(row_ok, dense_row, 0).to(tl.int64)[:, None] * stride_dense_row
-    compact_rows = base_ptr + (item_offset + local_row * stride_item_row)[:, None]
+    compact_rows = item_rows(base_ptr, item_offsets_ptr, item_starts_ptr, j, row_ok, n_items, stride_item_row,
+                             SEARCH_STEPS, ITEM_ALIGN)
     move_rows(dense_rows, compact_rows, row_ok, H, 0, BLOCK_H)  # MODE 0: COPY

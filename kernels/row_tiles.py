@@ -1,4 +1,5 @@
-"""@triton.jit helpers shared by the kernels: moving a tile of rows, counting true mask bytes."""
+"""@triton.jit helpers shared by the kernels: moving a tile of rows, counting true mask bytes, addressing the
+rows of a list of items."""
 import triton
 import triton.language as tl
 
@@ -48,3 +49,30 @@ def count_true_before(mask_ptr, end, CHUNK: tl.constexpr):
         idx = s + lane
         acc += (tl.load(mask_ptr + idx, mask=idx < end, other=0) != 0).to(tl.int32)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def item_rows(
+    base_ptr,  # the first item's data: every item is addressed relative to it
+    item_offsets_ptr,  # [T] int64: element offset of item t's first row from base_ptr
+    item_starts_ptr,  # [T + 1] int32: compact index of item t's first row
+    j,  # [ROWS] compact row indices
+    row_ok,  # [ROWS] bool: which lanes to look up
+    n_items,
+    stride_item_row,
+    SEARCH_STEPS: tl.constexpr,  # ceil(log2(T))
+    ITEM_ALIGN: tl.constexpr,  # every item offset and row start is a multiple of this many elements
+):
+    """[ROWS, 1] pointers to compact rows j of a list of items: row j belongs to the item t with
+    item_starts[t] <= j < item_starts[t+1], found by binary search in the small table, and lives at
+    base_ptr + item_offsets[t] + (j - item_starts[t]) * stride_item_row."""
+    lo = tl.zeros(j.shape, dtype=tl.int32)
+    hi = tl.zeros(j.shape, dtype=tl.int32) + (n_items - 1)
+    for _ in tl.static_range(SEARCH_STEPS):  # largest t with item_starts[t] <= j
+        mid = (lo + hi + 1) // 2
+        below = tl.load(item_starts_ptr + mid, mask=row_ok, other=0) <= j
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid - 1)
+    item_offset = tl.multiple_of(tl.load(item_offsets_ptr + lo, mask=row_ok, other=0), ITEM_ALIGN)
+    local_row = (j - tl.load(item_starts_ptr + lo, mask=row_ok, other=0)).to(tl.int64)
+    return base_ptr + (item_offset + local_row * stride_item_row)[:, None]
