@@ -29,7 +29,8 @@ import triton
 from .. import explain, masked_row_scatter_, paths
 from . import timing
 from .cases import Case, grid, make_inputs
-from .report import DEFAULT_OUT, check_targets, plot, print_case
+from .plots import plot
+from .report import DEFAULT_OUT, check_targets, print_case
 from .suites import SUITES, print_suite
 
 FLOOR = "copy"

@@ -17,7 +17,7 @@ from unittest import mock
 
 import torch
 
-from .. import MergePlan, api, deepstack_add, dispatch, masked_row_scatter_, merge_multimodal_embeddings, paths
+from .. import MergePlan, deepstack_add, dispatch, masked_row_scatter_, merge_multimodal_embeddings, paths
 from . import timing
 from .cases import make_mask
 
