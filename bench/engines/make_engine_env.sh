@@ -15,6 +15,10 @@
 # extension is missing and runs its Python. PyPI has no CPU torchvision or torchaudio for this torch, and
 # SGLang's mm_utils imports torchvision.transforms (InternVL preprocessing), some vLLM model files torchaudio:
 # the venv gets a stand-in for each that imports and raises when used (the H100 image has the real ones).
+# Where the compiled parts are missing (this venv, and the bundle: none carried), tests/engines/conftest.py sets
+# VLLM_TARGET_DEVICE=cpu (vLLM's CPU platform, also where CUDA is visible) and, for SGLang, which imports
+# sgl_kernel at import time where CUDA is visible, puts the import-time stub tests/engines/stubs/sgl_kernel on
+# sys.path; the merge functions under test are the engines' own either way. The header of a run says which.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 ENGINES=(vllm==0.33.0 sglang==0.5.23)
@@ -138,7 +142,11 @@ make_bundle() {
                  "llguidance>=1.7.6,<1.8" loguru matplotlib-inline msgspec "openai>=2.25,<3" openai-harmony==0.0.4
                  opentelemetry-api orjson partial-json-parser pexpect prompt-toolkit ptyprocess pure-eval pybase64
                  pydantic pydantic-core pyzmq sniffio stack-data starlette traitlets truststore typing-inspection
-                 wcwidth xgrammar==0.2.8)
+                 wcwidth xgrammar==0.2.8
+                 # Past the point where the engines' imports first stopped on the GPU machine (vLLM's CUDA platform,
+                 # sgl_kernel; tests/engines/conftest.py now gets past both) these are imported too: annotated-doc
+                 # (fastapi's), and four the image may or may not have (unproven there, small): carried.
+                 annotated-doc cloudpickle einops prometheus-client uvloop)
   # Wheels for a glibc up to 2.35 (the image's Python 3.12.3 is Ubuntu 24.04's, glibc 2.39); pip takes only
   # the platform tags named.
   local platforms=(--platform linux_x86_64 --platform manylinux2014_x86_64)
@@ -162,7 +170,7 @@ site=/tmp/engine_site && rm -rf "$site" && mkdir -p "$site" && tar -C "$site" -x
 python3 -m pip install -q --no-deps --no-build-isolation -e .
 export PYTHONPATH="$site"
 echo "# tests/engines from the bundle, $(date -u +%Y-%m-%dT%H:%MZ) (versions: pytest's header below)"
-python3 -m pytest -v tests/engines -p no:cacheprovider -W ignore::DeprecationWarning "$@"
+python3 -m pytest -v -rs tests/engines -p no:cacheprovider -W ignore::DeprecationWarning "$@"
 SH
   du -sh "$dir/site.tar.xz"
 }

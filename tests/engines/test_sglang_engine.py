@@ -6,6 +6,15 @@ package's row scatter on the fast path, SGLang's function for the dtypes and sha
 A count mismatch is where the two differ on purpose: the replacement writes nothing and raises an error of
 both types SGLang's function raises. Then the hook inside SGLang's code: ``embed_mm_inputs`` with precomputed
 image embeddings, with and without deepstack (split by SGLang's Qwen3-VL ``separate_deepstack_embeds``).
+
+sgl_kernel: with CUDA visible SGLang imports its compiled kernels (``sgl_kernel``) at module level on the
+import path of mm_utils. Where no sgl_kernel is installed (the CPU engine venv; the bundle run on the GPU
+machine: the wheel is built for another torch), conftest.py appends tests/engines/stubs to sys.path: a stand-in
+exposing only the names those imports ask for, each raising if called (stubs/sgl_kernel/__init__.py lists
+them). That is the only thing replaced: ``_scatter_mm_embedding``, ``embed_mm_inputs`` and
+``separate_deepstack_embeds`` are SGLang's own, plain torch, and call no sgl_kernel function (a call would raise
+and fail the test); the ``cuda`` cases run them on CUDA tensors. SGLang's guarded imports (other names, other
+submodules) still fail and fall back.
 """
 from __future__ import annotations
 

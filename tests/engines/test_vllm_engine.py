@@ -8,6 +8,14 @@ fast path, vLLM's function for everything else (the issue's table: count mismatc
 Qwen3-VL's ``embed_input_ids`` with and without deepstack, the default ``SupportsMultiModal.embed_input_ids``
 (which imports the function at call time), every module that binds the function by name, and vLLM's plugin
 loader running the entry point.
+
+The platform: where vLLM's compiled extension does not load (the CPU engine venv, and the bundle run on the GPU
+machine, which carries no compiled parts), conftest.py sets ``VLLM_TARGET_DEVICE=cpu``, vLLM's own switch, so
+that ``vllm.platforms.current_platform`` is vLLM's ``CpuPlatform`` even with CUDA visible (its CUDA platform
+module hard-imports the extension). The platform object is the only thing replaced: the functions under test
+(``_merge_multimodal_embeddings``, Qwen3-VL's embed path, the default ``embed_input_ids``) are vLLM's own,
+plain torch, and consult no platform; the ``cuda`` cases run them on CUDA tensors. The header of a run names
+the platform.
 """
 from __future__ import annotations
 
