@@ -106,6 +106,12 @@ FAST_CASES = ["bf16 src into bf16", "fp32 src into bf16", "fp16 src into bf16", 
 def test_as_sglang(spies, device, name):
     """Each input (equal counts) through the replacement and through SGLang's function: the same result bits,
     or the same exception (type, text, cause and context types) with the same dest; and the expected route."""
+    if device == "cuda":
+        on_cpu = outcome(ENGINE, *_case(name, "cpu")[:3])
+        if on_cpu.error and "out of bounds" in on_cpu.error[1]:
+            # One such launch ends the process's CUDA context for every test after it.
+            pytest.skip("SGLang's own function indexes out of bounds here (on the CPU an IndexError, on CUDA a "
+                        "device-side assert); the hook hands this input to it unchanged: compared on the CPU")
     dest, mask, src, _ = _case(name, device)
     engine = outcome(ENGINE, dest, mask, src)
     *inputs, route = _case(name, device)
