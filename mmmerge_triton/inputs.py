@@ -13,7 +13,6 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The dtypes the Triton path moves (dst and src alike)."""
 MERGE_DTYPES = (torch.float64, *TRITON_DTYPES)
 """The dtypes the API merges: float64 too, through the PyTorch paths (training code runs gradcheck in float64)."""
-FLOAT_DTYPES = TRITON_DTYPES  # an older name, kept for the integrations that import it
 
 _MERGE_SET = set(MERGE_DTYPES)
 _MERGE_NAMES = "float64, float32, float16 or bfloat16"

@@ -21,11 +21,11 @@ inside SGLang 0.5.23 (tests/engines/test_sglang_engine.py).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
 
+from . import engines
 from ..api import masked_row_scatter_
 from ..inputs import count_mismatch
 
@@ -43,23 +43,12 @@ class ScatterCountError(RuntimeError, IndexError):
 
 
 def _import_target():
-    """SGLang's mm_utils module, or a one-line ModuleNotFoundError saying that SGLang is needed."""
-    try:
-        return importlib.import_module(TARGET_MODULE)
-    except ImportError as error:
-        raise ModuleNotFoundError(
-            f"mmmerge_triton.integrations.sglang needs SGLang: importing {TARGET_MODULE} failed ({error})"
-        ) from None
+    return engines.import_target(TARGET_MODULE, "sglang", "SGLang")
 
 
 def engine_function() -> Callable:
     """SGLang's own ``_scatter_mm_embedding`` (what the replacement hands every other input to)."""
-    if not _engine:
-        original = getattr(_import_target(), TARGET)
-        if original is _scatter_mm_embedding:  # only enable() installs it, and it fills _engine
-            raise RuntimeError(f"{TARGET_MODULE}.{TARGET} is the replacement, and SGLang's own is not known")
-        _engine.append(original)
-    return _engine[0]
+    return engines.engine_function(_engine, TARGET_MODULE, TARGET, _scatter_mm_embedding, "sglang", "SGLang")
 
 
 def on_fast_path(dest, mask, src) -> bool:

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..api import masked_row_scatter, masked_row_scatter_
-from ..inputs import FLOAT_DTYPES
+from ..inputs import TRITON_DTYPES
 from ..plan import MergePlan
 
 _DEEPSTACK_CLASSES = (
@@ -94,7 +94,7 @@ def _row_merge(self: torch.Tensor, mask, source, in_place: bool) -> tuple[torch.
     if not (mask.shape[-1] == 1 or (mask.shape[-1] == self.shape[-1] and mask.stride(-1) == 0)):
         return None
     hidden = self.shape[-1]
-    if (self.dtype not in FLOAT_DTYPES or source.dtype != self.dtype or source.device != self.device
+    if (self.dtype not in TRITON_DTYPES or source.dtype != self.dtype or source.device != self.device
             or mask.device != self.device or hidden == 0):
         return None
     if in_place and _refused_in_place(self, mask, source):

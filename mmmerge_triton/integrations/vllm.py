@@ -16,7 +16,6 @@ a mismatch never writes part of the rows. Checked inside vLLM 0.33.0 (tests/engi
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from operator import attrgetter
@@ -24,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from . import engines
 from ..api import merge_multimodal_embeddings
 
 TARGET_MODULE = "vllm.model_executor.models.utils"
@@ -39,23 +39,12 @@ _installed: list[Callable] = []  # the function enable() replaced, while it is r
 
 
 def _import_target():
-    """vLLM's utils module, or a one-line ModuleNotFoundError saying that vLLM is needed."""
-    try:
-        return importlib.import_module(TARGET_MODULE)
-    except ImportError as error:
-        raise ModuleNotFoundError(
-            f"mmmerge_triton.integrations.vllm needs vLLM: importing {TARGET_MODULE} failed ({error})"
-        ) from None
+    return engines.import_target(TARGET_MODULE, "vllm", "vLLM")
 
 
 def engine_function() -> Callable:
     """vLLM's own ``_merge_multimodal_embeddings`` (what the replacement hands every other input to)."""
-    if not _engine:
-        original = getattr(_import_target(), TARGET)
-        if original is _merge_multimodal_embeddings:  # only enable() installs it, and it fills _engine
-            raise RuntimeError(f"{TARGET_MODULE}.{TARGET} is the replacement, and vLLM's own is not known")
-        _engine.append(original)
-    return _engine[0]
+    return engines.engine_function(_engine, TARGET_MODULE, TARGET, _merge_multimodal_embeddings, "vllm", "vLLM")
 
 
 def _rows_distinct(t: torch.Tensor) -> bool:
