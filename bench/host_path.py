@@ -2,9 +2,10 @@
 
     python bench/host_path.py --out DIR        # writes DIR/host_path_<device>.json, prints the tables
 
-1. stages: host µs of each piece of one call (perf_counter_ns over 400 calls, the GPU kept busy by a spin
+1. stages: host µs of one call and of its pieces (perf_counter_ns over 400 calls, the GPU kept busy by a spin
    kernel so no launch waits), at N = 512, 4096, 65536 (H 4096, bf16, half the rows in image blocks), CPU and
-   GPU mask, next to the floors: a bare compiled launch, a bare numpy row map, a tiny torch op.
+   GPU mask: the lean call against the general path, what a lean call still pays (row map, ring, launch),
+   next to the floors: the bound launch alone, a tiny torch op.
 2. loop: wall µs per call back to back (medians of 5 rounds, the calls alternating within each round) at
    N <= 16384: ours with a CPU and a GPU mask, index_put with a CPU mask (vLLM), a tiny torch op.
 3. idle: CUDA-event µs of one call with nothing queued before it (the host work before the first launch
@@ -24,11 +25,10 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch, inputs, kernel_config, rowmap, scatter
+from mmmerge_triton import dispatch, inputs, lean, rowmap, scatter
 from mmmerge_triton.staging import arena
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import environment
@@ -90,41 +90,61 @@ def event_us(fn, busy: bool, reps: int = 15) -> float:
 
 
 def stages(n: int, on_device: bool) -> dict:
+    """Host µs of a call and of its pieces: the lean call (lean.py) against the general path it skips, the
+    pieces a lean call still pays (its row map, the ring, the bound launch), and the floors."""
     case = Case(n, 4096, 0.5, mask="gpu" if on_device else "cpu")
     dst, mask, src = make_inputs(case, DEV)
     m = src.shape[0]
-    decision = dispatch.decide(dst, mask, src.dtype, m)
-    cfg = decision.config or kernel_config.default_config(4096, m, n, on_device)
-    rows = rowmap.host_rows(mask.cpu())
-    out = {"decision": decision.reason}
+    dispatch.clear_cache()
+    mm.merge_multimodal_embeddings(dst, src, mask)  # the one entry
+    (entry,) = lean._entries.values()
+    out = {"decision": dispatch.decide(dst, mask, src.dtype, m).reason, "kind": entry.kind}
     out["api merge_multimodal_embeddings"] = host_us(lambda: mm.merge_multimodal_embeddings(dst, src, mask))
     out["api masked_row_scatter_"] = host_us(lambda: mm.masked_row_scatter_(dst, mask, src))
-    out["checks (inputs.check_*)"] = host_us(lambda: (inputs.check_dst(dst, "d"), inputs.check_mask(mask, dst, "m", "d"),
-                                                      inputs.check_src(src, dst, "s", "d")))
-    out["overlap checks"] = host_us(lambda: (inputs.overlaps(mask, dst), inputs.overlaps(src, dst)))
+    real_merge = lean.merge
+    lean.merge = lambda *args: False
+    try:
+        out["general path (the lean call off)"] = host_us(lambda: mm.merge_multimodal_embeddings(dst, src, mask))
+    finally:
+        lean.merge = real_merge
+    out["general checks (inputs.check_*)"] = host_us(lambda: (inputs.check_dst(dst, "d"),
+                                                              inputs.check_mask(mask, dst, "m", "d"),
+                                                              inputs.check_src(src, dst, "s", "d")))
     out["decide (cached)"] = host_us(lambda: dispatch.decide(dst, mask, src.dtype, m))
-    if on_device:
-        if cfg.fused:
-            out["launch: mask_row_copy wrapper"] = host_us(
-                lambda: scatter.mask_row_copy(dst, src, scatter.mask_bytes(mask), scatter.COPY, cfg))
-        else:
-            out["row map: device_rows"] = host_us(lambda: rowmap.device_rows(mask, m))
-    else:
+    stream = torch._C._cuda_getCurrentRawStream(0)
+    args = (dst.data_ptr(), src.data_ptr())
+    if entry.kind == lean.HOST_ROWS:
+        rows = rowmap.host_rows(mask)
+        out["mask.numpy()"] = host_us(lambda: mask.numpy())
         out["row map: host_rows (numpy)"] = host_us(lambda: rowmap.host_rows(mask))
-        out["count: np.count_nonzero"] = host_us(lambda: np.count_nonzero(mask.numpy()))
 
-        def staged_launch():
+        def staged():
             with arena(0) as ring:
-                scatter.row_copy(dst, src, ring.put_int32(rows), None, scatter.COPY, cfg)
-        out["stage + launch: ring session, row_copy wrapper"] = host_us(staged_launch)
+                ring.put_int32(rows)
+        out["ring session + put_int32"] = host_us(staged)
         pinned = torch.from_numpy(rows).pin_memory()
-        out["launch: row_copy wrapper (map already staged)"] = host_us(
-            lambda: scatter.row_copy(dst, src, pinned, None, scatter.COPY, cfg))
-        run, function, packed = next(iter(scatter._row_copy._cache.values()))
-        grid = scatter.cdiv(m, cfg.rows)
-        args = (dst, src, pinned, pinned, m, 4096, dst.stride(0), src.stride(0), scatter.COPY, False, cfg.rows, cfg.block_h)
-        out["floor: bare compiled launch"] = host_us(
-            lambda: run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(0), function, packed, None, None, None, *args))
+        launch = (lambda: entry.bound(scatter.cdiv(m, entry.config.rows), stream, *args, pinned.data_ptr(),
+                                      pinned.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
+    elif entry.kind == lean.STAGED_ROWS:
+        out["mask bytes + count (rowmap.cpu_mask_bytes)"] = host_us(lambda: rowmap.cpu_mask_bytes(mask, m, DEV))
+        staged = rowmap.cpu_mask_bytes(mask, m, DEV)
+
+        def staged_to_device():
+            with arena(0) as ring:
+                ring.put_device([staged])
+        out["ring session + put_device (copy launch)"] = host_us(staged_to_device)
+        rm = rowmap.device_rows(mask.to(DEV), m)
+        launch = (lambda: entry.bound(scatter.cdiv(m, entry.config.rows), stream, *args, rm.rows.data_ptr(),
+                                      rm.count.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
+    elif entry.kind == lean.DEVICE_FUSED:
+        launch = (lambda: entry.bound(scatter.cdiv(n, entry.config.rows), stream, *args, mask.data_ptr(), n, m, 4096,
+                                      dst.stride(0), src.stride(0)))
+    else:
+        rm = rowmap.device_rows(mask, m)
+        out["row map: device_rows"] = host_us(lambda: rowmap.device_rows(mask, m))
+        launch = (lambda: entry.bound(scatter.cdiv(m, entry.config.rows), stream, *args, rm.rows.data_ptr(),
+                                      rm.count.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
+    out["floor: bound launch (C entry, int addresses)"] = host_us(launch)
     cpu_mask = mask.cpu()
     out["index_put, CPU mask (vLLM)"] = host_us(lambda: dst.index_put_((cpu_mask,), src))
     small = torch.zeros(16, device=DEV)
@@ -234,7 +254,8 @@ def main() -> None:
             result["stages"] = {f"N={n} {'gpu' if d else 'cpu'} mask": stages(n, d)
                                 for n in (512, 4096, 65536) for d in (False, True)}
             for name, st in result["stages"].items():
-                print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in st.items() if k != "decision"), flush=True)
+                print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in st.items() if k not in ("decision", "kind")),
+                      flush=True)
         elif part == "loop":
             result["loop"] = loop_table()
         elif part == "idle":

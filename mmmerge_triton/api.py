@@ -6,6 +6,7 @@ import torch
 
 from . import inputs
 from . import dispatch
+from . import lean
 from .autograd import TritonScatter
 from .dispatch import Decision, decide
 from .inputs import NestedTensors
@@ -92,31 +93,13 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
              names=names, expression=expression)
 
 
-_Tensor, _strided, _bool = torch.Tensor, torch.strided, torch.bool
-_MERGE_SET = frozenset(inputs.MERGE_DTYPES)
-_PATH_SET = frozenset(("auto",) + PATHS)
-
-
-def _common(dst, mask, src, accumulate, check_count, path) -> bool:
-    """Whether every check of _merge_ holds at a glance, for the common call: plain strided tensors, dst
-    [N, H] and src [M, H] of merge dtypes on one device, mask [N] bool on the CPU or there, bool flags, a known
-    path, dst not an inference tensor. Only a predicate, read in one pass (a call of each check costs more
-    host time than the merge's launch on a slow host): where it is False, _merge_'s checks run and own the
-    errors. The caller has checked that no tracing, dispatch mode or gradient is involved."""
-    return (type(dst) is _Tensor and type(mask) is _Tensor and type(src) is _Tensor
-            and type(accumulate) is bool and type(check_count) is bool and type(path) is str and path in _PATH_SET
-            and dst.layout is _strided and mask.layout is _strided and src.layout is _strided
-            and dst.dtype in _MERGE_SET and src.dtype in _MERGE_SET and mask.dtype is _bool
-            and dst.dim() == 2 and src.dim() == 2 and mask.dim() == 1
-            and mask.shape[0] == dst.shape[0] and src.shape[1] == dst.shape[1]
-            and src.device == dst.device and (mask.is_cpu or mask.device == dst.device)
-            and not dst.is_inference())
+_Tensor = torch.Tensor
 
 
 def _execute(dst, mask, src, n_rows: int, src_dtype, *, accumulate, path, plan, check_count, names,
              expression=None) -> None:
     """Decide, count, resolve shared memory, then write: the rest of _merge_ once the inputs are known good
-    (by _merge_'s checks, or by _common)."""
+    (by _merge_'s checks)."""
     dst_name, mask_name, src_name = names
     path, config, _ = decide(dst, mask, src_dtype, n_rows, path, None if isinstance(src, ItemList) else src)
     empty = n_rows == 0 or dst.shape[-1] == 0
@@ -194,11 +177,12 @@ _SCATTER_NAMES = ("dst", "mask", "src")
 def scatter(dst, mask, src, *, in_place: bool, accumulate, path, plan, check_count, names) -> torch.Tensor:
     """masked_row_scatter_ (``in_place``) or masked_row_scatter, once mask (or plan's) and src are known;
     ``names`` name dst, mask and src in errors (deepstack_add has its own)."""
-    if (in_place and plan is None and not _is_compiling() and not _dispatch_modes() and not wants_grad(dst, src)
-            and _common(dst, mask, src, accumulate, check_count, path)):
-        _execute(dst, mask, src, src.shape[0], src.dtype, accumulate=accumulate, path=path, plan=None,
-                 check_count=check_count, names=names)
-        return dst
+    if in_place and plan is None:
+        try:
+            if lean.merge(dst, mask, src, accumulate, check_count, path):
+                return dst
+        except CountMismatch as error:
+            raise inputs.count_mismatch(error.num_rows, error.num_placeholders) from None
     if in_place and wants_grad(dst, src):
         merged = scatter(dst, mask, src, in_place=False, accumulate=accumulate, path=path, plan=plan,
                          check_count=check_count, names=names)
@@ -302,13 +286,12 @@ def merge_multimodal_embeddings(
             or a shape/device error naming the argument. TypeError: bad dtypes. Nothing is written then.
     """
     names = ("inputs_embeds", "is_multimodal", "multimodal_embeddings")
-    if (plan is None and type(multimodal_embeddings) is _Tensor and multimodal_embeddings.dim() == 2
-            and not _is_compiling() and not _dispatch_modes() and not wants_grad(inputs_embeds, multimodal_embeddings)
-            and _common(inputs_embeds, is_multimodal, multimodal_embeddings, False, check_count, path)):
-        _execute(inputs_embeds, is_multimodal, multimodal_embeddings, multimodal_embeddings.shape[0],
-                 multimodal_embeddings.dtype, accumulate=False, path=path, plan=None, check_count=check_count,
-                 names=names, expression=multimodal_embeddings)
-        return inputs_embeds
+    if plan is None and type(multimodal_embeddings) is _Tensor:
+        try:
+            if lean.merge(inputs_embeds, is_multimodal, multimodal_embeddings, False, check_count, path):
+                return inputs_embeds
+        except CountMismatch as error:
+            raise inputs.count_mismatch(error.num_rows, error.num_placeholders, _spelled(multimodal_embeddings)) from None
     if isinstance(multimodal_embeddings, (list, tuple)) and len(multimodal_embeddings) == 0:
         return inputs_embeds
     is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")

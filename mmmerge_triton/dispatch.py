@@ -240,7 +240,17 @@ def items_in_place_pays(n_items: int, n_rows: int, n_mask: int, dst: torch.Tenso
     return in_place < concatenated
 
 
+_dependents: list = []
+
+
+def on_clear(clear) -> None:
+    """Register ``clear()`` of a cache built from decisions (lean.py's entries), to run with clear_cache."""
+    _dependents.append(clear)
+
+
 def clear_cache() -> None:
     """Forget loaded tables and cached decisions (after writing a new table, or in tests)."""
     _decisions.clear()
     load_table.cache_clear()
+    for clear in _dependents:
+        clear()

@@ -62,20 +62,36 @@ def host_rows(mask: torch.Tensor) -> np.ndarray:
     return arange[: flat.size][flat]
 
 
-def cpu_rows(mask: torch.Tensor, n_rows: int, device: torch.device) -> np.ndarray:
-    """The row map of a CPU mask for a launch on ``device`` that stages it per call (the Triton path's one
-    count check and one capture refusal): raises CountMismatch unless the mask has exactly ``n_rows`` true
-    rows (a staged map is count-less, read up to n_rows), and refuses CUDA-graph capture (a replay would read
-    a ring slot reused since)."""
-    rows = host_rows(mask)
-    if rows.size != n_rows:
-        raise CountMismatch(n_rows, rows.size)
+def refuse_capture(device: torch.device) -> None:
+    """Raise if a CUDA graph is being captured on ``device``'s current stream: a map staged per call cannot be
+    captured (a replay would read a ring slot reused since)."""
     if device.type == "cuda" and torch._C._cuda_isCurrentStreamCapturing():
         raise RuntimeError(
             "a CPU mask cannot be captured in a CUDA graph: its row map is staged per call. "
             "Capture with a mask on the GPU, or with a MergePlan built before capture."
         )
+
+
+def cpu_rows(mask: torch.Tensor, n_rows: int, device: torch.device) -> np.ndarray:
+    """The row map of a CPU mask for a launch on ``device`` that stages it per call (the Triton path's one
+    count check and one capture refusal): raises CountMismatch unless the mask has exactly ``n_rows`` true
+    rows (a staged map is count-less, read up to n_rows), and refuses CUDA-graph capture (refuse_capture)."""
+    rows = host_rows(mask)
+    if rows.size != n_rows:
+        raise CountMismatch(n_rows, rows.size)
+    refuse_capture(device)
     return rows
+
+
+def cpu_mask_bytes(mask: torch.Tensor, n_rows: int, device: torch.device) -> np.ndarray:
+    """A CPU mask's bytes [N] uint8, contiguous, to be staged for a row map built on ``device``, after the same
+    count check and capture refusal as cpu_rows (np.count_nonzero counts any nonzero byte, as PyTorch does)."""
+    flat = mask.numpy().reshape(-1)
+    count = int(np.count_nonzero(flat))
+    if count != n_rows:
+        raise CountMismatch(n_rows, count)
+    refuse_capture(device)
+    return np.ascontiguousarray(flat).view(np.uint8)
 
 
 def stage_rows(rows: np.ndarray, device: torch.device) -> RowMap:
@@ -90,11 +106,7 @@ def stage_rows(rows: np.ndarray, device: torch.device) -> RowMap:
     host = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int32))
     if device.type != "cuda":  # the interpreter reads host memory directly
         return RowMap(host, None)
-    if torch._C._cuda_isCurrentStreamCapturing():
-        raise RuntimeError(
-            "a CPU mask cannot be captured in a CUDA graph: its row map is staged per call. "
-            "Capture with a mask on the GPU, or with a MergePlan built before capture."
-        )
+    refuse_capture(device)
     return RowMap(host.pin_memory().to(device, non_blocking=True), None)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from .kernel_config import KernelConfig, next_pow2
 from .kernels import ADD, COPY, GATHER, ZERO, mask_row_copy_kernel, mask_to_rows_kernel, row_copy_kernel
-from .launch import INTERPRET, FastKernel
+from .launch import INTERPRET, Bound, FastKernel
 
 _row_copy = FastKernel(row_copy_kernel)
 _mask_row_copy = FastKernel(mask_row_copy_kernel)
@@ -46,23 +46,26 @@ def mask_bytes(mask: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
-def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> None:
+def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> Bound | None:
     """Move rows between ``dense`` [N, H] and ``compact`` [M, H] (unit column strides) through a row map.
 
     rows: [>= M] int32 (a tensor, or a RawPointer into pinned memory), 16-byte aligned.
     count: [1] int32 on the device, the valid entries of rows (only j < min(count, M) move); None: all M.
     mode: COPY or ADD write dense rows, GATHER writes compact rows, ZERO clears dense rows.
+    Returns the kernel as bound for this launch (None under the interpreter, or if nothing moved): a later
+    launch of the same layout calls it with (grid_x, stream, dense, compact, rows, count or rows, M, H,
+    dense row stride, compact row stride).
     """
     n_rows, hidden = compact.shape
     if n_rows == 0 or hidden == 0:
-        return
+        return None
     device = dense.device.index
     sd, sc = dense.stride(0), compact.stride(0)
     has_count = count is not None
     # Raw sizes in the key, not their classes: they are stable per model, and this is the hot path.
     key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, hidden, sd, sc,
            n_rows > 0x7FFFFFFF, mode, has_count, cfg)
-    _row_copy.launch(
+    return _row_copy.launch(
         key,
         (cdiv(n_rows, cfg.rows), 1),
         (dense, compact, rows, count if has_count else rows, n_rows, hidden, sd, sc),
@@ -72,18 +75,20 @@ def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> None:
     )
 
 
-def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> None:
+def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> Bound | None:
     """Move rows between ``dense`` [N, H] and ``compact`` [M, H] straight from ``mask_bytes`` [N] uint8 on the
-    device, in one launch. True rows past M, and compact rows past the mask's count, are left alone."""
+    device, in one launch. True rows past M, and compact rows past the mask's count, are left alone.
+    Returns the bound kernel, as row_copy does; its arguments: (grid_x, stream, dense, compact, mask_bytes, N,
+    M, H, dense row stride, compact row stride)."""
     n = dense.shape[0]
     n_rows, hidden = compact.shape
     if n == 0 or n_rows == 0 or hidden == 0:
-        return
+        return None
     device = dense.device.index
     sd, sc = dense.stride(0), compact.stride(0)
     key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16,
            mask_bytes.data_ptr() % 16, hidden, sd, sc, mode, cfg)
-    _mask_row_copy.launch(
+    return _mask_row_copy.launch(
         key,
         (cdiv(n, cfg.rows), 1),
         (dense, compact, mask_bytes, n, n_rows, hidden, sd, sc),
@@ -98,18 +103,22 @@ def scan_block(n: int) -> int:
     return min(max(1024, next_pow2(cdiv(n, 64))), 16384)
 
 
-def mask_to_rows(mask_bytes: torch.Tensor, rows: torch.Tensor, count: torch.Tensor, capacity: int) -> None:
+def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None,
+                 block: int | None = None) -> Bound | None:
     """Write the row map of ``mask_bytes`` [N] uint8 into ``rows`` [>= capacity] int32 and its true-row count
-    into ``count`` [1] int32, on the device; entries past ``capacity`` are dropped."""
-    n = mask_bytes.numel()
+    into ``count`` [1] int32, on the device; entries past ``capacity`` are dropped. ``mask_bytes``, rows and
+    count: tensors, or RawPointers on the device (then pass ``n``). ``block``: mask bytes per program (default
+    scan_block(N); any power of two from 1024 gives the same map). Returns the bound kernel, as row_copy does;
+    its arguments: (grid_x = cdiv(N, block), stream, mask_bytes, rows, count, N, capacity)."""
+    n = mask_bytes.numel() if n is None else n
     if n == 0:
         count.zero_()
-        return
-    block = scan_block(n)
-    device = mask_bytes.device.index
+        return None
+    block = block or scan_block(n)
+    device = rows.device.index if isinstance(rows, torch.Tensor) else torch.cuda.current_device()
     key = (device, mask_bytes.data_ptr() % 16 == 0, block)
-    _mask_to_rows.launch(key, (cdiv(n, block), 1), (mask_bytes, rows, count, n, capacity),
-                         (block, PREFIX_CHUNK), (8, 1), device)
+    return _mask_to_rows.launch(key, (cdiv(n, block), 1), (mask_bytes, rows, count, n, capacity),
+                                (block, PREFIX_CHUNK), (8, 1), device)
 
 
 def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig,

@@ -213,13 +213,15 @@ def test_every_path_the_shipped_table_chooses_gives_the_reference(path):
 def test_explain_returns_what_the_call_executes_on_every_branch(monkeypatch):
     """For inputs that reach each branch of dispatch.decide (the table's rules through the shipped H100 table,
     the heuristic, every refusal), the path and configuration the call runs are the ones explain() returns."""
-    from mmmerge_triton import api
+    from mmmerge_triton import api, lean
 
     table = json.loads(SHIPPED.read_text())
     ran = []
     real_triton = api.merge_triton
-    monkeypatch.setattr(api, "merge_triton", lambda dst, mask, src, acc, rowmap=None, config=None, *a:
-                        ran.append(("triton", config)) or real_triton(dst, mask, src, acc, rowmap, config, *a))
+    spy = (lambda dst, mask, src, acc, rowmap=None, config=None, *a:
+           ran.append(("triton", config)) or real_triton(dst, mask, src, acc, rowmap, config, *a))
+    monkeypatch.setattr(api, "merge_triton", spy)  # the general path
+    monkeypatch.setattr(lean, "merge_triton", spy)  # the lean path's, for the interpreter's CPU tensors
     for name, runner in list(mm.paths.RUNNERS.items()):
         if name != "triton":
             monkeypatch.setitem(api.RUNNERS, name, lambda *args, _n=name, _r=runner: ran.append((_n, None)) or _r(*args))

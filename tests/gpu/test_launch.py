@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import mmmerge_triton as mt  # noqa: E402
 from mmmerge_triton import items as mm_items  # noqa: E402
-from mmmerge_triton import kernel_config, launch, paths, scatter  # noqa: E402
+from mmmerge_triton import kernel_config, launch, lean, paths, scatter  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, pair_id, rand, random_mask, reference  # noqa: E402
@@ -69,8 +69,10 @@ def _inputs(variant, pair, mask_on_gpu, seed):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Empty caches for every fast kernel (restored afterwards) and a log of every launch."""
+    """Empty caches for every fast kernel and for the lean entries that hold their bound launches (restored
+    afterwards), and a log of every launch."""
     calls = []
+    monkeypatch.setattr(lean, "_entries", {})
     for name, fk in FAST_KERNELS.items():
         monkeypatch.setattr(fk, "_cache", {})
         original = fk.launch
