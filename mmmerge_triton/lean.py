@@ -117,8 +117,8 @@ def _prepare(key, dst, mask, src, accumulate, check_count, path) -> Entry | None
         _entries[key] = None
         return None
     on_device = not mask.is_cpu
-    if on_device and (check_count or not mask.is_contiguous()):
-        _entries[key] = None
+    if (on_device and (check_count or not mask.is_contiguous())) or (src.stride(1) != 1 and src.shape[1] != 1):
+        _entries[key] = None  # a sync asked for; a strided device mask or src, which the general path copies
         return None
     config, n = decision.config, bucket(dst.shape[0])
     if decision.path != "triton":
@@ -162,27 +162,30 @@ def _run(entry: Entry, dst, mask, src, accumulate, n, m, h, dst_ptr, src_ptr, ma
         else:
             bound(cdiv(n, entry.config.rows), _raw_stream(device), dst_ptr, src_ptr, mask_ptr, n, m, h, dst_stride,
                   src_stride)
-    elif kind == DEVICE_ROWS:
-        _rows_then_copy(entry, dst, src, mask.view(torch.uint8), n, m, h, accumulate)
-    else:  # STAGED_ROWS
+    elif kind == DEVICE_ROWS:  # the map in a fresh device buffer: M entries, then the count at 16 bytes
+        capacity = -(-m // 4) * 4
+        buffer = torch.empty(capacity + 4, dtype=torch.int32, device=dst.device)  # alive until both launches
+        rows = buffer.data_ptr()
+        _rows_then_copy(entry, dst, src, mask_ptr, rows, rows + 4 * capacity, n, m, h, accumulate)
+    else:  # STAGED_ROWS: the mask's bytes copied to the ring's device mirror, the map after them there
         staged = cpu_mask_bytes(mask, m, dst.device)  # the count check and capture refusal of a staged mask
-        with arena(device) as ring:  # the copy to the device and the scan that reads it: one session
-            mask_address, _ = ring.put_device([staged])
-            _rows_then_copy(entry, dst, src, RawPointer(mask_address, torch.uint8), n, m, h, accumulate)
+        capacity = -(-m // 4) * 4
+        with arena(device) as ring:  # the copy, the scan and the row copy that read the mirror: one session
+            base, (_, rows_offset) = ring.put_device([staged], scratch_bytes=4 * (capacity + 4))
+            rows = base + rows_offset
+            _rows_then_copy(entry, dst, src, base, rows, rows + 4 * capacity, n, m, h, accumulate)
 
 
-def _rows_then_copy(entry: Entry, dst, src, mask8, n, m, h, accumulate) -> None:
-    """The row map of ``mask8`` (N bytes on the device: a tensor or a RawPointer) built on the device into one
-    fresh int32 buffer (M entries, then the count at a 16-byte boundary), then the row copy through it."""
-    capacity = -(-m // 4) * 4
-    buffer = torch.empty(capacity + 4, dtype=torch.int32, device=dst.device)
-    rows, count = buffer[:capacity], buffer[capacity:]
-    device, block = entry.device, entry.block
+def _rows_then_copy(entry: Entry, dst, src, mask, rows, count, n, m, h, accumulate) -> None:
+    """The row map of the N mask bytes at device address ``mask``, built on the device into ``rows`` (M int32,
+    16-byte aligned) and ``count`` (one int32), then the row copy through it: two launches."""
     if entry.bound_rows is None or entry.bound is None:
-        entry.bound_rows = mask_to_rows(mask8, rows, count, m, n, block)
-        entry.bound = row_copy(dst, src, rows, count, ADD if accumulate else COPY, entry.config)
+        entry.bound_rows = mask_to_rows(RawPointer(mask, torch.uint8), RawPointer(rows, torch.int32),
+                                        RawPointer(count, torch.int32), m, n, entry.block)
+        entry.bound = row_copy(dst, src, RawPointer(rows, torch.int32), RawPointer(count, torch.int32),
+                               ADD if accumulate else COPY, entry.config)
         return
-    stream, rows_ptr = _raw_stream(device), buffer.data_ptr()
-    entry.bound_rows(cdiv(n, block), stream, mask8.data_ptr(), rows_ptr, rows_ptr + 4 * capacity, n, m)
-    entry.bound(cdiv(m, entry.config.rows), stream, dst.data_ptr(), src.data_ptr(), rows_ptr, rows_ptr + 4 * capacity,
-                m, h, dst.stride(0), src.stride(0))
+    stream = _raw_stream(entry.device)
+    entry.bound_rows(cdiv(n, entry.block), stream, mask, rows, count, n, m)
+    entry.bound(cdiv(m, entry.config.rows), stream, dst.data_ptr(), src.data_ptr(), rows, count, m, h,
+                dst.stride(0), src.stride(0))
