@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch, inputs, lean, rowmap, scatter
+from mmmerge_triton import dispatch, executor, inputs, lean, rowmap, scatter
 from mmmerge_triton.staging import arena
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import environment
@@ -98,7 +98,8 @@ def stages(n: int, on_device: bool) -> dict:
     dispatch.clear_cache()
     mm.merge_multimodal_embeddings(dst, src, mask)  # the one entry
     (entry,) = lean._entries.values()
-    out = {"decision": dispatch.decide(dst, mask, src.dtype, m).reason, "kind": entry.kind}
+    launch = entry.launch
+    out = {"decision": dispatch.decide(dst, mask, src.dtype, m).reason, "kind": launch.kind}
     out["api merge_multimodal_embeddings"] = host_us(lambda: mm.merge_multimodal_embeddings(dst, src, mask))
     out["api masked_row_scatter_"] = host_us(lambda: mm.masked_row_scatter_(dst, mask, src))
     real_merge = lean.merge
@@ -113,7 +114,7 @@ def stages(n: int, on_device: bool) -> dict:
     out["decide (cached)"] = host_us(lambda: dispatch.decide(dst, mask, src.dtype, m))
     stream = torch._C._cuda_getCurrentRawStream(0)
     args = (dst.data_ptr(), src.data_ptr())
-    if entry.kind == lean.HOST_ROWS:
+    if launch.kind == executor.HOST_ROWS:
         rows = rowmap.host_rows(mask)
         out["mask.numpy()"] = host_us(lambda: mask.numpy())
         out["row map: host_rows (numpy)"] = host_us(lambda: rowmap.host_rows(mask))
@@ -123,9 +124,9 @@ def stages(n: int, on_device: bool) -> dict:
                 ring.put_int32(rows)
         out["ring session + put_int32"] = host_us(staged)
         pinned = torch.from_numpy(rows).pin_memory()
-        launch = (lambda: entry.bound(scatter.cdiv(m, entry.config.rows), stream, *args, pinned.data_ptr(),
+        bound_launch = (lambda: launch.bound(scatter.cdiv(m, launch.config.rows), stream, *args, pinned.data_ptr(),
                                       pinned.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
-    elif entry.kind == lean.STAGED_ROWS:
+    elif launch.kind == executor.STAGED_ROWS:
         out["mask bytes + count (rowmap.cpu_mask_bytes)"] = host_us(lambda: rowmap.cpu_mask_bytes(mask, m, DEV))
         staged = rowmap.cpu_mask_bytes(mask, m, DEV)
 
@@ -134,17 +135,17 @@ def stages(n: int, on_device: bool) -> dict:
                 ring.put_device([staged])
         out["ring session + put_device (copy launch)"] = host_us(staged_to_device)
         rm = rowmap.device_rows(mask.to(DEV), m)
-        launch = (lambda: entry.bound(scatter.cdiv(m, entry.config.rows), stream, *args, rm.rows.data_ptr(),
+        bound_launch = (lambda: launch.bound(scatter.cdiv(m, launch.config.rows), stream, *args, rm.rows.data_ptr(),
                                       rm.count.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
-    elif entry.kind == lean.DEVICE_FUSED:
-        launch = (lambda: entry.bound(scatter.cdiv(n, entry.config.rows), stream, *args, mask.data_ptr(), n, m, 4096,
-                                      dst.stride(0), src.stride(0)))
+    elif launch.kind == executor.DEVICE_FUSED:
+        bound_launch = (lambda: launch.bound(scatter.cdiv(n, launch.config.rows), stream, *args, mask.data_ptr(), n, m,
+                                            4096, dst.stride(0), src.stride(0)))
     else:
         rm = rowmap.device_rows(mask, m)
-        out["row map: device_rows"] = host_us(lambda: rowmap.device_rows(mask, m))
-        launch = (lambda: entry.bound(scatter.cdiv(m, entry.config.rows), stream, *args, rm.rows.data_ptr(),
+        out["row map: rowmap.device_rows (the general path)"] = host_us(lambda: rowmap.device_rows(mask, m))
+        bound_launch = (lambda: launch.bound(scatter.cdiv(m, launch.config.rows), stream, *args, rm.rows.data_ptr(),
                                       rm.count.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
-    out["floor: bound launch (C entry, int addresses)"] = host_us(launch)
+    out["floor: bound launch (C entry, int addresses)"] = host_us(bound_launch)
     cpu_mask = mask.cpu()
     out["index_put, CPU mask (vLLM)"] = host_us(lambda: dst.index_put_((cpu_mask,), src))
     small = torch.zeros(16, device=DEV)

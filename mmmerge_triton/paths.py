@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .executor import Launch, addressing, execute
 from .items import ItemList, merge_items
 from .kernel_config import KernelConfig, default_config
-from .rowmap import RowMap, check_fits, cpu_rows, device_rows, host_rows
-from .scatter import ADD, COPY, as_rows, mask_bytes, mask_row_copy, row_copy, supports
-from .staging import arena
+from .rowmap import RowMap, check_fits, host_rows
+from .scatter import ADD, COPY, as_rows, mask_bytes, row_copy, supports
 
 
 def rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
@@ -29,12 +29,11 @@ def rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
 
 def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, config: KernelConfig | None = None,
                  item_stride: int | None = None):
-    """The Triton row copy: the one executor of the Triton path, for a tensor or a list of items.
+    """The Triton row copy, for a tensor or a list of items: dst's row view, then the one executor.
 
     src: [M, H]; or an ItemList of items sharing the row stride ``item_stride``, read in place by one launch
-    (items.merge_items). A CPU mask: its row map is staged in pinned memory and read in place (one launch).
-    A device mask: one launch that finds offsets in-kernel (``config.fused``), or a row-map build then the
-    copy. Extra device memory: none for a CPU mask or a fused launch, 4 bytes per source row otherwise.
+    (items.merge_items). A tensor src goes to executor.execute (how a CPU or device mask runs, and what it
+    costs, is described there), or, with a plan's ``rowmap``, one row_copy through it.
     Raises CountMismatch (a CPU mask whose true rows are not src's rows) before anything is written."""
     if not supports(dst.device):
         raise RuntimeError(
@@ -49,23 +48,13 @@ def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, confi
         merge_items(dst2d, mask, src, item_stride, accumulate, cfg, rowmap)
         return
     src2d = src if src.stride(1) == 1 or src.shape[1] == 1 else src.contiguous()  # src is [M, H]
-    n_rows = src2d.shape[0]
-    cfg = config or default_config(dst2d.shape[1], n_rows, dst2d.shape[0], on_device)
-    mode = ADD if accumulate else COPY
-    if rowmap is None:
-        if not on_device:
-            rows = cpu_rows(mask, n_rows, dst.device)
-            if not dst.is_cuda:  # the interpreter reads host memory
-                row_copy(dst2d, src2d, torch.from_numpy(rows), None, mode, cfg)
-                return
-            with arena(dst.device.index) as ring:  # the reservation and the launch that reads it: one session
-                row_copy(dst2d, src2d, ring.put_int32(rows), None, mode, cfg)
-            return
-        if cfg.fused:
-            mask_row_copy(dst2d, src2d, mask_bytes(mask), mode, cfg)
-            return
-        rowmap = device_rows(mask, n_rows)
-    row_copy(dst2d, src2d, rowmap.rows, rowmap.count, mode, cfg)
+    n, n_rows = dst2d.shape[0], src2d.shape[0]
+    cfg = config or default_config(dst2d.shape[1], n_rows, n, on_device)
+    if rowmap is not None:
+        row_copy(dst2d, src2d, rowmap.rows, rowmap.count, ADD if accumulate else COPY, cfg)
+        return
+    flat = mask_bytes(mask) if on_device else mask  # alive until the launches are queued
+    execute(Launch(cfg, on_device, n, dst.device), dst2d, flat, src2d, accumulate, addressing(dst2d, flat, src2d))
 
 
 def merge_index_put(dst, mask, src, accumulate, rowmap=None, config=None):

@@ -221,7 +221,8 @@ def test_explain_returns_what_the_call_executes_on_every_branch(monkeypatch):
     spy = (lambda dst, mask, src, acc, rowmap=None, config=None, *a:
            ran.append(("triton", config)) or real_triton(dst, mask, src, acc, rowmap, config, *a))
     monkeypatch.setattr(api, "merge_triton", spy)  # the general path
-    monkeypatch.setattr(lean, "merge_triton", spy)  # the lean path's, for the interpreter's CPU tensors
+    real_execute = lean.execute
+    monkeypatch.setattr(lean, "execute", lambda launch, *a: ran.append(("triton", launch.config)) or real_execute(launch, *a))
     for name, runner in list(mm.paths.RUNNERS.items()):
         if name != "triton":
             monkeypatch.setitem(api.RUNNERS, name, lambda *args, _n=name, _r=runner: ran.append((_n, None)) or _r(*args))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch, lean
+from mmmerge_triton import dispatch, executor, lean
 
 from .conftest import assert_merged, make_mask, reference_merge
 
@@ -46,7 +46,10 @@ def test_one_entry_serves_a_bucket_of_sizes(prepared, path):
         assert_merged(dst, before, mask, src, accumulate=False, path=path)
     assert len(prepared) == 1
     entry = next(iter(lean._entries.values()))
-    assert (entry.path, entry.kind) == (("index_put", lean.TORCH) if path == "auto" else ("triton", lean.HOST_ROWS))
+    if path == "auto":  # CPU tensors: index_put
+        assert entry.path == "index_put" and entry.launch is None
+    else:
+        assert entry.path == "triton" and entry.launch.kind == executor.HOST_ROWS
 
 
 def test_the_entry_runs_what_explain_returns():
@@ -54,7 +57,7 @@ def test_the_entry_runs_what_explain_returns():
     mm.merge_multimodal_embeddings(dst, src, mask)
     decision = mm.explain(dst, src, mask)
     (entry,) = lean._entries.values()
-    assert (entry.path, entry.config) == (decision.path, decision.config)
+    assert (entry.path, entry.launch) == (decision.path, None)  # CPU tensors: index_put, no Triton launch
 
 
 @pytest.mark.parametrize("path", ["auto", "triton"])

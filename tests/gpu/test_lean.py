@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import dispatch, launch, lean  # noqa: E402
+from mmmerge_triton import dispatch, executor, launch, lean  # noqa: E402
 from mmmerge_triton.kernel_config import FUSED_BELOW, HOST_ROWS_BELOW, KernelConfig  # noqa: E402
 
 from gpu_helpers import (DTYPE_PAIRS, assert_same, dev, pair_id, rand, random_mask, reference,  # noqa: E402
@@ -29,8 +29,8 @@ SMALL = [(1280, 640), (1300, 700), (1535, 767), (1400, 641)]
 LARGE = [(FUSED_BELOW + 100, 3100), (FUSED_BELOW + 1000, 3300), (FUSED_BELOW + 2000, 3500)]
 LARGER = [(41000, 4200), (45000, 4600), (49000, 5000)]
 assert LARGER[0][0] >= HOST_ROWS_BELOW
-KINDS = {"host_rows": (SMALL, False, lean.HOST_ROWS), "staged_rows": (LARGER, False, lean.STAGED_ROWS),
-         "device_fused": (SMALL, True, lean.DEVICE_FUSED), "device_rows": (LARGE, True, lean.DEVICE_ROWS)}
+KINDS = {"host_rows": (SMALL, False, executor.HOST_ROWS), "staged_rows": (LARGER, False, executor.STAGED_ROWS),
+         "device_fused": (SMALL, True, executor.DEVICE_FUSED), "device_rows": (LARGE, True, executor.DEVICE_ROWS)}
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,7 @@ def test_hits_give_torchs_result_without_a_sync(kind, pair, accumulate, request)
             mt.masked_row_scatter_(dst, mask, src, accumulate=accumulate, path="triton")
         assert_same(dst, expected, f"{kind} N={n} M={m}")
     (entry,) = lean._entries.values()
-    assert entry.kind == expected_kind and entry.bound is not None
+    assert entry.launch.kind == expected_kind and entry.launch.bound is not None
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
