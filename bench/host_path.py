@@ -126,17 +126,6 @@ def stages(n: int, on_device: bool) -> dict:
         pinned = torch.from_numpy(rows).pin_memory()
         bound_launch = (lambda: launch.bound(scatter.cdiv(m, launch.config.rows), stream, *args, pinned.data_ptr(),
                                       pinned.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
-    elif launch.kind == executor.STAGED_ROWS:
-        out["mask bytes + count (rowmap.cpu_mask_bytes)"] = host_us(lambda: rowmap.cpu_mask_bytes(mask, m, DEV))
-        staged = rowmap.cpu_mask_bytes(mask, m, DEV)
-
-        def staged_to_device():
-            with arena(0) as ring:
-                ring.put_device([staged])
-        out["ring session + put_device (copy launch)"] = host_us(staged_to_device)
-        rm = rowmap.device_rows(mask.to(DEV), m)
-        bound_launch = (lambda: launch.bound(scatter.cdiv(m, launch.config.rows), stream, *args, rm.rows.data_ptr(),
-                                      rm.count.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
     elif launch.kind == executor.DEVICE_FUSED:
         bound_launch = (lambda: launch.bound(scatter.cdiv(n, launch.config.rows), stream, *args, mask.data_ptr(), n, m,
                                             4096, dst.stride(0), src.stride(0)))

@@ -1,18 +1,17 @@
 """The Triton path's one executor for a tensor source: rows of src [M, H] into dst [N, H] at a mask, once the
 kind of launch and its configuration are known.
 
-Kinds, by where the mask is and how many rows it has:
-- HOST_ROWS: a CPU mask under HOST_ROWS_BELOW rows. Its row map is built on the host (np boolean indexing),
-  staged in the pinned ring and read in place by one row_copy launch.
-- STAGED_ROWS: a larger CPU mask. Its bytes are counted on the host, staged and copied to the ring's device
-  mirror; mask_to_rows builds the row map after them there, and row_copy reads it: three launches, where the
-  host map would cost more than two launches (kernel_config.HOST_ROWS_BELOW).
+Kinds, by where the mask is:
+- HOST_ROWS: a CPU mask. Its row map is built on the host (np boolean indexing), staged in the pinned ring and
+  read in place by one row_copy launch. (Staging a large mask's bytes instead and building its map on the
+  device saved host time past N = 32768 but cost 3-41% more device time, three launches where this is one:
+  bench/results/h100/RUNS.md, "staged CPU masks".)
 - DEVICE_FUSED: a device mask with a one-launch configuration: mask_row_copy finds its offsets in-kernel.
 - DEVICE_ROWS: a device mask otherwise: mask_to_rows into a fresh buffer (4 bytes per source row), row_copy.
 (Under TRITON_INTERPRET=1 masks are CPU tensors: HOST_ROWS, the map read from host memory.)
 A CPU mask's count is checked on the host before anything is queued (CountMismatch), and a CUDA graph being
-captured is refused (the staging is per call). Extra device memory: none for a CPU mask (the ring's mirror is
-reused), 4 bytes per source row for DEVICE_ROWS.
+captured is refused (the staging is per call). Extra device memory: none for a CPU mask, 4 bytes per source row
+for DEVICE_ROWS.
 
 A ``Launch`` holds the kind, configuration and device, and the kernels bound on its first run (launch.bind):
 lean.py keeps one per input signature, so that later calls launch through the bound C entry with addresses as
@@ -22,12 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_config import HOST_ROWS_BELOW, KernelConfig
-from .rowmap import cpu_mask_bytes, cpu_rows
+from .kernel_config import KernelConfig
+from .rowmap import cpu_rows
 from .scatter import ADD, COPY, cdiv, mask_row_copy, mask_to_rows, row_copy, scan_block
 from .staging import RawPointer, arena
 
-HOST_ROWS, STAGED_ROWS, DEVICE_FUSED, DEVICE_ROWS = range(4)
+HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS = range(3)
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU-only builds
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
@@ -42,10 +41,7 @@ class Launch:
 
     def __init__(self, config: KernelConfig, mask_on_device: bool, n: int, device: torch.device):
         """n: N, or any N of its dispatch bucket (the thresholds start buckets)."""
-        if mask_on_device:
-            self.kind = DEVICE_FUSED if config.fused else DEVICE_ROWS
-        else:
-            self.kind = HOST_ROWS if n < HOST_ROWS_BELOW or device.type != "cuda" else STAGED_ROWS
+        self.kind = (DEVICE_FUSED if config.fused else DEVICE_ROWS) if mask_on_device else HOST_ROWS
         self.config, self.block = config, scan_block(max(n, 1))
         self.device = device.index if device.type == "cuda" else -1
         self.bound = self.bound_rows = None
@@ -100,13 +96,6 @@ def _execute(launch: Launch, dst, mask, src, accumulate, at) -> None:
         buffer = torch.empty(capacity + 4, dtype=torch.int32, device=dst.device)  # alive until both launches
         rows = buffer.data_ptr()
         _rows_then_copy(launch, dst, src, mask_ptr, rows, rows + 4 * capacity, mode, at)
-    else:  # STAGED_ROWS: the mask's bytes copied to the ring's device mirror, the map after them there
-        staged = cpu_mask_bytes(mask, m, dst.device)  # the count check and capture refusal of a staged mask
-        capacity = -(-m // 4) * 4
-        with arena(device) as ring:  # the copy, the scan and the row copy that read the mirror: one session
-            base, (_, rows_offset) = ring.put_device([staged], scratch_bytes=4 * (capacity + 4))
-            rows = base + rows_offset
-            _rows_then_copy(launch, dst, src, base, rows, rows + 4 * capacity, mode, at)
 
 
 def _rows_then_copy(launch: Launch, dst, src, mask: int, rows: int, count: int, mode: int, at: tuple) -> None:

@@ -29,13 +29,6 @@ as N squared) stay small there, and it saves the row-map launch. (H100, bench/re
 at N = 512-12000 it ran 1.1-2.6x faster in loop time than the best two-launch configuration.)"""
 
 
-HOST_ROWS_BELOW = 32768
-"""CPU masks of fewer rows get their row map on the host (np boolean indexing) staged in the ring; larger ones
-stage their bytes and count them on the host, and the device builds the map (a copy and a scan launch more):
-on the H100 host the map and its staging cost 24.2 + 9.1 µs at N = 65536 and grow with N, a launch about 6 µs
-(bench/results/h100/host_path_*.json, stages)."""
-
-
 def default_config(hidden: int, n_rows: int, n_mask: int, mask_on_device: bool) -> KernelConfig:
     """The untuned rule, used where no tuned table fits (see dispatch.py), read off the H100 sweep
     (mmmerge_triton/configs/NVIDIA_H100_80GB_HBM3.json): a CPU mask's most frequent winner was one row per

@@ -83,17 +83,6 @@ def cpu_rows(mask: torch.Tensor, n_rows: int, device: torch.device) -> np.ndarra
     return rows
 
 
-def cpu_mask_bytes(mask: torch.Tensor, n_rows: int, device: torch.device) -> np.ndarray:
-    """A CPU mask's bytes [N] uint8, contiguous, to be staged for a row map built on ``device``, after the same
-    count check and capture refusal as cpu_rows (np.count_nonzero counts any nonzero byte, as PyTorch does)."""
-    flat = mask.numpy().reshape(-1)
-    count = int(np.count_nonzero(flat))
-    if count != n_rows:
-        raise CountMismatch(n_rows, count)
-    refuse_capture(device)
-    return np.ascontiguousarray(flat).view(np.uint8)
-
-
 def stage_rows(rows: np.ndarray, device: torch.device) -> RowMap:
     """Host row indices [K], made readable by a kernel on ``device`` without a sync (a count-less map of K).
 

@@ -194,16 +194,12 @@ class PinnedArena:
         np.copyto(self._int32[start >> 2 : (start >> 2) + values.size], values, casting="unsafe")
         return RawPointer(self._base + start, torch.int32)
 
-    def put_device(self, arrays: list[np.ndarray], scratch_bytes: int = 0) -> tuple[int, list[int]]:
+    def put_device(self, arrays: list[np.ndarray]) -> tuple[int, list[int]]:
         """Pack ``arrays`` at 16-byte aligned offsets and copy them to the same offsets of a device mirror of the
         ring, on the session's stream: returns the device address of the packed bytes and each array's byte
         offset. For tables a kernel reads many times (pinned memory is read over PCIe). The mirror region is
-        reused under the same fences as the pinned one, which cover both the copy and the kernel.
-        ``scratch_bytes``: as many bytes of the mirror reserved after the arrays (not copied; its offset is
-        appended to the offsets), for what this session's kernels write and read (a row map)."""
-        start, offsets, total = self._stage(arrays, scratch_bytes)
-        if scratch_bytes:
-            offsets = [*offsets, total]
+        reused under the same fences as the pinned one, which cover both the copy and the kernel."""
+        start, offsets, total = self._stage(arrays)
         if self._mirror is None:
             self._mirror = self._gpu.device_bytes(self._buffer.numel())
         self._gpu.copy(self._mirror[start : start + total], self._buffer[start : start + total])
@@ -217,11 +213,10 @@ class PinnedArena:
         self._gpu.copy(dst[:nbytes], self._buffer[start : start + nbytes])
         return offsets
 
-    def _stage(self, arrays: list[np.ndarray], extra: int = 0) -> tuple[int, list[int], int]:
-        """Reserve room for ``arrays`` packed and ``extra`` bytes after them, and write the arrays: (start in the
-        ring, each array's offset, the arrays' total bytes)."""
+    def _stage(self, arrays: list[np.ndarray]) -> tuple[int, list[int], int]:
+        """Reserve and write ``arrays`` packed: (start in the ring, each array's offset, total bytes)."""
         offsets, total = packed_layout(arrays)
-        start = self._reserve(total + extra)
+        start = self._reserve(total)
         self._write(start, arrays, offsets)
         return start, offsets, total
 
