@@ -4,7 +4,7 @@ kind of launch and its configuration are known.
 Kinds, by where the mask is:
 - HOST_ROWS: a CPU mask. Its row map is built on the host (np boolean indexing), staged in the pinned ring and
   read in place by one row_copy launch. (Staging a large mask's bytes instead and building its map on the
-  device saved host time past N = 32768 but cost 3-41% more device time, three launches where this is one:
+  device saved host time past N = 32768 but cost more device time, up to 41%, three launches where this is one:
   bench/results/h100/RUNS.md, "staged CPU masks".)
 - DEVICE_FUSED: a device mask with a one-launch configuration: mask_row_copy finds its offsets in-kernel.
 - DEVICE_ROWS: a device mask otherwise: mask_to_rows into a fresh buffer (4 bytes per source row), row_copy.
