@@ -18,6 +18,18 @@ def _pyplot():
     return plt
 
 
+_CPU_NOTICE = "\nCPU wall time: a smoke test of the tooling, not a speed claim"
+
+
+def _save(plt, fig, out: Path, suptitle: str, cpu: bool = False, rect=None) -> bool:
+    """Title the figure (with the CPU notice for a CPU run), lay it out inside ``rect``, write ``out``, close."""
+    fig.suptitle(suptitle + (_CPU_NOTICE if cpu else ""))
+    fig.tight_layout(rect=rect)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _nan(value) -> float:
     return math.nan if value is None else value  # matplotlib leaves a gap at a figure the run did not measure
 
@@ -78,14 +90,7 @@ def plot(records: list[dict], env: dict, out: Path) -> bool:
     shown = [y for line in speed.get_lines() for y in line.get_ydata() if y > 0 and math.isfinite(y)]
     speed.set_ylim(min(shown, default=1) / 1.6, max(shown, default=1) * 1.6)  # the 1x line inside, not on an edge
     speed.grid(True, which="major", alpha=0.3)
-    suptitle = _title(env) + " — 50% of rows multimodal in image blocks, bf16, CPU mask"
-    if cpu:
-        suptitle += "\nCPU wall time: a smoke test of the tooling, not a speed claim"
-    fig.suptitle(suptitle)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, out, _title(env) + " — 50% of rows multimodal in image blocks, bf16, CPU mask", cpu)
 
 
 def plot_suite(run: dict, out: Path) -> bool:
@@ -116,15 +121,9 @@ def plot_suite(run: dict, out: Path) -> bool:
     axes[0].invert_yaxis()
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(variants)), fontsize=9, title="variant")
-    suptitle = f"{_title(run.get('environment'))} — suite {run.get('suite', '?')}"
-    if cpu:
-        suptitle += "\nCPU wall time: a smoke test of the tooling, not a speed claim"
-    fig.suptitle(suptitle)
     legend_rows = -(-len(variants) // 4)
-    fig.tight_layout(rect=(0, (0.25 + 0.25 * legend_rows) / fig.get_figheight(), 1, 1))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, out, f"{_title(run.get('environment'))} — suite {run.get('suite', '?')}", cpu,
+                 rect=(0, (0.25 + 0.25 * legend_rows) / fig.get_figheight(), 1, 1))
 
 
 def plot_regret(run: dict, out: Path) -> bool:
@@ -146,8 +145,4 @@ def plot_regret(run: dict, out: Path) -> bool:
         ax.set(xscale="log", xlabel="N (rows)", ylabel="ratio (x, lower is better)", title=title)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{_title(run.get('environment'))} — held-out check of path='auto'")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, out, f"{_title(run.get('environment'))} — held-out check of path='auto'")
