@@ -62,3 +62,13 @@ class Spy:
             raise
         self.returned += 1
         return result
+
+
+def route_spies(monkeypatch, hook, ours_name: str, engine: Callable):
+    """Spies on the two routes of an engine hook module: the package function it calls on its fast path
+    (``hook.<ours_name>``) and the engine's own function (kept in ``hook._engine``). The hook is disabled, and the
+    engine's function checked back in place, by the test module's fixture afterwards."""
+    ours, engine_spy = Spy(getattr(hook, ours_name)), Spy(engine)
+    monkeypatch.setattr(hook, ours_name, ours)
+    monkeypatch.setattr(hook, "_engine", [engine_spy])
+    return ours, engine_spy

@@ -30,7 +30,7 @@ mm_utils = pytest.importorskip("sglang.srt.managers.mm_utils", reason="needs SGL
 import sglang  # noqa: E402
 from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem, MultimodalInputs  # noqa: E402
 
-from engine_helpers import DEVICES, Spy, assert_bits_equal, assert_same_outcome, outcome  # noqa: E402
+from engine_helpers import DEVICES, assert_bits_equal, assert_same_outcome, outcome, route_spies  # noqa: E402
 from mmmerge_triton.integrations import sglang as mm_sglang  # noqa: E402
 
 ENGINE = mm_utils._scatter_mm_embedding
@@ -42,11 +42,7 @@ BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float6
 def spies(monkeypatch):
     """Spies on the two routes of the hook: (this package's row scatter, SGLang's function). The hook is
     disabled afterwards."""
-    ours = Spy(mm_sglang.masked_row_scatter_)
-    engine = Spy(ENGINE)
-    monkeypatch.setattr(mm_sglang, "masked_row_scatter_", ours)
-    monkeypatch.setattr(mm_sglang, "_engine", [engine])
-    yield ours, engine
+    yield route_spies(monkeypatch, mm_sglang, "masked_row_scatter_", ENGINE)
     mm_sglang.disable()
     assert mm_utils._scatter_mm_embedding is ENGINE
 

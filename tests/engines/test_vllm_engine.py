@@ -34,7 +34,7 @@ utils = pytest.importorskip("vllm.model_executor.models.utils", reason="needs vL
 import vllm  # noqa: E402
 from vllm.model_executor.models import interfaces  # noqa: E402
 
-from engine_helpers import DEVICES, Spy, assert_bits_equal, assert_same_outcome, outcome  # noqa: E402
+from engine_helpers import DEVICES, assert_bits_equal, assert_same_outcome, outcome, route_spies  # noqa: E402
 from mmmerge_triton.integrations import vllm as mm_vllm  # noqa: E402
 
 ENGINE = utils._merge_multimodal_embeddings
@@ -46,11 +46,7 @@ BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float6
 def spies(monkeypatch):
     """Spies on the two routes of the hook: (this package's merge, vLLM's function). The hook is disabled
     afterwards."""
-    ours = Spy(mm_vllm.merge_multimodal_embeddings)
-    engine = Spy(ENGINE)
-    monkeypatch.setattr(mm_vllm, "merge_multimodal_embeddings", ours)
-    monkeypatch.setattr(mm_vllm, "_engine", [engine])
-    yield ours, engine
+    yield route_spies(monkeypatch, mm_vllm, "merge_multimodal_embeddings", ENGINE)
     mm_vllm.disable()
     assert utils._merge_multimodal_embeddings is ENGINE
 
