@@ -1,7 +1,11 @@
 from setuptools import setup
 
 # The kernels live in the top-level kernels/ folder (pure Triton) and install as mmmerge_triton.kernels:
-# never as a top-level module named `kernels`, a name another popular package owns.
+# never as a top-level module named `kernels`, a name Hugging Face's package owns (transformers >= 5.25 imports
+# it). The folder has no __init__.py, so from a checkout's root (first on sys.path for `python -m pytest`, a
+# notebook, CI) it is a namespace portion, which the installed regular package always beats; installed, it is
+# a namespace subpackage of mmmerge_triton, and from a checkout mmmerge_triton/__init__.py maps it (an
+# editable install's finder maps only folders with an __init__.py). tests/test_layout.py guards all three.
 setup(
     name="mmmerge_triton",
     version="0.1.0",
@@ -19,7 +23,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],  # the tools' plots are tested too
         "bench": ["matplotlib", "tqdm"],
-        "models": ["transformers>=4.57"],
+        "models": ["transformers>=4.57.1"],  # 4.57.0 is yanked; .ci/run tests this floor
     },
     entry_points={
         "console_scripts": [

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .kernel_config import KernelConfig
-from .kernels import multi_row_copy_kernel
+from .kernels.multi_row_copy import multi_row_copy_kernel
 from .launch import FastKernel
 from .rowmap import RowMap, check_fits, cpu_rows, device_rows
 from .scatter import cdiv

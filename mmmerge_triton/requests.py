@@ -26,7 +26,7 @@ from .dispatch import triton_refusal
 from .inputs import NestedTensors
 from .items import ItemList, _tables as item_tables, common_row_stride
 from .kernel_config import default_of_kind, next_pow2
-from .kernels import request_row_copy_kernel, request_rows_kernel
+from .kernels.request_rows import request_row_copy_kernel, request_rows_kernel
 from .launch import FastKernel
 from .paths import PATHS
 from .rowmap import host_rows

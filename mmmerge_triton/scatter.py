@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from .kernel_config import KernelConfig, next_pow2
-from .kernels import ADD, COPY, GATHER, ZERO, mask_row_copy_kernel, mask_to_rows_kernel, row_copy_kernel
+from .kernels.mask_row_copy import mask_row_copy_kernel
+from .kernels.mask_rows import mask_to_rows_kernel
+from .kernels.row_copy import ADD, COPY, GATHER, ZERO, row_copy_kernel
 from .launch import INTERPRET, Bound, FastKernel
 
 _row_copy = FastKernel(row_copy_kernel)

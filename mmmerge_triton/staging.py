@@ -29,7 +29,7 @@ import threading
 import numpy as np
 import torch
 
-from .kernels import copy_words_kernel
+from .kernels.copy_words import copy_words_kernel
 from .launch import FastKernel
 
 _QUARTERS = 4

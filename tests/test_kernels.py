@@ -283,7 +283,7 @@ def test_merge_triton_rejects_a_destination_without_a_row_view():
 
 @pytest.mark.parametrize("words", [1, 1023, 1024, 3000])
 def test_copy_words_copies_exactly_n_words(words):
-    from mmmerge_triton.kernels import copy_words_kernel
+    from mmmerge_triton.kernels.copy_words import copy_words_kernel
 
     src = torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32)
     dst = torch.full((words + 5,), 7, dtype=torch.int32)

@@ -10,7 +10,7 @@ import torch
 import mmmerge_triton as mm
 from mmmerge_triton import inputs
 from mmmerge_triton import requests as rq
-from mmmerge_triton.kernels import request_rows_kernel
+from mmmerge_triton.kernels.request_rows import request_rows_kernel
 from mmmerge_triton.paths import PATHS
 
 from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, INTERPRETED, assert_bits_equal, randn, seeded

@@ -9,7 +9,6 @@ both directions, so nothing downstream or upstream of it can differ.
 """
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
@@ -38,16 +37,6 @@ MODELS = [
 ]
 
 
-def _qwen_position_ids(inner, inputs, inputs_embeds):
-    """Qwen's 3-D M-RoPE positions computed as the stock forward does, by the model's compute_3d_position_ids
-    (its keywords differ a little between Qwen versions: pass those it has)."""
-    wanted = dict(input_ids=inputs["input_ids"], inputs_embeds=inputs_embeds, image_grid_thw=inputs["image_grid_thw"],
-                  video_grid_thw=None, attention_mask=inputs["attention_mask"],
-                  mm_token_type_ids=inputs["mm_token_type_ids"], cache=None, past_key_values=None)
-    params = inspect.signature(inner.compute_3d_position_ids).parameters
-    return inner.compute_3d_position_ids(**{k: v for k, v in wanted.items() if k in params})
-
-
 def merged_forward(model, inputs, path: str, mask_device, kept: dict | None = None) -> torch.Tensor:
     """The stock forward with its image merge done by ``mmmerge_triton.masked_row_scatter``; returns the logits.
     The merged image features (gradient retained) go to ``kept["features"]``.
@@ -57,7 +46,7 @@ def merged_forward(model, inputs, path: str, mask_device, kept: dict | None = No
     - Qwen2-VL / 2.5-VL: the 3-D M-RoPE ``position_ids``; the stock forward derives them from input_ids,
       image_grid_thw and mm_token_type_ids, which a forward from inputs_embeds alone cannot (it would fall
       back to ``rope_deltas`` left by an earlier call, or to 1-D positions). They are computed here by the
-      model's own ``compute_3d_position_ids`` and passed in.
+      model's own functions (tiny_vlms.qwen_position_ids) and passed in.
     - Qwen3-VL: the positions, and the deepstack inputs (``visual_pos_masks``, ``deepstack_visual_embeds``),
       which ``Qwen3VLModel.forward`` builds only when it computes the image features itself. So the text model
       is called with them, then ``lm_head``, as ``Qwen3VLForConditionalGeneration.forward`` does. The
@@ -67,11 +56,8 @@ def merged_forward(model, inputs, path: str, mask_device, kept: dict | None = No
     input_ids = inputs["input_ids"]
     inputs_embeds = inner.get_input_embeddings()(input_ids)
     qwen = "image_grid_thw" in inputs
-    if qwen:
-        image = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-    else:
-        image = inner.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
-    features = torch.cat(image.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+    features, deepstack = tiny_vlms.image_features(model, inputs)
+    features = features.to(inputs_embeds.device, inputs_embeds.dtype)
     mask = inner.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
     mask = mask[0] if isinstance(mask, tuple) else mask  # Qwen returns (image mask, video mask); [B, S, 1]
 
@@ -82,12 +68,8 @@ def merged_forward(model, inputs, path: str, mask_device, kept: dict | None = No
 
     rest = dict(attention_mask=inputs["attention_mask"])
     if qwen:
-        rest["position_ids"] = _qwen_position_ids(inner, inputs, merged)
-    if getattr(image, "deepstack_features", None) is not None:  # Qwen3-VL
-        # one [K, H] tensor per level (recent transformers split each level per image: concatenated back, as
-        # the stock forward does)
-        deepstack = [level if isinstance(level, torch.Tensor) else torch.cat(level, dim=0)
-                     for level in image.deepstack_features]
+        rest["position_ids"] = tiny_vlms.qwen_position_ids(model, inputs, merged)
+    if deepstack is not None:  # Qwen3-VL
         hidden = inner.language_model(inputs_embeds=merged, visual_pos_masks=mask[..., 0],
                                       deepstack_visual_embeds=deepstack, **rest).last_hidden_state
         return model.lm_head(hidden)
@@ -120,8 +102,7 @@ def test_placeholder_mask_from_embeddings(device, path, mask_device):
     with torch.no_grad():
         expected = model(**inputs).logits
         inputs_embeds = inner.get_input_embeddings()(inputs["input_ids"])
-        image = inner.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
-        features = torch.cat(image.pooler_output, dim=0)
+        features, _ = tiny_vlms.image_features(model, inputs)
         mask = inner.get_placeholder_mask(None, inputs_embeds=inputs_embeds, image_features=features)
         assert torch.equal(mask[..., 0], inputs["input_ids"] == tiny_vlms.IMG)
         merged = mmmerge_triton.masked_row_scatter(inputs_embeds, mask[..., 0].to(mask_device), features, path=path)

@@ -12,6 +12,7 @@ Import this module only after ``pytest.importorskip("transformers")``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, NamedTuple
 
 import torch
@@ -26,14 +27,22 @@ QWEN_GRIDS = ((1, 4, 4), (1, 2, 6))
 _TEXT = dict(vocab_size=VOCAB, hidden_size=HID, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
 _SPECIAL = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _rope(**mrope) -> dict:
+    """The text config's multimodal rotary settings: transformers 5 reads ``rope_parameters``, 4.x
+    ``rope_theta`` and ``rope_scaling``."""
+    if _V5:
+        return dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, **mrope))
+    return dict(rope_theta=10000.0, rope_scaling=dict(rope_type="default", **mrope))
 
 
 def _qwen2vl():
     cfg = transformers.Qwen2VLConfig(
         vision_config=dict(depth=2, embed_dim=32, hidden_size=HID, num_heads=2, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        text_config=dict(**_TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                       mrope_section=[2, 3, 3])),  # sums to head_dim / 2
+        text_config=dict(**_TEXT, **_rope(mrope_section=[2, 3, 3])),  # sums to head_dim / 2
         **_SPECIAL)
     return transformers.Qwen2VLForConditionalGeneration(cfg)
 
@@ -43,8 +52,7 @@ def _qwen2_5_vl():
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=HID,
                            window_size=56, fullatt_block_indexes=[1]),  # 56 px = 2x2 merged windows
-        text_config=dict(**_TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                       mrope_section=[2, 3, 3])),
+        text_config=dict(**_TEXT, **_rope(mrope_section=[2, 3, 3])),
         **_SPECIAL)
     return transformers.Qwen2_5_VLForConditionalGeneration(cfg)
 
@@ -55,9 +63,7 @@ def _qwen3vl():
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=HID,
                            num_position_embeddings=16,       # a perfect square (4x4 learned position grid)
                            deepstack_visual_indexes=[0, 1]),  # two deepstack levels, added after text layers 0, 1
-        text_config=dict(**_TEXT, head_dim=16,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                              mrope_section=[4, 2, 2], mrope_interleaved=True)),
+        text_config=dict(**_TEXT, head_dim=16, **_rope(mrope_section=[4, 2, 2], mrope_interleaved=True)),
         **_SPECIAL)
     return transformers.Qwen3VLForConditionalGeneration(cfg)
 
@@ -128,6 +134,41 @@ def build(name: str, n_images: int = 1, seed: int = 0, device: str | torch.devic
     return model.to(device), {k: v.to(device) for k, v in inputs.items()}
 
 
+def image_features(model, inputs: dict) -> tuple[torch.Tensor, list | None]:
+    """The merged image features ``[K, H]`` (all images in order) and Qwen3-VL's deepstack levels (one
+    ``[K, H]`` tensor per level; None for other models), as the stock forward computes them. transformers 5
+    returns an output object (``pooler_output``, ``deepstack_features``, a tuple per image); 4.x returns the
+    per-image features, or ``(features, deepstack levels)`` for Qwen3-VL."""
+    inner = model.model
+    args = [inputs["pixel_values"]] + ([inputs["image_grid_thw"]] if "image_grid_thw" in inputs else [])
+    output = inner.get_image_features(*args, **({"return_dict": True} if _V5 else {}))
+    if hasattr(output, "pooler_output"):
+        features, deepstack = output.pooler_output, getattr(output, "deepstack_features", None)
+    elif isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], (tuple, list)):
+        features, deepstack = output
+    else:
+        features, deepstack = output, None
+
+    def cat(x):
+        return x if isinstance(x, torch.Tensor) else torch.cat(list(x), dim=0)
+
+    return cat(features), (None if deepstack is None else [cat(level) for level in deepstack])
+
+
+def qwen_position_ids(model, inputs: dict, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """Qwen's 3-D M-RoPE positions as the stock forward computes them: ``compute_3d_position_ids`` (recent
+    transformers; its keywords differ a little between Qwen versions: those it has are passed) or
+    ``get_rope_index`` (4.x)."""
+    inner = model.model
+    if not hasattr(inner, "compute_3d_position_ids"):
+        return inner.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], None, inputs["attention_mask"])[0]
+    wanted = dict(input_ids=inputs["input_ids"], inputs_embeds=inputs_embeds, image_grid_thw=inputs["image_grid_thw"],
+                  video_grid_thw=None, attention_mask=inputs["attention_mask"],
+                  mm_token_type_ids=inputs["mm_token_type_ids"], cache=None, past_key_values=None)
+    params = inspect.signature(inner.compute_3d_position_ids).parameters
+    return inner.compute_3d_position_ids(**{k: v for k, v in wanted.items() if k in params})
+
+
 VISION_PREFIXES = ("model.visual.", "model.vision_tower.", "model.multi_modal_projector.")  # parameter names
 
 
@@ -150,6 +191,8 @@ def _captured_features(model):
     seen = []
 
     def hook(module, args, output):
+        if isinstance(output, tuple):  # transformers 4.x Qwen3-VL tower: (features, deepstack features)
+            output = output[0]
         features = output if isinstance(output, torch.Tensor) else output.pooler_output
         features.retain_grad()
         seen.append(features)
