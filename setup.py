@@ -17,9 +17,10 @@ setup(
     packages=["mmmerge_triton", "mmmerge_triton.kernels", "mmmerge_triton.integrations", "mmmerge_triton.tools"],
     package_dir={"mmmerge_triton": "mmmerge_triton", "mmmerge_triton.kernels": "kernels"},
     package_data={"mmmerge_triton": ["configs/*.json"]},
-    # Triton: 3.6 on the H100 image; CI's interpreter runs 3.9. Capped below the next minor, whose
-    # compiled-launcher contract this package has not been checked against.
-    install_requires=["torch>=2.9", "triton>=3.6,<3.10", "numpy"],
+    # torch: 2.11 on the H100 image is the oldest run (CI runs 2.13). Triton: 3.6 on the H100 image; CI's
+    # interpreter runs 3.9. Capped below the next minor, whose compiled-launcher contract this package has not
+    # been checked against.
+    install_requires=["torch>=2.11", "triton>=3.6,<3.10", "numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],  # the tools' plots are tested too
         "bench": ["matplotlib", "tqdm"],
