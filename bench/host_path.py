@@ -10,7 +10,8 @@
    N <= 16384: ours with a CPU and a GPU mask, index_put with a CPU mask (vLLM), a tiny torch op.
 3. idle: CUDA-event µs of one call with nothing queued before it (the host work before the first launch
    shows as GPU time), against a device copy of the same bytes, at >= 64 MB moved; and the same call with
-   the GPU kept busy (host work hidden).
+   the GPU kept busy (host work hidden). L2 flushed before each call; the copy and the calls divided by it
+   taken in the same interleaved rounds, the median of 5 kept (timing.interleaved, as mmmerge-bench does).
 4. heldout: path="auto" against every path through the API on 48 shapes none of the tuned table's points
    hold (N, H, density, block and scattered masks, all nine dtype pairs, both mask devices), in loop time
    and in busy-GPU device time: auto's ratio to the best path at each point.
@@ -33,6 +34,7 @@ from mmmerge_triton.staging import arena
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import environment
 from mmmerge_triton.tools.cases import DTYPES, Case, make_inputs
+from mmmerge_triton.tools.report import auto_against_others, ratio_summary
 
 DEV = torch.device("cuda", 0)
 
@@ -55,38 +57,17 @@ def host_us(fn, calls: int = 400) -> float:
     return statistics.median(samples)
 
 
+def medians(calls: dict, figures: dict, rounds: int) -> dict:
+    """{call: {figure: median}}: each figure of each call taken in ``rounds`` interleaved rounds (timing.interleaved,
+    as the benchmark times its paths and the copy)."""
+    taken = timing.interleaved(calls, figures, rounds)
+    return {name: {figure: statistics.median(v) for figure, v in per_call.items()} for name, per_call in taken.items()}
+
+
 def loop_us(calls: dict, rounds: int = 5, seconds: float = 0.02) -> dict:
-    """Wall µs per call back to back, median of ``rounds`` rounds, the calls alternating within each round."""
-    samples = {k: [] for k in calls}
-    for fn in calls.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            torch.cuda.synchronize()
-            count, start = 0, time.perf_counter()
-            while count < 20 or time.perf_counter() - start < seconds:
-                fn()
-                count += 1
-            torch.cuda.synchronize()
-            samples[name].append((time.perf_counter() - start) / count * 1e6)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def event_us(fn, busy: bool, reps: int = 15) -> float:
-    """CUDA-event µs of one call: with nothing queued before it (busy=False), or behind a spin (True)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        if busy:
-            spin(300)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    """Wall µs per call back to back (timing.loop_time_us), median of ``rounds`` interleaved rounds."""
+    loop = {"loop_us": lambda fn: timing.loop_time_us(fn, DEV, budget_s=seconds, min_calls=20)}
+    return {name: f["loop_us"] for name, f in medians(calls, loop, rounds).items()}
 
 
 def stages(n: int, on_device: bool) -> dict:
@@ -167,11 +148,13 @@ def idle_table() -> list[dict]:
         gmask = mask.to(DEV)
         floor_dst = torch.empty_like(src)
         row = {"n": n, "hidden": h, "density": d, "moved_mb": Case(n, h, d).moved_bytes / 1e6}
-        for name, fn in {"copy": lambda: floor_dst.copy_(src),
-                         "ours, CPU mask": lambda: mm.merge_multimodal_embeddings(dst, src, mask),
-                         "ours, GPU mask": lambda: mm.merge_multimodal_embeddings(dst, src, gmask),
-                         "index_put, CPU mask": lambda: dst.index_put_((mask,), src)}.items():
-            row[name] = {"idle_us": event_us(fn, busy=False), "busy_us": event_us(fn, busy=True)}
+        calls = {"copy": lambda: floor_dst.copy_(src),
+                 "ours, CPU mask": lambda: mm.merge_multimodal_embeddings(dst, src, mask),
+                 "ours, GPU mask": lambda: mm.merge_multimodal_embeddings(dst, src, gmask),
+                 "index_put, CPU mask": lambda: dst.index_put_((mask,), src)}
+        # The copy goes through the same rounds, clock and L2 flush as the calls divided by it.
+        row |= medians(calls, {"idle_us": lambda fn: timing.idle_time_us(fn, DEV, reps=5),
+                               "busy_us": lambda fn: timing.device_time_us(fn, DEV, reps=5)}, rounds=5)
         for name in ("ours, CPU mask", "ours, GPU mask", "index_put, CPU mask"):
             row[name]["idle_vs_copy"] = row[name]["idle_us"] / row["copy"]["busy_us"]
             row[name]["busy_vs_copy"] = row[name]["busy_us"] / row["copy"]["busy_us"]
@@ -198,15 +181,13 @@ def heldout() -> dict:
     for case in heldout_cases():
         dst, mask, src = make_inputs(case, DEV)
         calls = {p: (lambda p=p: mm.masked_row_scatter_(dst, mask, src, path=p)) for p in ("auto",) + mm.PATHS}
-        loops = loop_us(calls, rounds=3, seconds=0.01)
-        device = {p: timing.device_time_us(fn, DEV, reps=7) for p, fn in calls.items()}
+        figures = medians(calls, {"loop_us": lambda fn: timing.loop_time_us(fn, DEV, budget_s=0.01, min_calls=20),
+                                  "device_us": lambda fn: timing.device_time_us(fn, DEV, reps=5)}, rounds=3)
+        loops, device = ({p: f[key] for p, f in figures.items()} for key in ("loop_us", "device_us"))
         chosen = mm.explain(dst, src, mask).path
-        others = [p for p in mm.PATHS if p != chosen]  # the chosen path by name is the same call as auto
-        best_loop = min(loops[p] for p in others)
-        best_device = min(device[p] for p in others)
         points.append({"case": case.as_dict(), "auto_path": chosen, "loop_us": loops, "device_us": device})
-        print(f"heldout {case.label()}: auto={chosen} loop x{loops['auto'] / best_loop:.2f} "
-              f"device x{device['auto'] / best_device:.2f}", flush=True)
+        print(f"heldout {case.label()}: auto={chosen} loop x{auto_against_others(loops, chosen)[1]:.2f} "
+              f"device x{auto_against_others(device, chosen)[1]:.2f}", flush=True)
         del dst, mask, src
         torch.cuda.empty_cache()
 
@@ -214,18 +195,17 @@ def heldout() -> dict:
 
 
 def summarize(points: list[dict]) -> dict:
-    """auto against the best of the other paths at each point (``*_ratio``; below 1 where auto is faster), and
-    the host's noise: auto against the very same call made by the chosen path's name (``same_call_*``)."""
+    """auto against the best of the other paths at each point (``*_ratio``, report.auto_against_others: the
+    metric of mmmerge-tune --evaluate; below 1 where auto is faster), and the host's noise: auto against the
+    very same call made by the chosen path's name (``same_call_*``)."""
     for p in points:
-        others = [name for name in mm.PATHS if name != p["auto_path"]]
         for key in ("loop", "device"):
             times = p[f"{key}_us"]
-            p[f"{key}_ratio"] = times["auto"] / min(times[name] for name in others)
+            p[f"{key}_ratio"] = auto_against_others(times, p["auto_path"])[1]
             p[f"same_call_{key}"] = times["auto"] / times[p["auto_path"]]
 
     def summary(key):
-        r = [p[key] for p in points]
-        return {"within_5pct": sum(x <= 1.05 for x in r) / len(r), "worst": max(r), "median": statistics.median(r)}
+        return ratio_summary([p[key] for p in points])
 
     return {"points": points, "loop": summary("loop_ratio"), "device": summary("device_ratio"),
             "same_call_loop": summary("same_call_loop"), "same_call_device": summary("same_call_device")}

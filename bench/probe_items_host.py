@@ -13,7 +13,7 @@ import pstats
 import torch
 
 import mmmerge_triton.dispatch as dispatch
-from mmmerge_triton import MergePlan
+from mmmerge_triton import MergePlan, merge_multimodal_embeddings
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.cases import make_mask
 
@@ -30,10 +30,10 @@ def main() -> None:
         cat = torch.cat(items)
 
         def as_list():
-            api.merge_multimodal_embeddings(dst, items, mask)
+            merge_multimodal_embeddings(dst, items, mask)
 
         def as_one():
-            api.merge_multimodal_embeddings(dst, cat, mask)
+            merge_multimodal_embeddings(dst, cat, mask)
 
         print(f"items {count}x{rows} H={hidden}: host us list {timing.host_time_us(as_list, dev, 50):.1f} "
               f"single {timing.host_time_us(as_one, dev, 50):.1f} "

@@ -2,6 +2,8 @@
 
     python bench/probe_launch.py --out DIR      # writes DIR/probe_launch_<device>.json, prints every finding
 
+The JSON holds the figures (µs) and the ``environment`` (with the code's ``commit``, tools/bench.code_commit).
+
 Host µs (medians over 2000 calls, the GPU kept busy by a spin so no launch waits) of: tensor attribute
 reads, the grad/compile/dispatch-mode queries, a CPU mask's numpy forms (view, count, row map, byte copy),
 the ring session, and a launch of row_copy_kernel at four depths: ``kernel[grid](...)``, the compiled
@@ -21,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmmerge_triton import kernels
+from mmmerge_triton.kernels.row_copy import row_copy_kernel
 from mmmerge_triton.staging import arena
 from mmmerge_triton.tools import timing
+from mmmerge_triton.tools.bench import environment
 
 DEV = torch.device("cuda", 0)
 
@@ -104,7 +107,7 @@ def main() -> None:
         results[name] = host_us(fn)
 
     # Launches of row_copy_kernel at four depths (COPY, no count, one row per program, 4096-wide steps).
-    kernel = kernels.row_copy_kernel
+    kernel = row_copy_kernel
     grid = (m, 1)
     call_args = (dst, src, rows_dev, rows_dev, m, h, dst.stride(0), src.stride(0))
     constexprs = dict(MODE=0, HAS_COUNT=False, ROWS=1, BLOCK_H=4096)
@@ -152,8 +155,9 @@ def main() -> None:
     results["device"] = torch.cuda.get_device_name()
     results["versions"] = {"torch": torch.__version__, "triton": __import__("triton").__version__}
     name = torch.cuda.get_device_name().replace(" ", "_")
-    path = args.out / f"probe_launch_{name}.json"  # the figures (µs); the rest goes to the log
-    path.write_text(json.dumps({k: v for k, v in results.items() if type(v) is float}, indent=1))
+    path = args.out / f"probe_launch_{name}.json"  # the figures (µs) and where they were taken; the rest: the log
+    figures = {k: v for k, v in results.items() if type(v) is float}
+    path.write_text(json.dumps({"environment": environment(DEV), **figures}, indent=1))
     for k, v in results.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
 

@@ -15,6 +15,23 @@ set -uo pipefail
 out=${2:-bench/results/run}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The commit of the code measured, which every result file records (environment.commit; the tools read
+# MMMERGE_COMMIT, mmmerge_triton/tools/bench.py code_commit): HEAD in a checkout whose tracked files match it;
+# else the COMMIT file that travels with a copied tree (whose git HEAD, if any, is older than its files); else
+# unset, and the tools write HEAD-dirty. A MMMERGE_COMMIT set by the caller wins.
+if [ -z "${MMMERGE_COMMIT:-}" ]; then
+  if [ "$(git rev-parse --show-toplevel 2>/dev/null)" = "$(pwd -P)" ] \
+      && [ -z "$(git --no-optional-locks status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    MMMERGE_COMMIT=$(git rev-parse --short HEAD)
+  elif [ -f COMMIT ]; then
+    MMMERGE_COMMIT=$(tr -d '[:space:]' < COMMIT)
+  fi
+fi
+if [ -n "${MMMERGE_COMMIT:-}" ]; then
+  export MMMERGE_COMMIT
+fi
+echo "commit: ${MMMERGE_COMMIT:-not set (no clean checkout, no COMMIT file): the tools record git HEAD-dirty, or null}" \
+  | tee "$out/commit.txt"
 for stage in ${1//,/ }; do
   python -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, torch.version.cuda, triton.__version__)" \
     > "$out/environment.txt"
@@ -37,7 +54,7 @@ for stage in ${1//,/ }; do
       ;;
     bench)
       python -m mmmerge_triton.tools.bench --out "$out" > "$out/bench.log" 2>&1
-      grep -A8 "^Targets" "$out/bench.log"
+      sed -n '/^Targets/,$p' "$out/bench.log" | head -n 40   # targets, the copy's spread, notes below a copy
       ;;
     suites)
       python -m mmmerge_triton.tools.bench --suite all --out "$out" > "$out/suites.log" 2>&1

@@ -4,6 +4,8 @@ included), its --help and its errors; tune's CUDA requirement; the CPU timing's 
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -187,3 +189,192 @@ def test_cpu_suite_table_says_wall_time(capsys):
     assert "wall µs" in out and "device µs" not in out and "peak" not in out
     table = report.suite_markdown([record], cpu=True)
     assert "| 1 / 2 |" in table
+
+
+# Issue 20: the copy baseline timed as robustly as the paths, the commit of the code measured, auto's regret
+# against the other paths, and one-line errors for the tools' bad inputs.
+
+def test_cpu_run_records_the_rounds_of_every_path_and_of_the_copy(cpu_run):
+    run = json.loads(cpu_run[2].read_text())
+    for record in run["records"]:
+        for figures in record["results"].values():
+            for key in ("device_us", "loop_us"):
+                assert len(figures[f"{key}_rounds"]) == timing.ROUNDS
+                assert figures[key] == statistics.median(figures[f"{key}_rounds"])
+
+
+def test_bench_times_the_copy_in_rounds_interleaved_with_the_paths(monkeypatch):
+    """Every device-time measurement of one case, in order: the copy is measured in every round, among the
+    paths, and not always first (the old benchmark timed it once, before the paths)."""
+    taken = []
+    real_path_calls = bench.path_calls
+
+    def named_calls(case, dst, mask, src):
+        calls = real_path_calls(case, dst, mask, src)
+        return {name: (lambda name=name, call=call: (taken.append(name), call())) for name, call in calls.items()}
+
+    monkeypatch.setattr(bench, "path_calls", named_calls)
+    monkeypatch.setattr(timing, "device_time_us", lambda fn, device, reps=15, flush=True: (fn(), 1.0)[1])
+    monkeypatch.setattr(timing, "loop_time_us", lambda fn, device, budget_s=0.03, min_calls=10: 2.0)
+    record = bench.measure(Case(64, 32, 0.5), torch.device("cpu"))
+    names = list(record["results"])
+    assert "copy" in names and len(taken) == timing.ROUNDS * len(names)
+    rounds = [taken[r * len(names):(r + 1) * len(names)] for r in range(timing.ROUNDS)]
+    assert all(sorted(r) == sorted(names) for r in rounds)  # each round times every path and the copy once
+    assert len({r.index("copy") for r in rounds}) > 1  # the copy's place in the round moves
+    assert record["results"]["copy"]["device_us_rounds"] == [1.0] * timing.ROUNDS
+
+
+def test_interleaved_rotates_the_order_from_round_to_round():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    taken = timing.interleaved(calls, {"x": lambda fn: (fn(), 1.0)[1]}, rounds=4)
+    assert order == list("abc" "bca" "cab" "abc")
+    assert taken == {name: {"x": [1.0] * 4} for name in "abc"}
+
+
+def _gpu_bench_run(copy_rounds: list[float], auto_us: float) -> dict:
+    """A one-case GPU benchmark file of the serving slice (268 MB moved), the copy with the given rounds."""
+    case = Case(131072, 1024, 0.5)
+
+    def figures(us, rounds=None):
+        return {"device_us": us, "loop_us": us, "host_us": 10.0, "peak_extra_bytes": 0,
+                "device_us_rounds": rounds or [us] * 5, "loop_us_rounds": [us] * 5}
+
+    results = {"copy": figures(statistics.median(copy_rounds), copy_rounds), "triton": figures(auto_us),
+               "auto": figures(auto_us), "index_put": figures(342.0), "masked_scatter": figures(1514.0),
+               "index_copy": figures(330.0)}
+    env = {"device": "NVIDIA_H100_80GB_HBM3", "device_type": "cuda", "commit": "abc1234"}
+    return {"environment": env, "grid": "full", "targets": None, "records": [
+        {"case": case.as_dict(), "label": case.label(), "moved_bytes": case.moved_bytes, "results": results}]}
+
+
+def test_report_flags_a_path_below_a_copy_and_shows_the_copys_spread(tmp_path):
+    file = tmp_path / "bench_full_x.json"
+    file.write_text(json.dumps(_gpu_bench_run([108.8, 100.0, 101.0, 100.0, 99.0], 95.7)))
+    out = _captured(lambda: report.main([str(file), "--cases"]))
+    assert out.rc == 0, out.err
+    assert "mmmerge_triton abc1234" in out.out.splitlines()[0]  # the commit measured, in the title
+    notes = [line for line in out.out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "auto 95.7 µs is 0.957x the copy's 100.0 µs" in notes[0]
+    assert "| 100.0 (10%) |" in out.out and "spread of its rounds" in out.out  # (108.8 - 99) / 100
+    assert "spread" in out.out.split("N=131072")[1].splitlines()[1]  # the case table has a spread column
+    steady = tmp_path / "bench_full_steady.json"
+    steady.write_text(json.dumps(_gpu_bench_run([100.0] * 5, 98.5)))  # 0.985x: within the margin
+    out = _captured(lambda: report.main([str(steady)]))
+    assert out.rc == 0 and "note: " not in out.out
+
+
+def _regret_point(n: int, loop_us: dict, auto_path: str = "triton") -> dict:
+    case = {"n": n, "hidden": 1536, "density": 0.5, "pattern": "blocks", "src": "bf16", "dst": "bf16", "mask": "cpu"}
+    return {"case": case, "loop_us": loop_us, "auto_path": auto_path, "auto_choice": "r1_b2048_w8_s1",
+            "best_path": "auto", "ratio": 1.0, "oracle_choice": "r1_b2048_w8_s1", "oracle_ratio": 1.0}
+
+
+def test_report_compares_auto_with_the_best_other_path(tmp_path):
+    """A regret file as the old --evaluate wrote it (auto counted among its own rivals: ratio 1.0, best path
+    auto, worst 1.000x): the report computes auto against the best path other than auto and the path it chose
+    (called by name, the very same call), with the function --evaluate uses."""
+    run = {"points": [_regret_point(512, {"auto": 10.0, "triton": 9.0, "index_put": 20.0, "masked_scatter": 40.0,
+                                          "index_copy": 25.0}),
+                      _regret_point(1024, {"auto": 30.0, "triton": 29.0, "index_put": 24.0, "masked_scatter": 90.0,
+                                           "index_copy": 60.0})],
+           "within_5pct": 1.0, "worst_ratio": 1.0, "median_ratio": 1.0, "oracle_within_5pct": 1.0,
+           "oracle_worst_ratio": 1.0, "dispatch_us": 1.5, "environment": {"device": "x", "device_type": "cuda"}}
+    file = tmp_path / "regret_x.json"
+    file.write_text(json.dumps(run))
+    out = _captured(lambda: report.main([str(file)]))
+    assert out.rc == 0, out.err
+    assert "within 5% of the best other path at 50% of 2 points, worst 1.250x, median 0.875x" in out.out
+    assert "| triton (r1_b2048_w8_s1) | index_put | 0.50 |" in out.out  # not auto, not triton (auto's own call)
+    assert "| triton (r1_b2048_w8_s1) | index_put | 1.25 |" in out.out
+    assert "reads worst 1.000x" in out.out  # the file's own summary, and why it differs
+    assert tune.auto_against_others is report.auto_against_others  # one metric for --evaluate and the report
+
+
+def test_report_rejects_a_json_of_numbers_that_no_tool_wrote(tmp_path):
+    """{"a": 1} is not a probe's file; a probe's flat record is (with its environment, or named probe_*)."""
+    for name, run, ours in (("a.json", {"a": 1}, False), ("probe_old.json", {"a": 1.5}, True),
+                            ("probe_new.json", {"environment": {"commit": "abc1234"}, "a": 1.5}, True)):
+        (tmp_path / name).write_text(json.dumps(run))
+        out = _captured(lambda: report.main([str(tmp_path / name)]))
+        if ours:
+            assert out.rc == 0 and "| a | 1.5 |" in out.out and "environment" not in out.out.split("\n", 1)[1]
+        else:
+            assert out.rc == 2 and out.out == "" and out.err.count("\n") == 1
+            assert "not one of this package's result files" in out.err and name in out.err
+
+
+@pytest.mark.parametrize("content", [None, "{not json", b"\xff\xfe\x00", json.dumps({"a": 1}),
+                                     json.dumps({"version": 1, "entries": [{"key": {}}]})],
+                         ids=["missing", "not-json", "binary", "not-a-table", "garbled-entry"])
+def test_tune_reselect_of_a_bad_file_is_one_error_line(tmp_path, content):
+    file = tmp_path / "table.json"
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    elif content is not None:
+        file.write_text(content)
+    out = _captured(lambda: tune.main(["--reselect", str(file)]))
+    assert out.rc == 2 and "Traceback" not in out.err and out.out == ""
+    last = out.err.strip().splitlines()[-1]
+    assert last.startswith(f"mmmerge-tune: error: --reselect {file}: ") and len(last) > len(str(file)) + 35
+    if content is not None:
+        assert (file.read_bytes() if isinstance(content, bytes) else file.read_text()) == content  # untouched
+
+
+@pytest.mark.parametrize("threads", ["-3", "0", "two"])
+def test_bench_rejects_threads_below_one(threads):
+    out = _captured(lambda: bench.main(["--threads", threads, "--device", "cpu"]))
+    assert out.rc == 2 and "--threads" in out.err and "Traceback" not in out.err and out.out == ""
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"not a git checkout: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def test_every_result_file_names_the_commit_it_measured(monkeypatch, cpu_run):
+    """$MMMERGE_COMMIT where set (bench/run_gpu.sh sets it on a copied tree); else git HEAD, -dirty where
+    tracked files differ. The writers (bench, suites, tune, host_path, probe_launch, matters) all record
+    bench.environment, whose commit this is."""
+    written = json.loads(cpu_run[2].read_text())["environment"]["commit"]
+    preset = "MMMERGE_COMMIT" in os.environ
+    monkeypatch.setenv("MMMERGE_COMMIT", "abc1234")
+    assert bench.environment(torch.device("cpu"))["commit"] == "abc1234"
+    monkeypatch.delenv("MMMERGE_COMMIT")
+    head = _git("rev-parse", "--short", "HEAD")
+    commit = bench.code_commit()
+    assert commit in (head, head + "-dirty")
+    assert commit.endswith("-dirty") == bool(_git("status", "--porcelain", "--untracked-files=no"))
+    if not preset:  # the run's file: a commit of this repository (HEAD may have moved)
+        assert _git("cat-file", "-t", written.removesuffix("-dirty")) == "commit"
+
+
+def test_run_gpu_sets_the_commit_from_a_clean_checkout_else_the_commit_file(tmp_path):
+    """bench/run_gpu.sh, no stage: it exports MMMERGE_COMMIT (and writes it to OUT/commit.txt) from HEAD in a
+    clean checkout, else from the COMMIT file a copied tree carries."""
+    script = ROOT / "bench" / "run_gpu.sh"
+
+    def commit_in(cwd: Path, **env) -> str:
+        environ = {k: v for k, v in os.environ.items() if k != "MMMERGE_COMMIT"} | env
+        subprocess.run(["bash", str(script), "", "out"], cwd=cwd, env=environ, capture_output=True, check=True)
+        return (cwd / "out" / "commit.txt").read_text().strip()
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (repo / "f.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "f.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "m"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (repo / "COMMIT").write_text("c0ffee1\n")
+    assert commit_in(repo) == f"commit: {head}"  # clean: HEAD, whatever COMMIT says
+    (repo / "f.py").write_text("x = 2\n")
+    assert commit_in(repo) == "commit: c0ffee1"  # a tree whose HEAD is older than its files: the COMMIT file
+    assert commit_in(repo, MMMERGE_COMMIT="1234567") == "commit: 1234567"  # the caller's wins
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    assert commit_in(copy).startswith("commit: not set")

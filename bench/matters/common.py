@@ -59,7 +59,8 @@ def env(device: torch.device) -> dict:
         version = transformers.__version__
     except ImportError:
         version = None
-    # device name, torch/triton/CUDA versions, date, git describe --always --dirty (a copied tree reads -dirty)
+    # device name, torch/triton/CUDA versions, date, the code's commit (bench.code_commit: $MMMERGE_COMMIT, which
+    # bench/run_gpu.sh sets, else git HEAD with -dirty where tracked files differ)
     return tool("bench").environment(device) | {"transformers": version}
 
 

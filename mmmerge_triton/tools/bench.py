@@ -2,12 +2,15 @@
 
     python -m mmmerge_triton.tools.bench [--quick] [--suite NAME] [--out DIR]   (installed as ``mmmerge-bench``)
 
-On a GPU it prints, per case, device µs, loop µs, host µs, peak extra MB, % of copy bandwidth and the speedup
-over index_put and masked_scatter (device time), and checks the targets. On a CPU the PyTorch paths run, the
-Triton path is skipped (the Triton interpreter is a test vehicle, not a speed path), and the table has wall
-µs of one call and loop µs only (no device clock, no memory statistic): a smoke test of the tooling. Either
-way the results go as JSON and a PNG plot into --out (default ./mmmerge-results/ in the current directory).
-See timing.py for how each figure is measured.
+On a GPU it prints, per case, device µs (and the spread of its rounds), loop µs, host µs, peak extra MB, % of
+copy bandwidth and the speedup over index_put and masked_scatter (device time), checks the targets, and notes
+every point where a path's device time is below report.BELOW_COPY x the copy's. The paths of a case and the copy
+are timed together, in interleaved rounds (timing.measure), so the copy every ratio divides by is measured as
+robustly as what it is compared with. On a CPU the PyTorch paths run, the Triton path is skipped (the Triton
+interpreter is a test vehicle, not a speed path), and the table has wall µs of one call and loop µs only (no
+device clock, no memory statistic): a smoke test of the tooling. Either way the results go as JSON (its
+``environment.commit`` names the code measured: code_commit) and a PNG plot into --out (default
+./mmmerge-results/ in the current directory). See timing.py for how each figure is measured.
 
 Runtime internals used (no public function does the same): ``paths.RUNNERS``, the bare PyTorch baselines
 (index_put, masked_scatter, index_copy) as callers run them today, without the API's checks.
@@ -30,7 +33,7 @@ from .. import explain, masked_row_scatter_, paths
 from . import timing
 from .cases import Case, grid, make_inputs
 from .plots import plot
-from .report import DEFAULT_OUT, check_targets, print_case
+from .report import DEFAULT_OUT, below_copy_notes, check_targets, copy_spread_line, print_case
 from .suites import SUITES, print_suite
 
 FLOOR = "copy"
@@ -57,8 +60,10 @@ def path_calls(case: Case, dst, mask, src) -> dict:
 
 
 def measure(case: Case, device: torch.device) -> dict:
+    """Every path of one case and the copy it is divided by, timed together in interleaved rounds
+    (timing.measure): the copy baseline is taken as robustly as the paths, in the same moments."""
     dst, mask, src = make_inputs(case, device)
-    results = {name: timing.measure(call, device) for name, call in path_calls(case, dst, mask, src).items()}
+    results = timing.measure(path_calls(case, dst, mask, src), device)
     record = {"case": case.as_dict(), "label": case.label(), "moved_bytes": case.moved_bytes, "results": results}
     if device.type != "cuda":  # what "auto" ran, for a CPU table whose auto and index_put columns should agree
         record["auto_path"] = explain(dst, src, mask).path
@@ -75,13 +80,37 @@ def device_name(device: torch.device) -> str:
     return "cpu_" + (platform.processor() or platform.machine()).replace(" ", "_")
 
 
-def environment(device: torch.device) -> dict:
+COMMIT_VARIABLE = "MMMERGE_COMMIT"
+
+
+def code_commit() -> str | None:
+    """The commit of the code being measured, which every result file records (``environment.commit``):
+    $MMMERGE_COMMIT where set (bench/run_gpu.sh sets it for a copied tree, whose git HEAD, if any, is older
+    than its files), else this checkout's ``git rev-parse --short HEAD``, with "-dirty" where tracked files
+    differ from it (as ``git describe --dirty``); None outside a git checkout of this package (a wheel)."""
+    given = os.environ.get(COMMIT_VARIABLE, "").strip()
+    if given:
+        return given
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True,
+                              text=True, timeout=5)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
     try:
-        # "-dirty" when the working tree differs from HEAD: a copied tree (as on the GPU machine) keeps an old HEAD.
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except OSError:
-        commit = None
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != root:  # an enclosing repository that is not this package's
+            return None
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + "-dirty" if dirty else head) or None
+
+
+def environment(device: torch.device) -> dict:
+    """Where and with what a result file was measured: device, versions, date and the code's commit."""
     return {
         "device": device_name(device),
         "device_type": device.type,
@@ -92,7 +121,7 @@ def environment(device: torch.device) -> dict:
         "host_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),  # what a CPU run's wall times were taken with
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": code_commit(),
     }
 
 
@@ -141,6 +170,17 @@ def pick_device(requested: str | None) -> tuple[torch.device | None, str]:
     return device, ""
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmmerge-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few cases (under a minute on a 2-core CPU)")
@@ -149,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--suite", choices=sorted(SUITES) + ["all"], default=None,
                         help="run a suite instead of the path grid: many items, plan reuse, deepstack")
-    parser.add_argument("--threads", type=int, default=CPU_THREADS,
+    parser.add_argument("--threads", type=_positive_int, default=CPU_THREADS,
                         help=f"CPU runs: torch threads while timing (default {CPU_THREADS}; see CPU_THREADS)")
     args = parser.parse_args(argv)
 
@@ -159,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = torch.get_num_threads()
     if device.type != "cuda":
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     try:
         return _run(args, device)
     finally:
@@ -204,6 +244,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         print("\nTargets (issue 4), each a ratio within this run:")
         for line in summary["lines"]:
             print("  " + line)
+    if device.type == "cuda":  # how steady the copy was, and every point a path measured below it
+        print()
+        for line in [copy_spread_line(records) or "copy baseline: no rounds recorded"] + below_copy_notes(records):
+            print(line)
     _write(stem, env, grid_name, records, summary)
     written = [stem.with_suffix(".json")]
     if plot(records, env, stem.with_suffix(".png")):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -47,10 +48,58 @@ def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
+def spread(figures: dict | None, key: str = "device_us") -> float | None:
+    """(max - min) / median of a figure's rounds (timing.measure), or None for a file without rounds."""
+    rounds = (figures or {}).get(f"{key}_rounds") or []
+    return (max(rounds) - min(rounds)) / statistics.median(rounds) if len(rounds) > 1 and min(rounds) > 0 else None
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+BELOW_COPY = 0.98
+"""A merge moves the bytes a copy of them moves: a path's device time below this fraction of the copy's says
+the copy (or the path) was timed in an unusual moment, not that the path beats a copy. Such points are flagged."""
+
+
+def below_copy(record: dict, paths: list[str] | None = None) -> list[tuple[str, float]]:
+    """(path, device time / the copy's) for each path of ``paths`` (default: all) below BELOW_COPY x the copy."""
+    copy = _get(record, "copy", "device_us")
+    names = [p for p in (paths or record["results"]) if p != "copy"]
+    return [(name, ratio) for name in names
+            if (ratio := _ratio(_get(record, name, "device_us"), copy)) is not None and ratio < BELOW_COPY]
+
+
+def below_copy_notes(records: list[dict], paths: list[str] | None = None) -> list[str]:
+    """One line per point where a path's device time is below BELOW_COPY x the copy's (GPU runs)."""
+    notes = []
+    for record in records:
+        copy = record["results"].get("copy")
+        steadiness = "" if spread(copy) is None else f", its rounds' spread {_pct(spread(copy))}"
+        for name, ratio in below_copy(record, paths):
+            notes.append(f"note: {record['label']}: {name} {_get(record, name, 'device_us'):.1f} µs is {ratio:.3f}x "
+                         f"the copy's {copy['device_us']:.1f} µs{steadiness}: below {BELOW_COPY}x a copy of the "
+                         "same bytes, a measurement artefact unless shown otherwise")
+    return notes
+
+
+def copy_spread_line(records: list[dict]) -> str | None:
+    """How steady the copy baseline was: the spread of its device time's rounds over the run (None for a file
+    from before the rounds were recorded)."""
+    spreads = [(v, r["label"]) for r in records if (v := spread(r["results"].get("copy"))) is not None]
+    if not spreads:
+        return None
+    worst, label = max(spreads)
+    return (f"copy baseline (device time, the median of rounds interleaved with the paths): spread of its rounds, "
+            f"(max - min) / median, {_pct(statistics.median(v for v, _ in spreads))} at the median case, "
+            f"{_pct(worst)} at worst ({label})")
+
+
 def print_case(record: dict, cpu: bool = False) -> None:
-    """One case's table. On a GPU: device, loop and host µs, peak MB, % of the copy's bandwidth and speedups
-    in device time. On a CPU every figure is wall time, host µs and peak MB were not measured, and the
-    bandwidth percentage is dropped (a CPU copy says nothing about a device's bandwidth)."""
+    """One case's table. On a GPU: device µs and the spread of its rounds, loop and host µs, peak MB, % of the
+    copy's bandwidth and speedups in device time. On a CPU every figure is wall time, host µs and peak MB were
+    not measured, and the bandwidth percentage is dropped (a CPU copy says nothing about a device's bandwidth)."""
     res = record["results"]
     print(f"\n{record['label']}  (moves {record['moved_bytes'] / MB:.1f} MB)")
     if cpu:
@@ -62,12 +111,13 @@ def print_case(record: dict, cpu: bool = False) -> None:
                   f"{_fmt(_ratio(_get(record, 'masked_scatter', 'device_us'), r['device_us']), 12, 2)}x")
         return
     floor = _get(record, "copy", "device_us")
-    print(f"  {'path':15s}{'device µs':>11s}{'loop µs':>10s}{'host µs':>10s}{'peak MB':>10s}{'copy BW':>9s}"
-          f"{'x index_put':>13s}{'x masked_sc':>13s}")
+    print(f"  {'path':15s}{'device µs':>11s}{'spread':>8s}{'loop µs':>10s}{'host µs':>10s}{'peak MB':>10s}"
+          f"{'copy BW':>9s}{'x index_put':>13s}{'x masked_sc':>13s}")
     for name, r in res.items():
         peak = None if r.get("peak_extra_bytes") is None else r["peak_extra_bytes"] / MB
         bandwidth = _ratio(floor, r["device_us"])
-        print(f"  {name:15s}{_fmt(r['device_us'], 11)}{_fmt(r['loop_us'], 10)}{_fmt(r.get('host_us'), 10)}"
+        print(f"  {name:15s}{_fmt(r['device_us'], 11)}{_pct(spread(r)):>8s}{_fmt(r['loop_us'], 10)}"
+              f"{_fmt(r.get('host_us'), 10)}"
               f"{_fmt(peak, 10)}{_fmt(None if bandwidth is None else 100 * bandwidth, 8, 0)}%"
               f"{_fmt(_ratio(_get(record, 'index_put', 'device_us'), r['device_us']), 12, 2)}x"
               f"{_fmt(_ratio(_get(record, 'masked_scatter', 'device_us'), r['device_us']), 12, 2)}x")
@@ -111,8 +161,8 @@ def check_targets(records: list[dict], path: str = "triton") -> dict:
 
 def _title(env: dict) -> str:
     env = env or {}
-    return (f"mmmerge_triton, {env.get('device', '?')}, torch {env.get('torch', '?')}, triton "
-            f"{env.get('triton', '?')}, {str(env.get('date', '?'))[:10]}")
+    return (f"mmmerge_triton {env.get('commit') or '(commit not recorded)'}, {env.get('device', '?')}, torch "
+            f"{env.get('torch', '?')}, triton {env.get('triton', '?')}, {str(env.get('date', '?'))[:10]}")
 
 
 def _serving(records: list[dict]) -> list[dict]:
@@ -123,21 +173,25 @@ def _serving(records: list[dict]) -> list[dict]:
 
 def markdown(records: list[dict], path: str = "auto", cpu: bool = False) -> str:
     """README tables from a benchmark run: the serving slice (bf16, 50% of rows in image blocks, CPU mask) by
-    N and H, as device µs of ``path`` with its ratio to the copy and its speedups; then the targets. On a CPU
-    the figures are wall time, and the ratio to the copy and the peak memory (not measured) are left out."""
+    N and H, as device µs of ``path`` with its ratio to the copy and its speedups (the copy with the spread of
+    its rounds, where recorded); then the targets, how steady the copy was, and a note at every point of the
+    run where ``path`` measured below BELOW_COPY x the copy. On a CPU the figures are wall time, and the ratio
+    to the copy, its spread and the peak memory (not measured) are left out."""
     serving = _serving(records)
     if cpu:
         lines = ["| N | H | MB moved | copy wall µs | ours wall µs | index_put wall µs (ours x faster) | "
                  "masked_scatter wall µs (ours x faster) | loop wall µs ours / index_put |", "|" + "---|" * 8]
     else:
-        lines = ["| N | H | MB moved | copy µs | ours µs (x copy) | index_put µs (ours x faster) | masked_scatter µs "
-                 "(ours x faster) | loop µs ours / index_put | peak MB ours / masked_scatter |", "|" + "---|" * 9]
+        lines = ["| N | H | MB moved | copy µs (spread) | ours µs (x copy) | index_put µs (ours x faster) | "
+                 "masked_scatter µs (ours x faster) | loop µs ours / index_put | peak MB ours / masked_scatter |",
+                 "|" + "---|" * 9]
     for r in sorted(serving, key=lambda r: (r["case"]["n"], r["case"]["hidden"])):
         res = r["results"]
         ours, copy, ip, ms = (res.get(p) or {} for p in (path, "copy", "index_put", "masked_scatter"))
         us = ours.get("device_us")
+        copy_spread = None if cpu else spread(copy)
         head = (f"| {r['case']['n']} | {r['case']['hidden']} | {r['moved_bytes'] / MB:.0f} | "
-                f"{_fmt(copy.get('device_us'))} | ")
+                f"{_fmt(copy.get('device_us'))}{'' if copy_spread is None else f' ({_pct(copy_spread)})'} | ")
         speedups = (f"{_fmt(ip.get('device_us'))} ({_fmt(_ratio(ip.get('device_us'), us))}) | "
                     f"{_fmt(ms.get('device_us'))} ({_fmt(_ratio(ms.get('device_us'), us))}) | "
                     f"{_fmt(ours.get('loop_us'), digits=0)} / {_fmt(ip.get('loop_us'), digits=0)} |")
@@ -151,6 +205,12 @@ def markdown(records: list[dict], path: str = "auto", cpu: bool = False) -> str:
         return "\n".join(lines)
     lines += ["", f"Targets for path={path!r} over all {len(records)} cases of the run:", ""]
     lines += ["- " + line for line in check_targets(records, path)["lines"]]
+    steadiness = copy_spread_line(records)
+    if steadiness:
+        lines += ["", steadiness]
+    notes = below_copy_notes(records, [path])
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines)
 
 
@@ -175,19 +235,50 @@ def suite_markdown(records: list[dict], cpu: bool = False) -> str:
     return "\n".join(lines)
 
 
-def regret_markdown(run: dict) -> str:
-    """A held-out run of ``mmmerge-tune --evaluate``: its summary, then a row per point."""
-    def pct(key):
-        return _fmt(None if run.get(key) is None else 100 * run[key], digits=0)
+def auto_against_others(times: dict, auto_path: str) -> tuple[str, float]:
+    """At one held-out point, from each path's time (``auto`` and every path by name): the best path other than
+    auto, and auto's time over it (below 1 where auto is faster). Neither auto nor the path it chose, called by
+    name (the very same call), is a rival: counting them, the ratio could never exceed 1 and would measure the
+    host's noise, not the choice. mmmerge-tune --evaluate, bench/host_path.py and this report all use it."""
+    best = min((p for p in times if p not in ("auto", auto_path)), key=times.get)
+    return best, times["auto"] / times[best]
 
-    lines = [f"auto within 5% of the best other path at {pct('within_5pct')}% of {len(run['points'])} points, worst "
-             f"{_fmt(run.get('worst_ratio'), digits=3)}x, median {_fmt(run.get('median_ratio'), digits=3)}x; "
-             f"against the per-point oracle within 5% at {pct('oracle_within_5pct')}%, worst "
-             f"{_fmt(run.get('oracle_worst_ratio'), digits=3)}x; cached dispatch "
-             f"{_fmt(run.get('dispatch_us'), digits=2)} µs per call (loop time throughout)", "",
-             "| N | H | dtypes | mask | auto's path (choice) | best other path | auto / best | oracle "
-             "| auto / oracle |", "|" + "---|" * 9]
+
+def ratio_summary(ratios: list[float]) -> dict:
+    """Of auto's ratios over held-out points: the share within 5% (<= 1.05), the worst (largest), the median."""
+    return {"within_5pct": sum(r <= 1.05 for r in ratios) / len(ratios), "worst": max(ratios),
+            "median": statistics.median(ratios)}
+
+
+def regret_markdown(run: dict) -> str:
+    """A held-out run of ``mmmerge-tune --evaluate``: its summary, then a row per point. Auto's ratio to the
+    best other path is computed here from each point's recorded loop times (auto_against_others), whatever
+    the file's own ``ratio`` and summary say: files written before that metric counted auto among its rivals."""
+    points = []
     for p in run["points"]:
+        if isinstance(p.get("loop_us"), dict) and "auto_path" in p:
+            best, ratio = auto_against_others(p["loop_us"], p["auto_path"])
+            p = p | {"best_path": best, "ratio": ratio}
+        points.append(p)
+    ratios = [p["ratio"] for p in points if p.get("ratio") is not None]
+    summary = ratio_summary(ratios) if ratios else {}
+    oracle = {k: run.get(f"oracle_{k}") for k in ("within_5pct", "worst_ratio")}
+
+    def pct(value):
+        return _fmt(None if value is None else 100 * value, digits=0)
+
+    lines = [f"auto within 5% of the best other path at {pct(summary.get('within_5pct'))}% of {len(points)} points, "
+             f"worst {_fmt(summary.get('worst'), digits=3)}x, median {_fmt(summary.get('median'), digits=3)}x; "
+             f"against the per-point oracle within 5% at {pct(oracle['within_5pct'])}%, worst "
+             f"{_fmt(oracle['worst_ratio'], digits=3)}x; cached dispatch "
+             f"{_fmt(run.get('dispatch_us'), digits=2)} µs per call (loop time throughout)"]
+    recorded = run.get("worst_ratio")
+    if summary and recorded is not None and abs(recorded - summary["worst"]) > 1e-9:
+        lines.append(f"(the file's own summary reads worst {recorded:.3f}x: written before auto and the path it "
+                     "chose were left out of its rivals; the figures here are recomputed from its loop times)")
+    lines += ["", "| N | H | dtypes | mask | auto's path (choice) | best other path | auto / best | oracle "
+              "| auto / oracle |", "|" + "---|" * 9]
+    for p in points:
         c = p.get("case", {})
         lines.append(f"| {c.get('n')} | {c.get('hidden')} | {c.get('src')}->{c.get('dst')} | {c.get('mask')} | "
                      f"{p.get('auto_path')} ({p.get('auto_choice')}) | {p.get('best_path')} | "
@@ -211,7 +302,8 @@ def table_summary(table: dict) -> str:
 
 def numbers_markdown(run: dict) -> str:
     """A flat record of named figures (a probe's output, e.g. probe_host_profile.json)."""
-    return "\n".join(["| name | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in run.items()])
+    return "\n".join(["| name | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in run.items()
+                                                          if k != "environment"])
 
 
 def _flat(value) -> str:
@@ -249,8 +341,14 @@ def host_path_markdown(run: dict) -> str:
     return "\n".join(out)
 
 
-def kind_of(run) -> str | None:
-    """Which of the package's files this is, by its keys; None for a file the package does not write."""
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def kind_of(run, file_name: str = "") -> str | None:
+    """Which of the package's files this is, by its keys; None for a file the package does not write. A flat
+    record of numbers is a probe's (bench/probe_launch.py) where it records its environment, or, for probes
+    from before they did, where the file is named ``probe_*.json``: any other JSON of numbers is not ours."""
     if not isinstance(run, dict):
         return None
     if "suite" in run and isinstance(run.get("records"), list):
@@ -265,7 +363,9 @@ def kind_of(run) -> str | None:
         return "regret"
     if isinstance(run.get("entries"), list) and "version" in run:
         return "table"
-    if run and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in run.values()):
+    figures = [v for k, v in run.items() if k != "environment"]
+    ours = isinstance(run.get("environment"), dict) or file_name.startswith("probe_")
+    if ours and figures and all(_is_number(v) for v in figures):
         return "numbers"
     return None
 
@@ -277,11 +377,11 @@ def report(file: Path, paths: list[str], cases: bool, png_dir: Path | None) -> s
         run = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"{file}: cannot read it as JSON ({error})"
-    kind = kind_of(run)
+    kind = kind_of(run, file.name)
     if kind is None:
-        return (f"{file}: not a file this package writes (a bench, suite, regret, tuned-table, probe, host-path or "
-                "when-it-matters JSON)")
-    env = run.get("environment") if kind != "numbers" else None
+        return (f"{file}: not one of this package's result files (a bench, suite, regret, tuned-table, probe, "
+                "host-path or when-it-matters JSON)")
+    env = run.get("environment")
     print(f"# {file.name}: {kind}" + (f" — {_title(env)}" if env else ""))
     cpu = is_cpu_run(env) and kind in ("bench", "suite")
     if cpu:

@@ -4,8 +4,9 @@
 - plan: a MergePlan reused across merges against preparing the mask on every call.
 - deepstack: sparse accumulate into the visual rows at each layer against the dense add of the engines
   and HF's clone-and-index.
-Each reports device time, loop time and peak extra memory per variant (timing.py), within one run; on a CPU,
-wall times only (a smoke test of the tooling).
+Each reports device time, loop time and peak extra memory per variant (timing.py), within one run, the variants
+of a record timed together in interleaved rounds (timing.measure; the items suite's two forced variants each
+alone, under their own patch); on a CPU, wall times only (a smoke test of the tooling).
 
 Runtime internals used (no public function does the same): ``dispatch.items_in_place_pays``, patched to force a
 list to be read in place or concatenated; ``paths.merge_index_put``, vLLM's bare index_put after its torch.cat.
@@ -22,10 +23,6 @@ from . import timing
 from .cases import make_mask
 
 MB = 1e6
-
-
-def _measure(calls: dict, device: torch.device) -> dict:
-    return {name: timing.measure(call, device) for name, call in calls.items()}
 
 
 @contextlib.contextmanager
@@ -50,10 +47,10 @@ def items_suite(device: torch.device, quick: bool) -> list[dict]:
         items = [torch.randn(rows, hidden, device=device, dtype=torch.bfloat16) for _ in range(count)]
         merge = lambda: merge_multimodal_embeddings(dst, items, mask)  # noqa: E731
         with _items_in_place(True):
-            results = _measure({"items in place (ours)": merge}, device)
+            results = timing.measure({"items in place (ours)": merge}, device)
         with _items_in_place(False):
-            results |= _measure({"cat + ours": merge}, device)
-        results |= _measure({
+            results |= timing.measure({"cat + ours": merge}, device)
+        results |= timing.measure({
             "auto (the rule picks)": merge,
             "cat + index_put (vLLM)": lambda: paths.merge_index_put(dst, mask, torch.cat(items), False),
         }, device)
@@ -84,7 +81,7 @@ def plan_suite(device: torch.device, quick: bool) -> list[dict]:
                 masked_row_scatter_(hs, src=f, plan=plan, accumulate=True)
 
         records.append({"n": n, "hidden": hidden, "mask": where, "layers": 3,
-                        "results": _measure({"mask per call": per_call, "plan once": with_plan}, device)})
+                        "results": timing.measure({"mask per call": per_call, "plan once": with_plan}, device)})
     return records
 
 
@@ -124,7 +121,7 @@ def deepstack_suite(device: torch.device, quick: bool) -> list[dict]:
         calls = {"dense add (vLLM/SGLang)": dense_add, "clone+index (HF)": hf_clone_index,
                  "sparse accumulate (ours)": sparse_inplace}
         records.append({"n": n, "hidden": hidden, "layers": layers, "visual_rows": n // 2,
-                        "results": _measure(calls, device)})
+                        "results": timing.measure(calls, device)})
     return records
 
 

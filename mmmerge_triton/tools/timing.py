@@ -1,4 +1,4 @@
-"""How this package measures a merge: device time, loop time, host time and peak extra memory.
+"""How this package measures a merge: device, loop, host and idle time, and peak extra memory.
 
 - device time: GPU time of one call with L2 flushed, without host gaps. Each rep queues a spin kernel
   (``torch.cuda._sleep``) long enough for the host to enqueue the flush and the call behind it, so the
@@ -7,6 +7,11 @@
   host overhead and device time overlap (the larger of the two, roughly).
 - host time: wall time of the Python call itself while the GPU is kept busy (the enqueue cost).
 - peak extra memory: ``max_memory_allocated`` during one call minus what was allocated before it.
+- idle time: GPU time of one call with nothing queued before it, L2 flushed: the host work before the call's
+  first launch shows as GPU time, as for a caller whose GPU waits on it.
+Figures that are compared with each other (a path and the copy of the same bytes it is divided by) are taken
+in interleaved rounds (``interleaved``, ``measure``): one value per round, the calls round-robin within a round,
+and the median of the rounds kept, so that drift on a shared machine hits every call alike.
 On the CPU there is no device clock and no asynchronous launch: "device" and host time are the median wall
 time of one call, loop time the wall time per call back to back (median of 5 loops), each after a warm-up (the
 first calls pay page faults, allocator growth and lazy initialization: a cold 0.5 MB copy once took 6.9 ms).
@@ -157,17 +162,69 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
 
 
 CPU_CLOCK = ("wall: on a CPU device_us is the median wall time of one call and loop_us the wall time per call "
-             "back to back (median of 5 loops), after a warm-up; host_us and peak_extra_bytes are null")
+             "back to back (median of 5 loops), after a warm-up, each the median of its rounds (*_rounds); host_us "
+             "and peak_extra_bytes are null")
 """What a JSON written on a CPU says its figures are (its ``clock`` field)."""
 
 CPU_NOTICE = ("CPU run: every figure is wall time on the host (no device clock), after a warm-up; a smoke test "
               "of the tooling, not a speed claim.")
 
 
-def measure(fn: Callable[[], object], device: torch.device) -> dict:
-    """Every figure of one call, as the benchmark and the suites record it. On a CPU the host time (the
-    enqueue cost while a GPU is busy) and the peak device memory have no meaning: null."""
+ROUNDS = 5
+"""Rounds of an interleaved measurement: the median of 5 is not moved by two rounds a neighbour slowed."""
+ROUND_REPS = 7  # flushed calls per round for device time: 5 rounds x 7, the median of the rounds' medians
+ROUND_LOOP_S = 0.01  # loop-time budget per round (at least 10 calls)
+
+
+def interleaved(calls: dict[str, Callable[[], object]], figures: dict[str, Callable[[Callable[[], object]], float]],
+                rounds: int = ROUNDS) -> dict[str, dict[str, list[float]]]:
+    """Each figure of each call, taken once per round: the calls round-robin within a round, the order rotated
+    from one round to the next (no call always first). A baseline that a ratio divides by (the copy) goes
+    through the very same rounds as what it is compared with. Returns {call: {figure: [a value per round]}}."""
+    names = list(calls)
+    taken = {name: {figure: [] for figure in figures} for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            for figure, take in figures.items():
+                taken[name][figure].append(take(calls[name]))
+    return taken
+
+
+def idle_time_us(fn: Callable[[], object], device: torch.device, reps: int = 15, flush: bool = True) -> float:
+    """Median GPU time of ``fn`` in µs with nothing queued before it, L2 flushed before each rep: the events
+    bracket the host work before the first launch too (see module doc). On a CPU: the median wall time."""
+    if device.type != "cuda":
+        return _wall_median_us(fn, 0.05, 3)
+    fn()
+    buffer = _flush_buffer(device) if flush else None
+    samples = []
+    for _ in range(reps):
+        if buffer is not None:
+            buffer.zero_()
+        torch.cuda.synchronize(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end) * 1e3)
+    return statistics.median(samples)
+
+
+def measure(calls: dict[str, Callable[[], object]], device: torch.device, rounds: int = ROUNDS) -> dict[str, dict]:
+    """Every figure of each call, as the benchmark and the suites record them: device and loop time taken in
+    ``rounds`` interleaved rounds (``interleaved``), the median of the rounds kept and the rounds' values
+    recorded (``device_us_rounds``, ``loop_us_rounds``); host time and peak memory once per call. On a CPU the
+    host time (the enqueue cost while a GPU is busy) and the peak device memory have no meaning: null."""
     cuda = device.type == "cuda"
-    return {"device_us": device_time_us(fn, device), "loop_us": loop_time_us(fn, device),
-            "host_us": host_time_us(fn, device) if cuda else None,
-            "peak_extra_bytes": peak_extra_bytes(fn, device) if cuda else None}
+    taken = interleaved(calls, {
+        "device_us": lambda fn: device_time_us(fn, device, reps=ROUND_REPS),
+        "loop_us": lambda fn: loop_time_us(fn, device, budget_s=ROUND_LOOP_S),
+    }, rounds)
+    return {name: {"device_us": statistics.median(taken[name]["device_us"]),
+                   "loop_us": statistics.median(taken[name]["loop_us"]),
+                   "host_us": host_time_us(fn, device) if cuda else None,
+                   "peak_extra_bytes": peak_extra_bytes(fn, device) if cuda else None,
+                   "device_us_rounds": taken[name]["device_us"], "loop_us_rounds": taken[name]["loop_us"]}
+            for name, fn in calls.items()}

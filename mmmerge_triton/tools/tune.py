@@ -24,7 +24,6 @@ import argparse
 import collections
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from .. import PATHS, KernelConfig, dispatch, explain, masked_row_scatter_, path
 from ..kernel_config import default_config, default_of_kind
 from .bench import DEFAULT_OUT, _progress, device_name, environment
 from .cases import Case, make_inputs
+from .report import auto_against_others, ratio_summary
 
 SWEEP = {
     "full": dict(n=(256, 1024, 4096, 16384, 65536, 131072), hidden=(1024, 2048, 4096, 8192), density=(0.1, 0.9),
@@ -151,9 +151,21 @@ def select(entry: dict) -> dict:
 
 
 def reselect(table_path: Path) -> None:
-    """Apply select() again to every entry of a table, from the times it recorded (no new measurement)."""
-    table = json.loads(table_path.read_text())
-    table["entries"] = [select(entry) for entry in table["entries"]]
+    """Apply select() again to every entry of a table, from the times it recorded (no new measurement).
+    Raises OSError or ValueError, the file untouched, where it cannot be read as a tuned table."""
+    try:
+        table = json.loads(table_path.read_text())
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not a JSON file ({error.reason})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not a JSON file ({error})") from None
+    if not isinstance(table, dict) or not isinstance(table.get("entries"), list):
+        raise ValueError("not a tuned table (mmmerge-tune's JSON, with a list of entries)")
+    try:
+        entries = [select(entry) for entry in table["entries"]]
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise ValueError(f"not a tuned table: an entry lacks or garbles its recorded times ({error!r})") from None
+    table["entries"] = entries
     table["selection"] = SELECTION
     table_path.write_text(json.dumps(table, indent=1))
     wins = collections.Counter(config_name(KernelConfig(**e["best"]["config"])) for e in table["entries"]
@@ -210,10 +222,10 @@ def _interleaved_loop_us(calls: dict, device: torch.device, rounds: int) -> dict
 def evaluate(device: torch.device, rounds: int = 5, finalists: int = 3) -> dict:
     """path="auto" on the held-out grid, two ways, each within one point's measurements:
 
-    - against every other path through the public API (``ratio``: auto / the best of auto and the other
-      paths), as a user would call them. The path auto chose, called by name, is the very same call (a named
-      "triton" takes the tuned configuration too), so it is timed and recorded but not compared: the
-      difference would be the host's noise, not a choice;
+    - against every other path through the public API (``ratio``: auto / the best of the other paths,
+      report.auto_against_others), as a user would call them. The path auto chose, called by name, is the very
+      same call (a named "triton" takes the tuned configuration too), so it is timed and recorded but not
+      compared: the difference would be the host's noise, not a choice;
     - against an oracle (``oracle_ratio``): the configuration auto chose, launched directly, against the best
       path runner or Triton configuration (every one the sweep tries, and the heuristic's) at this very point:
       what a sweep that had seen the point would have picked. All are screened once; the ``finalists`` fastest
@@ -239,26 +251,23 @@ def evaluate(device: torch.device, rounds: int = 5, finalists: int = 3) -> dict:
         screened = _interleaved_loop_us(direct, device, 1)
         final_names = set(sorted(screened, key=screened.get)[:finalists]) | {chosen}
         final_us = _interleaved_loop_us({name: direct[name] for name in final_names}, device, rounds)
-        # The best of the other paths: auto itself, and the path it chose called by name (the same call), are
-        # not candidates, so the ratio can exceed 1 where another path is faster.
-        best = min((p for p in PATHS if p != decision.path), key=loop_us.get)
+        best, ratio = auto_against_others(loop_us, decision.path)
         oracle = min(final_us, key=final_us.get)
         points.append({"case": case.as_dict(), "loop_us": loop_us, "best_path": best, "auto_path": decision.path,
-                       "ratio": loop_us["auto"] / loop_us[best], "screened_loop_us": screened,
+                       "ratio": ratio, "screened_loop_us": screened,
                        "final_loop_us": final_us, "auto_choice": chosen, "oracle_choice": oracle,
                        "oracle_ratio": final_us[chosen] / final_us[oracle]})
         del dst, mask, src
         torch.cuda.empty_cache()
-    ratios = [p["ratio"] for p in points]
-    oracle_ratios = [p["oracle_ratio"] for p in points]
+    ours, oracle = (ratio_summary([p[key] for p in points]) for key in ("ratio", "oracle_ratio"))
     return {
         "points": points,
-        "within_5pct": sum(r <= 1.05 for r in ratios) / len(ratios),
-        "worst_ratio": max(ratios),
-        "median_ratio": statistics.median(ratios),
-        "oracle_within_5pct": sum(r <= 1.05 for r in oracle_ratios) / len(oracle_ratios),
-        "oracle_worst_ratio": max(oracle_ratios),
-        "oracle_median_ratio": statistics.median(oracle_ratios),
+        "within_5pct": ours["within_5pct"],
+        "worst_ratio": ours["worst"],
+        "median_ratio": ours["median"],
+        "oracle_within_5pct": oracle["within_5pct"],
+        "oracle_worst_ratio": oracle["worst"],
+        "oracle_median_ratio": oracle["median"],
         "dispatch_us": _dispatch_cost(device),
     }
 
@@ -288,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"regret JSON (default: ./{DEFAULT_OUT}/regret_<device>.json)")
     args = parser.parse_args(argv)
     if args.reselect:
-        reselect(args.reselect)
+        try:
+            reselect(args.reselect)
+        except (OSError, ValueError) as error:
+            parser.error(f"--reselect {args.reselect}: {getattr(error, 'strerror', None) or error}")
         return 0
     if not torch.cuda.is_available():
         print(f"{parser.prog}: error: the sweep and --evaluate need a CUDA GPU, and this torch "
