@@ -18,6 +18,9 @@ from .rowmap import CountMismatch
 
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+_forward_ad = torch.autograd.forward_ad  # its _current_level is -1 outside a dual level
+_functorch_stack = torch._C._functorch.peek_interpreter_stack  # None outside torch.func's transforms
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _eager(*tensors) -> bool:
@@ -30,6 +33,15 @@ def _eager(*tensors) -> bool:
         if type(t) is not torch.Tensor and isinstance(t, torch.Tensor):
             return False
     return True
+
+
+def _transformed() -> bool:
+    """Whether a function transform is on: torch.func's vmap, grad or jvp (whose tensors are wrappers without
+    storage, and under which a host read such as ``.numpy()`` fails), or forward-mode AD (a dual level: tangents
+    the kernels cannot see). A merge then runs PyTorch's index_put, which every transform knows, before anything
+    reads an address (_merge_by_torch); the registered ops have no batching rule or jvp, so it skips them too.
+    Two reads where none is on; never while tracing (torch.compile sees the registered ops)."""
+    return not _is_compiling() and (_forward_ad._current_level >= 0 or _functorch_stack() is not None)
 
 
 def _mask_of(mask, plan, mask_name: str) -> torch.Tensor:
@@ -71,17 +83,8 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
     Gradients: an in-place call that needs them arrives here on a fresh clone (see wants_grad), so the
     Triton path may mark it dirty.
     """
-    dst_name, mask_name, src_name = names
-    inputs.check_flag(accumulate, "accumulate")
-    inputs.check_flag(check_count, "check_count")
-    inputs.check_path(path, PATHS)
-    inputs.check_dst(dst, dst_name)
-    inputs.check_mask(mask, dst, mask_name, dst_name)
-    if isinstance(src, ItemList):
-        n_rows, src_dtype = sum(src.rows), src.tensors[0].dtype
-    else:
-        inputs.check_src(src, dst, src_name, dst_name)
-        n_rows, src_dtype = src.shape[0], src.dtype
+    dst_name, mask_name, _ = names
+    n_rows, src_dtype = _checked(dst, mask, src, accumulate, path, check_count, names)
     if plan is not None:
         if plan.device != dst.device:
             raise ValueError(f"plan was built for {plan.device}; {dst_name} is on {dst.device}")
@@ -89,8 +92,39 @@ def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expre
     inputs.check_writable(dst, dst_name)
     if dst.dim() == 1:  # one row and a 0-dim mask: every path takes them as [1, H] and [1] (index_put_ would not)
         dst, mask = dst.unsqueeze(0), mask.reshape(1)
+    if _transformed():
+        _merge_by_torch(dst, mask, src, n_rows, accumulate=accumulate, path=path, expression=expression)
+        return
     _execute(dst, mask, src, n_rows, src_dtype, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
              names=names, expression=expression)
+
+
+def _checked(dst, mask, src, accumulate, path, check_count, names) -> tuple[int, torch.dtype]:
+    """The argument checks of every route, in one order (flags, path, dst, mask, src) and in the caller's
+    ``names``: src's rows and dtype. src: a tensor, or an ItemList of checked items (its dtype torch.cat's)."""
+    dst_name, mask_name, src_name = names
+    inputs.check_flag(accumulate, "accumulate")
+    inputs.check_flag(check_count, "check_count")
+    inputs.check_path(path, PATHS)
+    inputs.check_dst(dst, dst_name)
+    inputs.check_mask(mask, dst, mask_name, dst_name)
+    if isinstance(src, ItemList):
+        return sum(src.rows), src.dtype
+    inputs.check_src(src, dst, src_name, dst_name)
+    return src.shape[0], src.dtype
+
+
+def _unshared(src: torch.Tensor, dst: torch.Tensor, src_name: str, dst_name: str) -> torch.Tensor:
+    """src, or where it shares dst's bytes in another dtype its copy in dst's dtype (the copy that
+    ``dst[mask] = src.to(dst.dtype)`` makes: PyTorch's result). Sharing them in dst's dtype raises, as PyTorch
+    refuses such a write."""
+    if not inputs.overlaps(src, dst):
+        return src
+    if src.dtype == dst.dtype:
+        raise ValueError(f"{src_name} shares memory with {dst_name}, which the merge writes (PyTorch refuses "
+                         f"such a write where it can tell: some elements refer to a single memory location). "
+                         f"Clone {src_name} first")
+    return src.to(dst.dtype)
 
 
 _Tensor = torch.Tensor
@@ -115,11 +149,8 @@ def _execute(dst, mask, src, n_rows: int, src_dtype, *, accumulate, path, plan, 
         mask = mask.clone()
     if isinstance(src, ItemList):
         aliased = inputs.any_overlaps(src.tensors, dst)
-    elif inputs.overlaps(src, dst):
-        if src.dtype == dst.dtype:
-            raise ValueError(f"{src_name} shares memory with {dst_name}, which the merge writes (PyTorch refuses "
-                             f"the same: some elements refer to a single memory location). Clone {src_name} first")
-        src = src.to(dst.dtype)  # the copy that dst[mask] = src.to(dst.dtype) makes: PyTorch's result
+    else:
+        src = _unshared(src, dst, src_name, dst_name)
     needs_grad = torch.is_grad_enabled() and (dst.requires_grad or _requires_grad(src))
     try:
         if isinstance(src, ItemList):
@@ -140,6 +171,25 @@ def _execute(dst, mask, src, n_rows: int, src_dtype, *, accumulate, path, plan, 
             _bump_version(dst)
     except CountMismatch as error:
         raise inputs.count_mismatch(error.num_rows, error.num_placeholders, _spelled(expression)) from None
+
+
+_TRANSFORM_REFUSAL = ("path='triton' cannot merge under a function transform (torch.func's vmap, grad or jvp, or "
+                      "forward-mode AD): the kernels see neither batch dims nor tangents. path='auto' takes index_put "
+                      "there")
+
+
+def _merge_by_torch(dst, mask, src, n_rows: int, *, accumulate, path, expression=None) -> None:
+    """The rest of _merge_ under a function transform (see _transformed): the count, then PyTorch's index_put_,
+    whose batching rule and forward and backward formulas are PyTorch's, as are its rules for shared memory.
+    Every path but "triton" (refused) runs it. Reads no address and nothing through numpy; a mask that the
+    transform wraps (vmapped) is left to index_put_, which refuses what it cannot take."""
+    if path == "triton":
+        raise ValueError(_TRANSFORM_REFUSAL)
+    if not _functorch_wrapped(mask):
+        placeholders = int(mask.count_nonzero())
+        if placeholders != n_rows:
+            raise inputs.count_mismatch(n_rows, placeholders, _spelled(expression))
+    RUNNERS["index_put"](dst, mask, torch.cat(src.tensors) if isinstance(src, ItemList) else src, accumulate)
 
 
 def _spelled(expression) -> str | None:
@@ -183,11 +233,18 @@ def scatter(dst, mask, src, *, in_place: bool, accumulate, path, plan, check_cou
                 return dst
         except CountMismatch as error:
             raise inputs.count_mismatch(error.num_rows, error.num_placeholders) from None
-    if in_place and wants_grad(dst, src):
+    transformed = _transformed()  # then _merge_ runs PyTorch's op, which records gradients itself
+    grad = in_place and not transformed and wants_grad(dst, src)
+    through_ops = not transformed and not _eager(dst, mask, src)
+    if grad or through_ops:  # a clone of dst or the registered ops merge: checked first, in the caller's names
+        _checked(dst, mask, src, accumulate, path, check_count, names)
+    if grad:
+        if _eager(dst, src):  # against dst itself, which the clone that merges hides
+            _unshared(src, dst, names[2], names[0])
         merged = scatter(dst, mask, src, in_place=False, accumulate=accumulate, path=path, plan=plan,
                          check_count=check_count, names=names)
         return dst.copy_(merged)
-    if not _eager(dst, mask, src):
+    if through_ops:
         if plan is not None:
             plan.check_current()
         if not in_place:
@@ -273,7 +330,8 @@ def merge_multimodal_embeddings(
     Args:
         inputs_embeds: [N, H] (or [..., H]) float32/float16/bfloat16.
         multimodal_embeddings: [M, H] tensor, or a (nested) list/tuple of tensors [..., H] taken in order
-            with their leading dims flattened. An empty list leaves inputs_embeds as it is (as vLLM does).
+            with their leading dims flattened. An empty list ([] or [[]]) has 0 rows: a mask with true
+            rows raises the count error (vLLM returns early for [] whatever the mask holds).
         is_multimodal: bool of shape inputs_embeds.shape[:-1], on the CPU (checked and staged without a
             sync) or on inputs_embeds' device (no sync; see ``check_count``). Or ``plan=``.
         path, plan, check_count: as masked_row_scatter_.
@@ -292,30 +350,54 @@ def merge_multimodal_embeddings(
                 return inputs_embeds
         except CountMismatch as error:
             raise inputs.count_mismatch(error.num_rows, error.num_placeholders, _spelled(multimodal_embeddings)) from None
-    if isinstance(multimodal_embeddings, (list, tuple)) and len(multimodal_embeddings) == 0:
-        return inputs_embeds
     is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")
     items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
-    if not items:  # nested empty lists, e.g. [[]]: as empty as [], and vLLM returns early for that
-        return inputs_embeds
     inputs.check_dst(inputs_embeds, "inputs_embeds")
-    rows = inputs.check_items(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
-    grad = wants_grad(inputs_embeds, items)
-    if _eager(inputs_embeds, is_multimodal) and inputs.plain_tensors(items):
-        # Several items: read in place where the Triton path runs.
-        src = items[0] if len(items) == 1 else ItemList(items, rows)
+    # The mask before the items, in masked_row_scatter_'s order: a mask that does not fit a 1-D inputs_embeds
+    # explains that mistake, where the items' hidden size would blame them.
+    inputs.check_mask(is_multimodal, inputs_embeds, "is_multimodal", "inputs_embeds")
+    rows, dtype = inputs.check_items_dtype(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
+    transformed = _transformed()  # then _merge_ runs PyTorch's op, which records gradients itself
+    grad = not transformed and wants_grad(inputs_embeds, items)
+    eager = _eager(inputs_embeds, is_multimodal) and (not items or inputs.plain_tensors(items))
+    src = _source(multimodal_embeddings, items, rows, dtype, inputs_embeds, eager and not transformed)
+    if transformed or eager:
+        if grad and isinstance(src, _Tensor):  # against inputs_embeds itself, which the clone that merges hides
+            _unshared(src, inputs_embeds, names[2], names[0])
         target = inputs_embeds.clone(memory_format=torch.contiguous_format) if grad else inputs_embeds
         _merge_(target, is_multimodal, src, accumulate=False, path=path, plan=plan, check_count=check_count,
                 names=names, expression=multimodal_embeddings)
         return inputs_embeds.copy_(target) if grad else inputs_embeds
-    src = items[0] if len(items) == 1 else torch.cat(items)
+    _checked(inputs_embeds, is_multimodal, src, False, path, check_count, names)  # the ops check in their names
     if plan is not None:
         plan.check_current()
-    if grad:
-        merged = torch.ops.mmmerge_triton.masked_row_scatter(inputs_embeds, is_multimodal, src, False, path, check_count)
-        return inputs_embeds.copy_(merged)
-    torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
+    try:
+        if grad:
+            merged = torch.ops.mmmerge_triton.masked_row_scatter(inputs_embeds, is_multimodal, src, False, path,
+                                                                 check_count)
+            return inputs_embeds.copy_(merged)
+        torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
+    except CountMismatch as error:  # the ops' count error, spelled as vLLM spells these embeddings
+        raise inputs.count_mismatch(error.num_rows, error.num_placeholders, _spelled(multimodal_embeddings)) from None
     return inputs_embeds
+
+
+def _source(embeddings: NestedTensors, items: list[torch.Tensor], rows: list[int], dtype: torch.dtype | None,
+            dst: torch.Tensor, eager: bool) -> torch.Tensor | ItemList:
+    """What merge_multimodal_embeddings merges: the tensor it was given, or for a list vLLM's torch.cat of the
+    items (a copy, so an item may share dst's memory; its dtype is the items' promotion), which the eager
+    route spares where it can: several items as an ItemList (_execute reads them in place or concatenates
+    them), one item as it is unless it shares dst's memory. No items ([] or [[]]): [0, H] rows, which the
+    count check still compares with the mask."""
+    if isinstance(embeddings, torch.Tensor):
+        return items[0]
+    if not items:
+        return dst.new_empty(0, dst.shape[-1])
+    if not eager:
+        return torch.cat(items)
+    if len(items) > 1:
+        return ItemList(items, rows, dtype)
+    return items[0].clone(memory_format=torch.contiguous_format) if inputs.overlaps(items[0], dst) else items[0]
 
 
 def explain(
@@ -326,6 +408,6 @@ def explain(
     items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
     inputs.check_dst(inputs_embeds, "inputs_embeds")
     inputs.check_mask(is_multimodal, inputs_embeds, "is_multimodal", "inputs_embeds")
-    rows = inputs.check_items(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
-    src_dtype = items[0].dtype if items else inputs_embeds.dtype
-    return decide(inputs_embeds, is_multimodal, src_dtype, sum(rows), src=items[0] if len(items) == 1 else None)
+    rows, src_dtype = inputs.check_items_dtype(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
+    return decide(inputs_embeds, is_multimodal, src_dtype or inputs_embeds.dtype, sum(rows),
+                  src=items[0] if len(items) == 1 else None)

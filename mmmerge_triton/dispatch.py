@@ -12,7 +12,8 @@ program (a power of two), so that the launch keeps the entry's number of program
 per program leaves SMs idle.
 Without a usable table (none for this device, unreadable, or written for another device) the heuristic
 below decides, after one warning. Inputs the Triton path cannot take (``triton_refusal``: not CUDA, a dtype
-other than fp32/fp16/bf16, 2**31 mask rows or more, a destination without a row view) take index_put.
+other than fp32/fp16/bf16, 2**31 mask rows or more, a destination without a row view or with the negative
+bit) take index_put.
 
 ``decide`` is the one entry point: api.py asks it for every call, explain() returns what it returns. The
 table's rules read N and M through their quarter-octave bucket (``bucket``: exact below 8, else the top three
@@ -174,6 +175,10 @@ def triton_refusal(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype
         return f"it moves float32, float16 and bfloat16 rows (got {src_dtype} into {dst.dtype})"
     if mask.numel() > MAX_ROWS:
         return f"its row maps are int32: at most {MAX_ROWS} mask rows (got {mask.numel()})"
+    # The negative bit (torch._neg_view, z.conj().imag) makes PyTorch write -value to dst's memory; the kernels
+    # write raw. (A source's bit is resolved by paths.merge_triton; no real dtype carries the conjugate bit.)
+    if dst.is_neg():
+        return "the destination has the negative bit (a lazily negated view, e.g. z.conj().imag)"
     for t, name in ((dst, "destination"), (src, "source")):  # a tensor at an odd byte, e.g. frombuffer(offset=1)
         if t is not None and t.data_ptr() % t.element_size():
             return f"the {name}'s address is not a multiple of its element size ({t.element_size()} bytes)"

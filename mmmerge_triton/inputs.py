@@ -1,11 +1,14 @@
 """Input checks of the public API. Every check runs before anything is written, and names the argument."""
 from __future__ import annotations
 
+import functools
 from operator import attrgetter, itemgetter
 from typing import Sequence, Union
 
 import numpy as np
 import torch
+
+from .rowmap import CountMismatch
 
 NestedTensors = Union[torch.Tensor, Sequence["NestedTensors"]]
 
@@ -36,16 +39,33 @@ def flatten_items(embeddings: NestedTensors, name: str) -> list[torch.Tensor]:
 
 
 def count_expression(embeddings: NestedTensors) -> str:
-    """How vLLM spells the rows of an embedding argument in its count error, e.g. "576 + 2 x 64"."""
+    """How vLLM spells the rows of an embedding argument in its count error, e.g. "576 + 2 x 64". Empty
+    lists spell nothing ("" for [] or [[]]; vLLM's torch.cat refuses them before any count)."""
     if isinstance(embeddings, torch.Tensor):
         return " x ".join(str(d) for d in embeddings.shape[:-1])
-    return " + ".join(count_expression(inner) for inner in embeddings)
+    return " + ".join(filter(None, map(count_expression, embeddings)))
 
 
-def count_mismatch(num_rows: int, num_placeholders: int, expression: str | None = None) -> ValueError:
-    """The count error, in vLLM's words (with its "576 + 576 = 1152" spelling when ``expression`` is given)."""
-    lhs = str(num_rows) if expression is None else f"{expression} = {num_rows}"
-    return ValueError(f"Attempted to assign {lhs} multimodal tokens to {num_placeholders} placeholders")
+def count_mismatch(num_rows: int, num_placeholders: int, expression: str | None = None) -> CountMismatch:
+    """The count error, in vLLM's words (with its "576 + 576 = 1152" spelling when ``expression`` is given and
+    not empty, as it is for an empty list). A CountMismatch (a ValueError) carrying both counts, so that a
+    caller that knows the expression can spell an error raised by the registered ops its own way."""
+    error = CountMismatch(num_rows, num_placeholders)
+    if expression:
+        error.args = (f"Attempted to assign {expression} = {num_rows} multimodal tokens to {num_placeholders} "
+                      "placeholders",)
+    return error
+
+
+def items_dtype(items: list[torch.Tensor]) -> torch.dtype:
+    """The dtype of a list of items: torch.cat's, the promotion of every item's dtype (not the first one's)."""
+    return _promoted({item.dtype for item in items})  # not map(attrgetter): Dynamo traces this form
+
+
+def _promoted(dtypes: set[torch.dtype]) -> torch.dtype:
+    """torch.cat's dtype for items of these dtypes (a non-empty set)."""
+    first, *rest = dtypes
+    return functools.reduce(torch.promote_types, rest, first)
 
 
 def check_tensor(t, name: str) -> None:
@@ -108,22 +128,28 @@ def plain_tensors(items) -> bool:
 
 
 def check_items(items: list[torch.Tensor], dst: torch.Tensor, src_name: str, dst_name: str) -> list[int]:
-    """Checks each item as check_src does, and returns their row counts [m_i]. One pass per property, a few
-    hundred ns per item on a fast host, where a call of check_src per item costs about 1 µs: engines pass
-    hundreds of items. Any failure reruns the item by item checks, which raise the error naming the item
-    (its index in the flattened list, and its shape)."""
+    """check_items_dtype's checks, returning the row counts [m_i] alone."""
+    return check_items_dtype(items, dst, src_name, dst_name)[0]
+
+
+def check_items_dtype(items: list[torch.Tensor], dst: torch.Tensor, src_name: str,
+                      dst_name: str) -> tuple[list[int], torch.dtype | None]:
+    """Checks each item as check_src does, and returns their row counts [m_i] and their dtype (items_dtype;
+    None for no items). One pass per property, a few hundred ns per item on a fast host, where a call of
+    check_src per item costs about 1 µs: engines pass hundreds of items. Any failure reruns the item by item
+    checks, which raise the error naming the item (its index in the flattened list, and its shape)."""
     if plain_tensors(items):
         sizes = list(map(torch.Tensor.size, items))
-        if (set(map(len, sizes)) == {2} and set(map(_second, sizes)) == {dst.shape[-1]}
-                and set(map(_dtype_of, items)) <= _MERGE_SET and set(map(_device_of, items)) == {dst.device}
-                and set(map(_layout_of, items)) == {torch.strided}):
-            return list(map(_first, sizes))
+        dtypes = set(map(_dtype_of, items))
+        if (set(map(len, sizes)) == {2} and set(map(_second, sizes)) == {dst.shape[-1]} and dtypes <= _MERGE_SET
+                and set(map(_device_of, items)) == {dst.device} and set(map(_layout_of, items)) == {torch.strided}):
+            return list(map(_first, sizes)), _promoted(dtypes)
     single = len(items) == 1
     for i, item in enumerate(items):
         name = src_name if single else f"{src_name} item {i}" + (
             f" (shape {tuple(item.shape)})" if isinstance(item, torch.Tensor) else "")
         check_src(item, dst, name, dst_name)
-    return [item.shape[0] for item in items]
+    return [item.shape[0] for item in items], items_dtype(items) if items else None
 
 
 def check_mask(mask, dst: torch.Tensor, mask_name: str, dst_name: str) -> None:
@@ -151,10 +177,25 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * t.element_size()
 
 
+_OVERLAP_WORK = 1 << 16  # numpy's bound on the candidate solutions it tries; past it, "may share" counts as shared
+
+
+class _Addresses:
+    """A numpy view of a tensor's addresses (never of its bytes, which may be on a GPU): for np.shares_memory,
+    which reads only the data pointer, shape, strides and item size."""
+
+    def __init__(self, t: torch.Tensor):
+        size = t.element_size()
+        self.__array_interface__ = {"shape": tuple(t.shape), "strides": tuple(s * size for s in t.stride()),
+                                    "typestr": f"|V{size}", "data": (t.data_ptr(), True), "version": 3}
+
+
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors may share bytes. Cheap: tensors of disjoint allocations (the common case) are told
-    apart by their storages' address ranges (about 0.5 µs); within one allocation, by the address spans the
-    tensors touch, conservatively (interleaved views of disjoint bytes inside one span count as overlapping)."""
+    """Whether two tensors share bytes. Tensors of disjoint allocations (the common case) are told apart by
+    their storages' address ranges (about 0.5 µs), then by the address spans the tensors touch, which decide
+    for two contiguous tensors. Views interleaved in one span (column halves of one buffer, every other row)
+    go to numpy's exact overlap solver (tens of µs; a problem past _OVERLAP_WORK counts as shared). PyTorch's
+    own check refuses only dense tensors whose spans meet, and lets the others through unchecked."""
     sa, sb = a.untyped_storage(), b.untyped_storage()
     pa, pb = sa.data_ptr(), sb.data_ptr()
     if not (pa < pb + sb.nbytes() and pb < pa + sa.nbytes()):
@@ -163,11 +204,19 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     a0, a1 = _byte_span(a)
     b0, b1 = _byte_span(b)
-    return a0 < b1 and b0 < a1
+    if not (a0 < b1 and b0 < a1):
+        return False
+    if a.is_contiguous() and b.is_contiguous():
+        return True  # each covers its whole span
+    try:
+        return bool(np.shares_memory(np.asarray(_Addresses(a)), np.asarray(_Addresses(b)), max_work=_OVERLAP_WORK))
+    except np.exceptions.TooHardError:
+        return True
 
 
 def any_overlaps(items: list[torch.Tensor], dst: torch.Tensor) -> bool:
-    """Whether any item [m_i, H] (on dst's device) may share bytes with dst (see overlaps). One pass per
+    """Whether any item [m_i, H] (on dst's device) may share bytes with dst, by the address spans they touch:
+    conservative, as its callers concatenate such items first, which is right either way. One pass per
     property over the list: engines pass hundreds of items."""
     if not items or dst.numel() == 0 or items[0].shape[1] == 0:
         return False

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .inputs import items_dtype
 from .kernel_config import KernelConfig
 from .kernels.multi_row_copy import multi_row_copy_kernel
 from .launch import FastKernel
@@ -30,14 +31,16 @@ _dtype_of = attrgetter("dtype")
 
 
 class ItemList(NamedTuple):
-    """Checked items of one merge: ``tensors`` [m_i, H] on the destination's device, and ``rows`` [m_i]."""
+    """Checked items of one merge: ``tensors`` [m_i, H] on the destination's device, ``rows`` [m_i], and
+    ``dtype``, torch.cat's (the promotion of the items' dtypes: a float64 item makes the list float64)."""
 
     tensors: list[torch.Tensor]
     rows: list[int]
+    dtype: torch.dtype
 
     @classmethod
     def of(cls, tensors: list[torch.Tensor]) -> "ItemList":
-        return cls(tensors, [t.shape[0] for t in tensors])
+        return cls(tensors, [t.shape[0] for t in tensors], items_dtype(tensors))
 
 
 def common_row_stride(items: list[torch.Tensor]) -> int | None:
@@ -90,15 +93,15 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: ItemList, stride
     ValueError past MAX_ROWS mask rows. Items at addresses that are not a multiple of their element size are
     concatenated first (the one case that pays for the cat)."""
     if 0 in items.rows:  # an empty item has no rows to address (nor, maybe, storage)
-        kept = [(t, r) for t, r in zip(*items) if r]
+        kept = [(t, r) for t, r in zip(items.tensors, items.rows) if r]
         if not kept:
             return
-        items = ItemList([t for t, _ in kept], [r for _, r in kept])
+        items = ItemList([t for t, _ in kept], [r for _, r in kept], items.dtype)
     check_fits(max(dst2d.shape[0], sum(items.rows)), "reading items in place")
     tables = _tables(items)
     if tables is None:
         whole = torch.cat(items.tensors)
-        items, stride = ItemList([whole], [whole.shape[0]]), whole.stride(0)
+        items, stride = ItemList([whole], [whole.shape[0]], whole.dtype), whole.stride(0)
         tables = _tables(items)
     offsets, starts, align = tables
     first = items.tensors[0]

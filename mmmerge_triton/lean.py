@@ -6,14 +6,16 @@ addresses change. The first call of a *signature* (everything the checks and the
 the addresses, plus the quarter-octave buckets of N and M that the decision reads) runs every check of
 inputs.py and asks dispatch.decide; what they found is kept under the signature. A later call of it reads the
 signature (about 20 attribute reads), checks what the signature does not fix (N against the mask, the
-addresses for shared memory, a CPU mask's count, gradients, inference tensors) and runs the signature's Launch
-(executor.py), whose kernels, bound on its first run, launch through their C entry with addresses as ints: no
-check, decision, key or wrapper is rebuilt.
+addresses for shared memory, a CPU mask's count, gradients, inference tensors, the negative bit, function
+transforms) and runs the signature's Launch (executor.py), whose kernels, bound on its first run, launch
+through their C entry with addresses as ints: no check, decision, key or wrapper is rebuilt.
 
-A call is lean only where nothing needs the general path's care: no tracing, dispatch mode or gradient, no
-inference tensor, no bytes shared between dst and src (or a device mask), nothing empty, a device mask without
-check_count. ``merge`` returns False for anything else, having written nothing, and api.py runs the general
-path, which owns the errors (a CPU mask's count mismatch is raised here, as CountMismatch, by rowmap.cpu_rows).
+A call is lean only where nothing needs the general path's care: no tracing, dispatch mode, function transform
+(torch.func, forward-mode AD) or gradient, no inference tensor, no negative bit, no bytes shared between dst
+and src (or a device mask), nothing empty, a mask as long as dst, a device mask without check_count. ``merge``
+returns False for anything else, having written nothing, and api.py runs the general path, which owns the
+errors (a CPU mask's count mismatch is raised here, as CountMismatch, by rowmap.cpu_rows). An entry keeps only
+what its key decides: a call that fails a per-call check (a mask of another length) prepares nothing.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _grad_enabled = torch.is_grad_enabled
 _bump = torch.autograd.graph.increment_version
 _inference_mode = torch.is_inference_mode_enabled
+_forward_ad = torch.autograd.forward_ad  # its _current_level is -1 outside a dual level
+_functorch_stack = torch._C._functorch.peek_interpreter_stack  # None outside torch.func's transforms
 
 
 class Entry:
@@ -55,8 +59,9 @@ on_clear(_entries.clear)  # the entries hold decisions: a new table (dispatch.cl
 def merge(dst, mask, src, accumulate, check_count, path) -> bool:
     """``dst[mask] = src`` (or ``+=``) in place, if this is a lean call (see the module's docstring): returns
     whether it ran. dst [N, H], mask [N] bool, src [M, H]; accumulate, check_count bool; path a str."""
-    if (_is_compiling() or _dispatch_modes() or type(dst) is not _Tensor or type(mask) is not _Tensor
-            or type(src) is not _Tensor or type(path) is not str
+    if (_is_compiling() or _dispatch_modes() or _forward_ad._current_level >= 0 or _functorch_stack() is not None
+            or type(dst) is not _Tensor or type(mask) is not _Tensor or type(src) is not _Tensor
+            or type(path) is not str
             or (accumulate is not True and accumulate is not False)
             or (check_count is not True and check_count is not False)):
         return False
@@ -71,13 +76,17 @@ def merge(dst, mask, src, accumulate, check_count, path) -> bool:
                check_count, path, bucket(n), bucket(m))
     except (ValueError, RuntimeError):  # not [N, H] / [M, H] / [N]; a layout without strides or storage
         return False
+    if n_mask != n or m == 0 or h == 0 or n > MAX_ROWS:  # before the entry: no key decides these
+        return False
     entry = _entries.get(key, False)
     if entry is False:
         entry = _prepare(key, dst, mask, src, accumulate, check_count, path)
-    if entry is None or n_mask != n or m == 0 or h == 0 or n > MAX_ROWS:
+    if entry is None:
         return False
     inference = dst.is_inference()  # written in place only under inference mode (PyTorch's rule)
     if (inference and not _inference_mode()) or (_grad_enabled() and (dst.requires_grad or src.requires_grad)):
+        return False
+    if dst.is_neg() or src.is_neg():  # a lazily negated view (z.conj().imag): the kernels read memory raw
         return False
     # Shared bytes: the general path reads a mask first, copies or refuses a src (PyTorch's rules).
     dst_end = dst_ptr + ((n - 1) * dst_strides[0] + (h - 1) * dst_strides[1] + 1) * entry.dst_size
@@ -102,7 +111,8 @@ def merge(dst, mask, src, accumulate, check_count, path) -> bool:
 
 def _prepare(key, dst, mask, src, accumulate, check_count, path) -> Entry | None:
     """The entry of a new signature: None where every call of it takes the general path (a check fails, the
-    mask is on the device and check_count asks for a sync, or a strided device mask)."""
+    mask is on the device and check_count asks for a sync, or a strided device mask). merge has checked what
+    the key does not decide (the mask's length, empty sizes), so every check here is a function of the key."""
     if len(_entries) >= _MAX_ENTRIES:
         _entries.clear()
     try:

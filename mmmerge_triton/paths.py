@@ -33,7 +33,9 @@ def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, confi
 
     src: [M, H]; or an ItemList of items sharing the row stride ``item_stride``, read in place by one launch
     (items.merge_items). A tensor src goes to executor.execute (how a CPU or device mask runs, and what it
-    costs, is described there), or, with a plan's ``rowmap``, one row_copy through it.
+    costs, is described there), or, with a plan's ``rowmap``, one row_copy through it. The kernels read memory
+    raw, so a source with the negative bit (z.conj().imag) is resolved first, as a strided one is copied (a
+    destination with it is refused by dispatch.triton_refusal).
     Raises CountMismatch (a CPU mask whose true rows are not src's rows) before anything is written."""
     if not supports(dst.device):
         raise RuntimeError(
@@ -44,9 +46,13 @@ def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, confi
     check_fits(dst2d.shape[0], "path='triton'")
     on_device = mask.is_cuda
     if isinstance(src, ItemList):
-        cfg = config or default_config(dst2d.shape[1], sum(src.rows), dst2d.shape[0], on_device)
-        merge_items(dst2d, mask, src, item_stride, accumulate, cfg, rowmap)
-        return
+        if not any(map(torch.Tensor.is_neg, src.tensors)):
+            cfg = config or default_config(dst2d.shape[1], sum(src.rows), dst2d.shape[0], on_device)
+            merge_items(dst2d, mask, src, item_stride, accumulate, cfg, rowmap)
+            return
+        src = torch.cat(src.tensors)  # values with the bit applied
+    if src.is_neg():
+        src = src.resolve_neg()
     src2d = src if src.stride(1) == 1 or src.shape[1] == 1 else src.contiguous()  # src is [M, H]
     n, n_rows = dst2d.shape[0], src2d.shape[0]
     cfg = config or default_config(dst2d.shape[1], n_rows, n, on_device)
