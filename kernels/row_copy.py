@@ -13,7 +13,6 @@ from .row_tiles import move_rows
 COPY = 0  # dense[rows[j]] = cast(compact[j])
 ADD = 1  # dense[rows[j]] += cast(compact[j])
 GATHER = 2  # compact[j] = cast(dense[rows[j]])
-ZERO = 3  # dense[rows[j]] = 0 (compact is not read)
 
 
 @triton.jit(do_not_specialize=["n_rows"])

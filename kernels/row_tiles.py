@@ -18,7 +18,7 @@ def move_rows(
 
     MODE 0 COPY: dense = cast(compact). 1 ADD: dense = dense + cast(compact), as torch's
     ``index_put_(..., src.to(dst.dtype), accumulate=True)``: src rounded to dst's dtype, added in fp32.
-    2 GATHER: compact = cast(dense). 3 ZERO: dense = 0.
+    2 GATHER: compact = cast(dense).
     """
     dense_ty = dense_rows.dtype.element_ty
     for c0 in range(0, H, BLOCK_H):
@@ -32,10 +32,8 @@ def move_rows(
             add = tl.load(compact_ptrs, mask=ok).to(dense_ty).to(tl.float32)
             acc = tl.load(dense_ptrs, mask=ok).to(tl.float32)
             tl.store(dense_ptrs, (acc + add).to(dense_ty), mask=ok)
-        elif MODE == 2:
-            tl.store(compact_ptrs, tl.load(dense_ptrs, mask=ok).to(compact_rows.dtype.element_ty), mask=ok)
         else:
-            tl.store(dense_ptrs, tl.zeros(ok.shape, dtype=dense_ty), mask=ok)
+            tl.store(compact_ptrs, tl.load(dense_ptrs, mask=ok).to(compact_rows.dtype.element_ty), mask=ok)
 
 
 @triton.jit

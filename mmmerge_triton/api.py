@@ -1,31 +1,28 @@
-"""Public API: the vLLM-compatible merge, and the general masked row scatter, in place and out of place."""
+"""Public API: the vLLM-compatible merge, and the general masked row scatter, in place and out of place.
+
+A call takes the prepared route of lean.py where it can (the common call), else core.merge_ (every check, the
+decision, the write), or, while tracing or for tensor subclasses, the registered ops (ops.py), which run
+core.merge_ too."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from . import inputs
-from . import dispatch
-from . import lean
-from .autograd import TritonScatter
-from .dispatch import Decision, decide
+from . import core, inputs, lean
+from .dispatch import Decision
 from .inputs import NestedTensors
-from .items import ItemList, common_row_stride
-from .paths import PATHS, RUNNERS, merge_triton
+from .items import ItemList
+from .paths import PATHS
 from .plan import MergePlan
 from .rowmap import CountMismatch
 
-
+_Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
-_forward_ad = torch.autograd.forward_ad  # its _current_level is -1 outside a dual level
-_functorch_stack = torch._C._functorch.peek_interpreter_stack  # None outside torch.func's transforms
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _eager(*tensors) -> bool:
     """Whether the call can skip the torch.library dispatcher: plain tensors, no tracing, no dispatch mode.
-    (The dispatcher costs 40-55 µs per eager call, MEASUREMENTS.md; torch.compile and tensor subclasses
+    (The dispatcher costs 40-55 µs per eager call, measured on the H100 host; torch.compile and tensor subclasses
     need the registered op.) A non-tensor argument stays here too: the checks raise its TypeError."""
     if _is_compiling() or _dispatch_modes():
         return False
@@ -33,15 +30,6 @@ def _eager(*tensors) -> bool:
         if type(t) is not torch.Tensor and isinstance(t, torch.Tensor):
             return False
     return True
-
-
-def _transformed() -> bool:
-    """Whether a function transform is on: torch.func's vmap, grad or jvp (whose tensors are wrappers without
-    storage, and under which a host read such as ``.numpy()`` fails), or forward-mode AD (a dual level: tangents
-    the kernels cannot see). A merge then runs PyTorch's index_put, which every transform knows, before anything
-    reads an address (_merge_by_torch); the registered ops have no batching rule or jvp, so it skips them too.
-    Two reads where none is on; never while tracing (torch.compile sees the registered ops)."""
-    return not _is_compiling() and (_forward_ad._current_level >= 0 or _functorch_stack() is not None)
 
 
 def _mask_of(mask, plan, mask_name: str) -> torch.Tensor:
@@ -65,146 +53,6 @@ def _scatter_args(mask, plan, src) -> torch.Tensor:
     return mask
 
 
-def _placeholders(mask, plan, check_count: bool) -> int | None:
-    """The mask's true rows, where knowing them costs no sync (a CPU mask), or where the caller asked for
-    the sync (check_count=True); else None."""
-    if mask.is_cpu:
-        return plan.host_count if plan is not None else int(np.count_nonzero(mask.numpy()))
-    if check_count:
-        return int(plan.count.item() if plan is not None else mask.sum().item())
-    return None
-
-
-def _merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expression=None) -> None:
-    """Check everything, then write dst[mask] = src (or +=) in place. Raises before any write.
-
-    src: [M, H], or an ItemList of [m_i, H] items (already checked) that the Triton path reads in place.
-    expression: the embeddings as the caller passed them, spelled vLLM's way in a count error.
-    Gradients: an in-place call that needs them arrives here on a fresh clone (see wants_grad), so the
-    Triton path may mark it dirty.
-    """
-    dst_name, mask_name, _ = names
-    n_rows, src_dtype = _checked(dst, mask, src, accumulate, path, check_count, names)
-    if plan is not None:
-        if plan.device != dst.device:
-            raise ValueError(f"plan was built for {plan.device}; {dst_name} is on {dst.device}")
-        plan.check_current(mask_name)
-    inputs.check_writable(dst, dst_name)
-    if dst.dim() == 1:  # one row and a 0-dim mask: every path takes them as [1, H] and [1] (index_put_ would not)
-        dst, mask = dst.unsqueeze(0), mask.reshape(1)
-    if _transformed():
-        _merge_by_torch(dst, mask, src, n_rows, accumulate=accumulate, path=path, expression=expression)
-        return
-    _execute(dst, mask, src, n_rows, src_dtype, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
-             names=names, expression=expression)
-
-
-def _checked(dst, mask, src, accumulate, path, check_count, names) -> tuple[int, torch.dtype]:
-    """The argument checks of every route, in one order (flags, path, dst, mask, src) and in the caller's
-    ``names``: src's rows and dtype. src: a tensor, or an ItemList of checked items (its dtype torch.cat's)."""
-    dst_name, mask_name, src_name = names
-    inputs.check_flag(accumulate, "accumulate")
-    inputs.check_flag(check_count, "check_count")
-    inputs.check_path(path, PATHS)
-    inputs.check_dst(dst, dst_name)
-    inputs.check_mask(mask, dst, mask_name, dst_name)
-    if isinstance(src, ItemList):
-        return sum(src.rows), src.dtype
-    inputs.check_src(src, dst, src_name, dst_name)
-    return src.shape[0], src.dtype
-
-
-def _unshared(src: torch.Tensor, dst: torch.Tensor, src_name: str, dst_name: str) -> torch.Tensor:
-    """src, or where it shares dst's bytes in another dtype its copy in dst's dtype (the copy that
-    ``dst[mask] = src.to(dst.dtype)`` makes: PyTorch's result). Sharing them in dst's dtype raises, as PyTorch
-    refuses such a write."""
-    if not inputs.overlaps(src, dst):
-        return src
-    if src.dtype == dst.dtype:
-        raise ValueError(f"{src_name} shares memory with {dst_name}, which the merge writes (PyTorch refuses "
-                         f"such a write where it can tell: some elements refer to a single memory location). "
-                         f"Clone {src_name} first")
-    return src.to(dst.dtype)
-
-
-_Tensor = torch.Tensor
-
-
-def _execute(dst, mask, src, n_rows: int, src_dtype, *, accumulate, path, plan, check_count, names,
-             expression=None) -> None:
-    """Decide, count, resolve shared memory, then write: the rest of _merge_ once the inputs are known good
-    (by _merge_'s checks)."""
-    dst_name, mask_name, src_name = names
-    path, config, _ = decide(dst, mask, src_dtype, n_rows, path, None if isinstance(src, ItemList) else src)
-    empty = n_rows == 0 or dst.shape[-1] == 0
-    # The Triton path counts a CPU mask itself, from the row map it stages (CountMismatch, before any write).
-    if path != "triton" or plan is not None or empty or not mask.is_cpu:
-        placeholders = _placeholders(mask, plan, check_count)
-        if placeholders is not None and placeholders != n_rows:
-            raise inputs.count_mismatch(n_rows, placeholders, _spelled(expression))
-    if empty:
-        return
-    # Memory shared with dst: read it before writing, or refuse where PyTorch refuses (a same-dtype src).
-    if mask.device == dst.device and inputs.overlaps(mask, dst):
-        mask = mask.clone()
-    if isinstance(src, ItemList):
-        aliased = inputs.any_overlaps(src.tensors, dst)
-    else:
-        src = _unshared(src, dst, src_name, dst_name)
-    needs_grad = torch.is_grad_enabled() and (dst.requires_grad or _requires_grad(src))
-    try:
-        if isinstance(src, ItemList):
-            in_place = path == "triton" and not needs_grad and not aliased and dispatch.items_in_place_pays(
-                len(src.rows), n_rows, mask.numel(), dst, src_dtype)
-            stride = common_row_stride(src.tensors) if in_place else None
-            if stride is not None:
-                merge_triton(dst, mask, src, accumulate, plan.rowmap if plan is not None else None, config, stride)
-                _bump_version(dst)
-                return
-            src = torch.cat(src.tensors)
-        if path != "triton":
-            RUNNERS[path](dst, mask, src, accumulate)
-        elif needs_grad:
-            TritonScatter.apply(dst, src, mask, plan, accumulate, config)
-        else:
-            merge_triton(dst, mask, src, accumulate, plan.rowmap if plan is not None else None, config)
-            _bump_version(dst)
-    except CountMismatch as error:
-        raise inputs.count_mismatch(error.num_rows, error.num_placeholders, _spelled(expression)) from None
-
-
-_TRANSFORM_REFUSAL = ("path='triton' cannot merge under a function transform (torch.func's vmap, grad or jvp, or "
-                      "forward-mode AD): the kernels see neither batch dims nor tangents. path='auto' takes index_put "
-                      "there")
-
-
-def _merge_by_torch(dst, mask, src, n_rows: int, *, accumulate, path, expression=None) -> None:
-    """The rest of _merge_ under a function transform (see _transformed): the count, then PyTorch's index_put_,
-    whose batching rule and forward and backward formulas are PyTorch's, as are its rules for shared memory.
-    Every path but "triton" (refused) runs it. Reads no address and nothing through numpy; a mask that the
-    transform wraps (vmapped) is left to index_put_, which refuses what it cannot take."""
-    if path == "triton":
-        raise ValueError(_TRANSFORM_REFUSAL)
-    if not _functorch_wrapped(mask):
-        placeholders = int(mask.count_nonzero())
-        if placeholders != n_rows:
-            raise inputs.count_mismatch(n_rows, placeholders, _spelled(expression))
-    RUNNERS["index_put"](dst, mask, torch.cat(src.tensors) if isinstance(src, ItemList) else src, accumulate)
-
-
-def _spelled(expression) -> str | None:
-    """The count expression of an error message; the embeddings themselves until an error needs it (spelling
-    it out on every call would cost more than the rest of the checks)."""
-    return None if expression is None else inputs.count_expression(expression)
-
-
-def _requires_grad(src) -> bool:
-    """src: a tensor, a list of tensors, or an ItemList (a generator, not map(attrgetter): Dynamo traces it)."""
-    if isinstance(src, ItemList):
-        src = src.tensors
-    if isinstance(src, (list, tuple)):
-        return any(t.requires_grad for t in src)
-    return src.requires_grad
 
 
 def wants_grad(dst, src) -> bool:
@@ -212,13 +60,7 @@ def wants_grad(dst, src) -> bool:
     and copies the result into dst with ``copy_``: PyTorch's own in-place rules (a leaf that requires grad,
     a view of one, a view from unbind/split, an inference tensor) then raise before anything is written,
     on every route (eager, compiled, subclass), and the gradients are PyTorch's."""
-    return torch.is_grad_enabled() and (getattr(dst, "requires_grad", False) or _requires_grad(src))
-
-
-def _bump_version(dst: torch.Tensor) -> None:
-    """The kernels write behind autograd's back: bump dst's version counter as any in-place op does."""
-    if not dst.is_inference():
-        torch.autograd.graph.increment_version(dst)
+    return torch.is_grad_enabled() and (getattr(dst, "requires_grad", False) or core.requires_grad(src))
 
 
 _SCATTER_NAMES = ("dst", "mask", "src")
@@ -233,14 +75,14 @@ def scatter(dst, mask, src, *, in_place: bool, accumulate, path, plan, check_cou
                 return dst
         except CountMismatch as error:
             raise inputs.count_mismatch(error.num_rows, error.num_placeholders) from None
-    transformed = _transformed()  # then _merge_ runs PyTorch's op, which records gradients itself
+    transformed = core.transformed()  # then core.merge_ runs PyTorch's op, which records gradients itself
     grad = in_place and not transformed and wants_grad(dst, src)
     through_ops = not transformed and not _eager(dst, mask, src)
     if grad or through_ops:  # a clone of dst or the registered ops merge: checked first, in the caller's names
-        _checked(dst, mask, src, accumulate, path, check_count, names)
+        core.check_args(dst, mask, src, accumulate, path, check_count, names)
     if grad:
         if _eager(dst, src):  # against dst itself, which the clone that merges hides
-            _unshared(src, dst, names[2], names[0])
+            core.unshared(src, dst, names[2], names[0])
         merged = scatter(dst, mask, src, in_place=False, accumulate=accumulate, path=path, plan=plan,
                          check_count=check_count, names=names)
         return dst.copy_(merged)
@@ -253,7 +95,7 @@ def scatter(dst, mask, src, *, in_place: bool, accumulate, path, plan, check_cou
         return dst
     inputs.check_dst(dst, names[0])
     out = dst if in_place else dst.clone(memory_format=torch.contiguous_format)
-    _merge_(out, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count, names=names)
+    core.merge_(out, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count, names=names)
     return out
 
 
@@ -349,7 +191,7 @@ def merge_multimodal_embeddings(
             if lean.merge(inputs_embeds, is_multimodal, multimodal_embeddings, False, check_count, path):
                 return inputs_embeds
         except CountMismatch as error:
-            raise inputs.count_mismatch(error.num_rows, error.num_placeholders, _spelled(multimodal_embeddings)) from None
+            raise inputs.count_mismatch(error.num_rows, error.num_placeholders, core.spelled(multimodal_embeddings)) from None
     is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")
     items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
     inputs.check_dst(inputs_embeds, "inputs_embeds")
@@ -357,18 +199,18 @@ def merge_multimodal_embeddings(
     # explains that mistake, where the items' hidden size would blame them.
     inputs.check_mask(is_multimodal, inputs_embeds, "is_multimodal", "inputs_embeds")
     rows, dtype = inputs.check_items_dtype(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
-    transformed = _transformed()  # then _merge_ runs PyTorch's op, which records gradients itself
+    transformed = core.transformed()  # then core.merge_ runs PyTorch's op, which records gradients itself
     grad = not transformed and wants_grad(inputs_embeds, items)
     eager = _eager(inputs_embeds, is_multimodal) and (not items or inputs.plain_tensors(items))
     src = _source(multimodal_embeddings, items, rows, dtype, inputs_embeds, eager and not transformed)
     if transformed or eager:
         if grad and isinstance(src, _Tensor):  # against inputs_embeds itself, which the clone that merges hides
-            _unshared(src, inputs_embeds, names[2], names[0])
+            core.unshared(src, inputs_embeds, names[2], names[0])
         target = inputs_embeds.clone(memory_format=torch.contiguous_format) if grad else inputs_embeds
-        _merge_(target, is_multimodal, src, accumulate=False, path=path, plan=plan, check_count=check_count,
+        core.merge_(target, is_multimodal, src, accumulate=False, path=path, plan=plan, check_count=check_count,
                 names=names, expression=multimodal_embeddings)
         return inputs_embeds.copy_(target) if grad else inputs_embeds
-    _checked(inputs_embeds, is_multimodal, src, False, path, check_count, names)  # the ops check in their names
+    core.check_args(inputs_embeds, is_multimodal, src, False, path, check_count, names)  # the ops check in their names
     if plan is not None:
         plan.check_current()
     try:
@@ -378,7 +220,7 @@ def merge_multimodal_embeddings(
             return inputs_embeds.copy_(merged)
         torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
     except CountMismatch as error:  # the ops' count error, spelled as vLLM spells these embeddings
-        raise inputs.count_mismatch(error.num_rows, error.num_placeholders, _spelled(multimodal_embeddings)) from None
+        raise inputs.count_mismatch(error.num_rows, error.num_placeholders, core.spelled(multimodal_embeddings)) from None
     return inputs_embeds
 
 
@@ -401,13 +243,21 @@ def _source(embeddings: NestedTensors, items: list[torch.Tensor], rows: list[int
 
 
 def explain(
-    inputs_embeds: torch.Tensor, multimodal_embeddings: NestedTensors, is_multimodal: torch.Tensor
+    inputs_embeds: torch.Tensor, multimodal_embeddings: NestedTensors, is_multimodal: torch.Tensor,
+    *, path: str = "auto", plan: MergePlan | None = None,
 ) -> Decision:
-    """What path="auto" would do for these inputs: ``Decision(path, config, reason)``, the reason naming the
-    tuned table entry and its measured loop times, or the heuristic rule. Nothing is written."""
+    """What ``merge_multimodal_embeddings`` with these arguments runs: ``Decision(path, kind, config,
+    concatenate, reason)`` (dispatch.Decision), the reason naming the tuned table entry and its measured loop
+    times, or the rule. The same function decides for the call (tests/test_dispatch.py checks it against what
+    ran). Nothing is written."""
+    is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")
     items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
     inputs.check_dst(inputs_embeds, "inputs_embeds")
     inputs.check_mask(is_multimodal, inputs_embeds, "is_multimodal", "inputs_embeds")
     rows, src_dtype = inputs.check_items_dtype(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
-    return decide(inputs_embeds, is_multimodal, src_dtype or inputs_embeds.dtype, sum(rows),
-                  src=items[0] if len(items) == 1 else None)
+    inputs.check_path(path, PATHS)
+    src = _source(multimodal_embeddings, items, rows, src_dtype, inputs_embeds, True)
+    dst, mask = inputs_embeds, is_multimodal
+    if dst.dim() == 1:  # as core.merge_ takes them
+        dst, mask = dst.unsqueeze(0), mask.reshape(1)
+    return core.decision_for(dst, mask, src, sum(rows), src_dtype or inputs_embeds.dtype, path, plan)[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_config import default_config
+from .dispatch import row_map_config
 from .paths import merge_triton
 from .rowmap import RowMap, device_rows, host_rows, stage_rows
 from .scatter import as_rows, gather_rows
@@ -30,7 +30,7 @@ def gather_masked_rows(dense: torch.Tensor, mask: torch.Tensor, n_rows: int, dty
     mask's true rows)."""
     dense2d = as_rows(dense.contiguous())
     (rows, count), used = rowmap_for(mask, dense.device, n_rows)
-    cfg = default_config(dense2d.shape[1], n_rows, dense2d.shape[0], False)
+    cfg = row_map_config(dense2d.shape[1])
     return gather_rows(dense2d, rows, count, n_rows, dtype, cfg, valid=used)
 
 

@@ -33,7 +33,8 @@ from typing import NamedTuple
 import torch
 
 from .inputs import TRITON_DTYPES
-from .kernel_config import FUSED_BELOW, KernelConfig, default_config
+from .executor import launch_kind
+from .kernel_config import FUSED_BELOW, KernelConfig, default_config, default_of_kind
 from .paths import PATHS
 from .rowmap import MAX_ROWS
 from .scatter import as_rows, supports
@@ -45,11 +46,23 @@ _NAME_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 class Decision(NamedTuple):
-    """What a merge runs: ``path``, the Triton ``config`` (None for the PyTorch paths), and ``reason``."""
+    """What a merge runs, all of it (explain() returns it; the call runs it).
+
+    path: "triton" or a PyTorch path (paths.RUNNERS). kind: how the Triton path launches (executor.KINDS:
+    host_rows, device_fused, device_rows, plan_rows, items); None for a PyTorch path. config: the Triton
+    configuration, never None on the Triton path (None on a PyTorch path). concatenate: a list of items is
+    concatenated first (torch.cat) rather than read in place (kind items); False for a tensor. reason: why.
+    """
 
     path: str
+    kind: str | None
     config: KernelConfig | None
+    concatenate: bool
     reason: str
+
+
+def _pytorch(path: str, reason: str, items: int = 0) -> Decision:
+    return Decision(path, None, None, items > 1, reason)
 
 
 def table_file_name(device_name: str) -> str:
@@ -110,9 +123,9 @@ def nearest_entry(table: dict, mask: str, src: str, dst: str, n: int, hidden: in
 
 def _heuristic(dst: torch.Tensor, mask_on_device: bool, n: int, rows: int) -> Decision:
     if not dst.is_cuda:
-        return Decision("index_put", None, "CPU tensors: index_put (Triton has no compiled CPU path)")
+        return _pytorch("index_put", "CPU tensors: index_put (Triton has no compiled CPU path)")
     cfg = default_config(dst.shape[-1], rows, n, mask_on_device)
-    return Decision("triton", cfg, "heuristic: the Triton row copy on CUDA (kernel_config.default_config)")
+    return Decision("triton", None, cfg, False, "heuristic: the Triton row copy on CUDA (kernel_config.default_config)")
 
 
 def bucket(x: int) -> int:
@@ -159,7 +172,7 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
         if fewer < config.rows:
             config = config._replace(rows=fewer)
             reason += f"; {fewer} rows per program, as many programs as at the entry's M"
-    return Decision(best["path"], config, reason)
+    return Decision(best["path"], None, config if best["path"] == "triton" else None, False, reason)
 
 
 
@@ -203,22 +216,41 @@ def choose(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: 
 
 
 def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int, path: str = "auto",
-           src: torch.Tensor | None = None) -> Decision:
-    """The decision for merging ``rows`` source rows of ``src_dtype`` (``src`` itself where it is one tensor)
-    into ``dst`` at ``mask`` by ``path``: "auto" (the rules above), "triton" (raises ValueError where it cannot
-    run; else the table's Triton configuration, or the default one where the table picks another path), or a
-    PyTorch path by name."""
+           src: torch.Tensor | None = None, *, plan: bool = False, items: int = 0,
+           items_readable: bool = False) -> Decision:
+    """The whole decision for merging ``rows`` source rows of ``src_dtype`` (``src`` itself where it is one
+    tensor) into ``dst`` at ``mask`` by ``path``: "auto" (the rules above), "triton" (raises ValueError where it
+    cannot run; else the table's Triton configuration, or the untuned rule's where the table picks another
+    path), or a PyTorch path by name. ``plan``: the merge reads a MergePlan's row map. ``items``: the number of
+    items of a list source (0 for a tensor); ``items_readable``: they can be read in place (one row stride, no
+    memory shared with dst, no gradient, no negative bit: api.py's facts of the call)."""
     if path not in ("auto", "triton"):
-        return Decision(path, None, f"path={path!r} asked for by name")
+        return _pytorch(path, f"path={path!r} asked for by name", items)
     refusal = triton_refusal(dst, mask, src_dtype, src)
     if refusal:
         if path == "triton":
             raise ValueError(f"path='triton' cannot merge these inputs: {refusal}. path='auto' takes index_put there")
-        return Decision("index_put", None, f"the Triton path cannot merge these inputs: {refusal}")
+        return _pytorch("index_put", f"the Triton path cannot merge these inputs: {refusal}", items)
     found = choose(dst, mask, src_dtype, rows)
-    if path == "triton" and found.path != "triton":
-        return Decision("triton", None, f"path='triton' asked for by name; the default configuration ({found.reason})")
-    return found
+    if found.path != "triton":
+        if path == "auto":
+            return found._replace(concatenate=items > 1)
+        n = bucket(mask.numel())
+        found = Decision("triton", None, default_config(dst.shape[-1], bucket(rows), n, mask.is_cuda), False,
+                         f"path='triton' asked for by name; the untuned rule's configuration ({found.reason})")
+    return _launch_kind(found, mask, rows, plan, items, items_readable, dst, src_dtype)
+
+
+def row_map_config(hidden: int) -> KernelConfig:
+    """The configuration of the launches that copy through a row map already in hand, which no table covers:
+    the backward gather (autograd.py) and merge_requests' copy: the untuned rule's two-launch default."""
+    return default_of_kind(hidden, fused=False)
+
+
+def _launch_kind(found: Decision, mask, rows, plan, items, items_readable, dst, src_dtype) -> Decision:
+    """A Triton decision's kind of launch, and whether a list is concatenated first."""
+    in_place = items > 1 and items_readable and items_in_place_pays(items, rows, mask.numel(), dst, src_dtype)
+    return found._replace(kind=launch_kind(found.config, mask, plan, in_place), concatenate=items > 1 and not in_place)
 
 
 # Lists of items, read in place or concatenated first. Loop-time model of the two ways to merge a list (µs, bytes per µs), fit to the H100 host of bench/results/h100

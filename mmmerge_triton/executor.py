@@ -26,7 +26,24 @@ from .rowmap import cpu_rows
 from .scatter import ADD, COPY, cdiv, mask_row_copy, mask_to_rows, row_copy, scan_block
 from .staging import RawPointer, arena
 
-HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS = range(3)
+# The kinds of launch of the Triton path (dispatch.Decision.kind). The first three run here, for a tensor
+# source; PLAN_ROWS (a MergePlan's row map, one row_copy) and ITEMS (a list read in place, items.merge_items)
+# run in paths.merge_triton.
+HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, PLAN_ROWS, ITEMS = "host_rows", "device_fused", "device_rows", "plan_rows", "items"
+KINDS = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, PLAN_ROWS, ITEMS)
+
+
+def launch_kind(config: KernelConfig, mask: torch.Tensor, plan: bool, items_in_place: bool) -> str:
+    """The kind of launch that merges with ``config`` at ``mask``: a list read in place, a MergePlan's row map,
+    else by where the mask is (under the interpreter every mask is a CPU one). dispatch.decide reports it;
+    paths.merge_triton runs it."""
+    if items_in_place:
+        return ITEMS
+    if plan:
+        return PLAN_ROWS
+    if mask.is_cuda:
+        return DEVICE_FUSED if config.fused else DEVICE_ROWS
+    return HOST_ROWS
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU-only builds
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
@@ -39,10 +56,10 @@ class Launch:
 
     __slots__ = ("kind", "config", "device", "block", "bound", "bound_rows")
 
-    def __init__(self, config: KernelConfig, mask_on_device: bool, n: int, device: torch.device):
-        """n: N, or any N of its dispatch bucket (the thresholds start buckets)."""
-        self.kind = (DEVICE_FUSED if config.fused else DEVICE_ROWS) if mask_on_device else HOST_ROWS
-        self.config, self.block = config, scan_block(max(n, 1))
+    def __init__(self, kind: str, config: KernelConfig, n: int, device: torch.device):
+        """kind: HOST_ROWS, DEVICE_FUSED or DEVICE_ROWS (dispatch.decide's). n: N, or any N of its dispatch
+        bucket (the thresholds start buckets)."""
+        self.kind, self.config, self.block = kind, config, scan_block(max(n, 1))
         self.device = device.index if device.type == "cuda" else -1
         self.bound = self.bound_rows = None
 

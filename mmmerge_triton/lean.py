@@ -25,7 +25,6 @@ import torch
 from . import inputs
 from .dispatch import bucket, decide, on_clear
 from .executor import Launch, execute
-from .kernel_config import default_config
 from .paths import RUNNERS
 from .rowmap import MAX_ROWS, CountMismatch
 
@@ -76,7 +75,9 @@ def merge(dst, mask, src, accumulate, check_count, path) -> bool:
                check_count, path, bucket(n), bucket(m))
     except (ValueError, RuntimeError):  # not [N, H] / [M, H] / [N]; a layout without strides or storage
         return False
-    if n_mask != n or m == 0 or h == 0 or n > MAX_ROWS:  # before the entry: no key decides these
+    # Before the entry: no key decides these. (A lazily negated view, z.conj().imag, is read raw by the kernels;
+    # the decision refuses a negated dst, so it must not reach _prepare and decide for the whole signature.)
+    if n_mask != n or m == 0 or h == 0 or n > MAX_ROWS or dst.is_neg() or src.is_neg():
         return False
     entry = _entries.get(key, False)
     if entry is False:
@@ -85,8 +86,6 @@ def merge(dst, mask, src, accumulate, check_count, path) -> bool:
         return False
     inference = dst.is_inference()  # written in place only under inference mode (PyTorch's rule)
     if (inference and not _inference_mode()) or (_grad_enabled() and (dst.requires_grad or src.requires_grad)):
-        return False
-    if dst.is_neg() or src.is_neg():  # a lazily negated view (z.conj().imag): the kernels read memory raw
         return False
     # Shared bytes: the general path reads a mask first, copies or refuses a src (PyTorch's rules).
     dst_end = dst_ptr + ((n - 1) * dst_strides[0] + (h - 1) * dst_strides[1] + 1) * entry.dst_size
@@ -130,9 +129,7 @@ def _prepare(key, dst, mask, src, accumulate, check_count, path) -> Entry | None
         return None
     launch = None
     if decision.path == "triton":
-        n = bucket(dst.shape[0])
-        config = decision.config or default_config(dst.shape[1], bucket(src.shape[0]), n, on_device)
-        launch = Launch(config, on_device, n, dst.device)
+        launch = Launch(decision.kind, decision.config, bucket(dst.shape[0]), dst.device)
     entry = _entries[key] = Entry(decision.path, launch, mask.device == dst.device, src.element_size(),
                                   dst.element_size())
     return entry

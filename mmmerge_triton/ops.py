@@ -1,9 +1,9 @@
 """The merge as registered torch ops, for torch.compile, export and tensor subclasses.
 
-Eager calls from the public API skip these (a custom_op costs 40-55 µs per eager call on the H100 host,
-MEASUREMENTS.md); they are what the API calls while tracing, and what ``torch.ops.mmmerge_triton.*``
-names. Each checks its inputs as the Python API does (they are public). Their fake implementations only
-check shapes, so a compiled graph holds them without a break. The out-of-place scatter and the gather have
+Eager calls from the public API skip these (a custom_op costs 40-55 µs per eager call, measured on the H100
+host); they are what the API calls while tracing, and what ``torch.ops.mmmerge_triton.*`` names. Each checks
+its inputs as the Python API does (they are public). Their fake implementations only check shapes, so a
+compiled graph holds them without a break. The out-of-place scatter and the gather have
 autograd formulas written with these same ops, so gradients of any order are PyTorch's; the in-place
 scatter has none (PyTorch registers none for a mutating custom op) and refuses inputs that need one.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import api, inputs
+from . import core, inputs
 from .autograd import gather_masked_rows, scatter_backward
 from .scatter import supports
 
@@ -24,7 +24,7 @@ def masked_row_scatter_op_(
     dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, accumulate: bool, path: str, check_count: bool
 ) -> None:
     """In place: dst[mask] = src (or +=). See mmmerge_triton.masked_row_scatter_."""
-    api._merge_(dst, mask, src, accumulate=accumulate, path=path, plan=None, check_count=check_count, names=_NAMES)
+    core.merge_(dst, mask, src, accumulate=accumulate, path=path, plan=None, check_count=check_count, names=_NAMES)
 
 
 @masked_row_scatter_op_.register_fake
@@ -59,7 +59,7 @@ def masked_row_scatter_op(
     """Out of place: a contiguous copy of dst with [mask] = src (or +=). See mmmerge_triton.masked_row_scatter."""
     inputs.check_dst(dst, "dst")
     out = dst.clone(memory_format=torch.contiguous_format)
-    api._merge_(out, mask, src, accumulate=accumulate, path=path, plan=None, check_count=check_count, names=_NAMES)
+    core.merge_(out, mask, src, accumulate=accumulate, path=path, plan=None, check_count=check_count, names=_NAMES)
     return out
 
 

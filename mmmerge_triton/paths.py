@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .executor import Launch, addressing, execute
+from .executor import ITEMS, PLAN_ROWS, Launch, addressing, execute, launch_kind
 from .items import ItemList, merge_items
-from .kernel_config import KernelConfig, default_config
+from .kernel_config import KernelConfig
 from .rowmap import RowMap, check_fits, host_rows
 from .scatter import ADD, COPY, as_rows, mask_bytes, row_copy, supports
 
@@ -29,14 +29,17 @@ def rows_view(dst: torch.Tensor, path: str) -> torch.Tensor:
 
 def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, config: KernelConfig | None = None,
                  item_stride: int | None = None):
-    """The Triton row copy, for a tensor or a list of items: dst's row view, then the one executor.
+    """The Triton row copy with ``config`` (dispatch.decide's), for a tensor or a list of items: dst's row view,
+    then the kind of launch that executor.launch_kind names for these inputs (the one dispatch reported).
 
     src: [M, H]; or an ItemList of items sharing the row stride ``item_stride``, read in place by one launch
     (items.merge_items). A tensor src goes to executor.execute (how a CPU or device mask runs, and what it
     costs, is described there), or, with a plan's ``rowmap``, one row_copy through it. The kernels read memory
     raw, so a source with the negative bit (z.conj().imag) is resolved first, as a strided one is copied (a
-    destination with it is refused by dispatch.triton_refusal).
+    destination with it is refused by dispatch.triton_refusal; a list with it is concatenated by api.py).
     Raises CountMismatch (a CPU mask whose true rows are not src's rows) before anything is written."""
+    if config is None:
+        raise TypeError("merge_triton needs the KernelConfig that dispatch.decide picks")
     if not supports(dst.device):
         raise RuntimeError(
             "path='triton' runs on CUDA tensors; to run it on the CPU, set TRITON_INTERPRET=1 "
@@ -44,23 +47,19 @@ def merge_triton(dst, mask, src, accumulate, rowmap: RowMap | None = None, confi
         )
     dst2d = dst if dst.dim() == 2 and dst.stride(1) == 1 else rows_view(dst, "triton")
     check_fits(dst2d.shape[0], "path='triton'")
-    on_device = mask.is_cuda
-    if isinstance(src, ItemList):
-        if not any(map(torch.Tensor.is_neg, src.tensors)):
-            cfg = config or default_config(dst2d.shape[1], sum(src.rows), dst2d.shape[0], on_device)
-            merge_items(dst2d, mask, src, item_stride, accumulate, cfg, rowmap)
-            return
-        src = torch.cat(src.tensors)  # values with the bit applied
+    kind = launch_kind(config, mask, rowmap is not None, isinstance(src, ItemList))
+    if kind == ITEMS:
+        merge_items(dst2d, mask, src, item_stride, accumulate, config, rowmap)
+        return
     if src.is_neg():
         src = src.resolve_neg()
     src2d = src if src.stride(1) == 1 or src.shape[1] == 1 else src.contiguous()  # src is [M, H]
-    n, n_rows = dst2d.shape[0], src2d.shape[0]
-    cfg = config or default_config(dst2d.shape[1], n_rows, n, on_device)
-    if rowmap is not None:
-        row_copy(dst2d, src2d, rowmap.rows, rowmap.count, ADD if accumulate else COPY, cfg)
+    if kind == PLAN_ROWS:
+        row_copy(dst2d, src2d, rowmap.rows, rowmap.count, ADD if accumulate else COPY, config)
         return
-    flat = mask_bytes(mask) if on_device else mask  # alive until the launches are queued
-    execute(Launch(cfg, on_device, n, dst.device), dst2d, flat, src2d, accumulate, addressing(dst2d, flat, src2d))
+    flat = mask_bytes(mask) if mask.is_cuda else mask  # alive until the launches are queued
+    execute(Launch(kind, config, dst2d.shape[0], dst.device), dst2d, flat, src2d, accumulate,
+            addressing(dst2d, flat, src2d))
 
 
 def merge_index_put(dst, mask, src, accumulate, rowmap=None, config=None):

@@ -6,7 +6,7 @@ import torch
 from .kernel_config import KernelConfig, next_pow2
 from .kernels.mask_row_copy import mask_row_copy_kernel
 from .kernels.mask_rows import mask_to_rows_kernel
-from .kernels.row_copy import ADD, COPY, GATHER, ZERO, row_copy_kernel
+from .kernels.row_copy import ADD, COPY, GATHER, row_copy_kernel
 from .launch import INTERPRET, Bound, FastKernel
 
 _row_copy = FastKernel(row_copy_kernel)
@@ -53,7 +53,7 @@ def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> Bound
 
     rows: [>= M] int32 (a tensor, or a RawPointer into pinned memory), 16-byte aligned.
     count: [1] int32 on the device, the valid entries of rows (only j < min(count, M) move); None: all M.
-    mode: COPY or ADD write dense rows, GATHER writes compact rows, ZERO clears dense rows.
+    mode: COPY or ADD write dense rows, GATHER writes compact rows.
     Returns the kernel as bound for this launch (None under the interpreter, or if nothing moved): a later
     launch of the same layout calls it with (grid_x, stream, dense, compact, rows, count or rows, M, H,
     dense row stride, compact row stride).
@@ -132,10 +132,4 @@ def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: Kern
     return out
 
 
-def zero_rows(dense2d, rows, count, n_rows: int, cfg: KernelConfig) -> None:
-    """dense2d[rows[j]] = 0 for the first n_rows entries of the map (j < count)."""
-    shape_only = dense2d.new_empty(()).expand(n_rows, dense2d.shape[1])  # ZERO never reads it
-    row_copy(dense2d, shape_only, rows, count, ZERO, cfg)
-
-
-__all__ = ["COPY", "ADD", "GATHER", "ZERO"]
+__all__ = ["COPY", "ADD", "GATHER"]

@@ -213,19 +213,19 @@ def test_every_path_the_shipped_table_chooses_gives_the_reference(path):
 def test_explain_returns_what_the_call_executes_on_every_branch(monkeypatch):
     """For inputs that reach each branch of dispatch.decide (the table's rules through the shipped H100 table,
     the heuristic, every refusal), the path and configuration the call runs are the ones explain() returns."""
-    from mmmerge_triton import api, lean
+    from mmmerge_triton import core, lean
 
     table = json.loads(SHIPPED.read_text())
     ran = []
-    real_triton = api.merge_triton
+    real_triton = core.merge_triton
     spy = (lambda dst, mask, src, acc, rowmap=None, config=None, *a:
            ran.append(("triton", config)) or real_triton(dst, mask, src, acc, rowmap, config, *a))
-    monkeypatch.setattr(api, "merge_triton", spy)  # the general path
+    monkeypatch.setattr(core, "merge_triton", spy)  # the general path
     real_execute = lean.execute
     monkeypatch.setattr(lean, "execute", lambda launch, *a: ran.append(("triton", launch.config)) or real_execute(launch, *a))
     for name, runner in list(mm.paths.RUNNERS.items()):
         if name != "triton":
-            monkeypatch.setitem(api.RUNNERS, name, lambda *args, _n=name, _r=runner: ran.append((_n, None)) or _r(*args))
+            monkeypatch.setitem(core.RUNNERS, name, lambda *args, _n=name, _r=runner: ran.append((_n, None)) or _r(*args))
 
     def check(dst, src, mask, label):
         ran.clear()

@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import grad, jvp, vmap
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch, lean
+from mmmerge_triton import KernelConfig, dispatch, lean
 
 from .conftest import assert_bits_equal
 
@@ -25,7 +25,7 @@ TRANSFORM_REFUSAL = "path='triton' cannot merge under a function transform"
 def triton_auto(monkeypatch):
     """path="auto" chooses the Triton path for every input it can take (as the tables do on a GPU), and lists
     are read in place by the multi-item kernel; fresh decisions and entries."""
-    monkeypatch.setattr(dispatch, "_table_decision", lambda *args: dispatch.Decision("triton", None, "test"))
+    monkeypatch.setattr(dispatch, "_table_decision", lambda *args: dispatch.Decision("triton", None, KernelConfig(2, 32), False, "test"))
     monkeypatch.setattr(dispatch, "items_in_place_pays", lambda *args: True)
     dispatch.clear_cache()
     yield

@@ -12,14 +12,14 @@ import torch
 
 import mmmerge_triton as mm
 from mmmerge_triton import paths, rowmap, scatter
-from mmmerge_triton.scatter import ADD, COPY, GATHER, ZERO
+from mmmerge_triton.scatter import ADD, COPY, GATHER
 from mmmerge_triton.kernel_config import KernelConfig
 
 from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal, assert_merged, make_mask, randn
 
 pytestmark = pytest.mark.skipif(not scatter.supports(torch.device("cpu")), reason="needs TRITON_INTERPRET=1")
 
-MODES = {"copy": COPY, "add": ADD, "gather": GATHER, "zero": ZERO}
+MODES = {"copy": COPY, "add": ADD, "gather": GATHER}
 CONFIGS = [KernelConfig(rows, block_h, num_warps=4) for rows in (1, 2, 16) for block_h in (32, 64, 256)]
 CONFIG_IDS = [f"rows{c.rows}-bh{c.block_h}" for c in CONFIGS]
 N, H = 41, 123  # H: a tail for block_h 32 and 64, a single partial tile for 256
@@ -56,9 +56,6 @@ def assert_rows_moved(mode, dense, compact, true_rows, moved):
     mask = moved_mask(true_rows, n, moved)
     if mode in (COPY, ADD):
         assert_merged(dense.view, dense.before, mask, compact.before[:moved], mode == ADD, "triton")
-    elif mode == ZERO:
-        zeros = torch.zeros(moved, dense.view.shape[1], dtype=dense.view.dtype)
-        assert_merged(dense.view, dense.before, mask, zeros, False, "triton")
     else:  # GATHER: compact[j] = dense[true_rows[j]] for j < moved, compact rows past that untouched
         assert_bits_equal(dense.view, dense.before, "dense (read only)")
         first = torch.arange(compact.view.shape[0]) < moved
@@ -124,7 +121,7 @@ def test_row_copy_with_zero_count_moves_nothing():
 
 
 @pytest.mark.parametrize("config", CONFIGS[::4], ids=CONFIG_IDS[::4])
-def test_gather_and_zero_rows_helpers(config):
+def test_gather_rows_helper(config):
     mask = make_mask("blocks", (N,))
     rows, count, m = row_map_case("count_below_m", mask)
     k = int(mask.sum())
@@ -132,9 +129,6 @@ def test_gather_and_zero_rows_helpers(config):
     gathered = scatter.gather_rows(dense, rows, count, m, torch.float32, config)
     assert_bits_equal(gathered[:k], dense[mask].float(), "gathered rows")
     assert_bits_equal(gathered[k:], torch.zeros(m - k, H), "rows past the count (zero)")
-    zeroed = dense.clone()
-    scatter.zero_rows(zeroed, rows, count, m, config)
-    assert_merged(zeroed, dense, mask, torch.zeros(k, H, dtype=torch.bfloat16), False, "triton")
 
 
 # ---- mask_row_copy ----------------------------------------------------------------------------------------

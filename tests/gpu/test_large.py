@@ -107,8 +107,8 @@ def test_rows_past_2_31_elements(kind, accumulate):
         del dst
 
 
-def test_gather_and_zero_past_2_31_elements():
-    """GATHER and ZERO (the backward's modes) at the far end of a > 2**31-element dense tensor."""
+def test_gather_past_2_31_elements():
+    """GATHER (the backward's mode) at the far end of a > 2**31-element dense tensor."""
     need_free(20)
     dst = torch.empty(N, H, dtype=DT, device=DEV)
     try:
@@ -117,8 +117,6 @@ def test_gather_and_zero_past_2_31_elements():
         cfg = kernel_config.default_config(H, M, N, False)
         out = scatter.gather_rows(dst, plan.rows, plan.count, M, torch.float32, cfg)
         assert_same(out, pattern_at(torch.tensor(SEL, device=DEV)).float())
-        scatter.zero_rows(dst, plan.rows, plan.count, M, cfg)
-        verify(dst, SEL, torch.zeros(M, H, dtype=DT, device=DEV))
     finally:
         del dst
 

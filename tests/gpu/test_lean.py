@@ -53,7 +53,7 @@ def two_launch(monkeypatch):
     def decide(dst, mask, *args):
         found = real(dst, mask, *args)
         if mask.is_cuda and found.path == "triton":
-            return found._replace(config=KernelConfig(2, 256, 4, 1, False))
+            return found._replace(kind=executor.DEVICE_ROWS, config=KernelConfig(2, 256, 4, 1, False))
         return found
     monkeypatch.setattr(lean, "decide", decide)
 

@@ -1,0 +1,57 @@
+"""explain() is what runs on CUDA, for first calls and cache hits (the prepared call): device masks (the
+one-launch kernel below FUSED_BELOW rows, the two-launch one past it), host masks, a plan's row map, a list
+read in place, by the shipped H100 table (or the untuned rule on another GPU). The spy and the check are the
+CPU suite's (tests/test_explain.py)."""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
+
+import mmmerge_triton as mt  # noqa: E402
+from mmmerge_triton import dispatch, executor  # noqa: E402
+from mmmerge_triton.kernel_config import FUSED_BELOW  # noqa: E402
+
+from gpu_helpers import dev, rand, random_mask  # noqa: E402
+from tests.test_explain import Spy, check  # noqa: E402
+
+H = 256
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions():
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
+
+
+def _inputs(n, m, on_device, seed):
+    mask = random_mask((n,), m, seed=seed)
+    return rand((n, H), torch.bfloat16, seed=seed + 1), rand((m, H), torch.float32, seed + 2), (
+        mask.to(dev()) if on_device else mask)
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["cpu_mask", "gpu_mask"])
+@pytest.mark.parametrize("n, m", [(1300, 650), (FUSED_BELOW + 1000, 3300), (70000, 20000)])
+def test_tensor_source_first_call_and_hits(monkeypatch, on_device, n, m):
+    spy = Spy(monkeypatch)
+    kinds = set()
+    for seed in range(3):  # the first call prepares the signature, the next two hit it
+        dst, src, mask = _inputs(n, m, on_device, seed)
+        kinds.add(check(spy, dst, src, mask, f"N={n} M={m} seed={seed}").kind)
+    assert len(kinds) == 1
+    expected = {executor.HOST_ROWS} if not on_device else {executor.DEVICE_FUSED, executor.DEVICE_ROWS}
+    assert kinds <= expected
+    if on_device and n < FUSED_BELOW:
+        assert kinds == {executor.DEVICE_FUSED}
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["cpu_mask", "gpu_mask"])
+def test_plan_and_items(monkeypatch, on_device):
+    spy = Spy(monkeypatch)
+    dst, src, mask = _inputs(3000, 900, on_device, 7)
+    plan = mt.MergePlan(mask)
+    for _ in range(2):
+        assert check(spy, dst, src, None, "plan", plan=plan).kind == executor.PLAN_ROWS
+        items = [src[:300], src[300:700], src[700:]]
+        assert check(spy, dst, items, mask, "items").kind == executor.ITEMS  # in place: tests/gpu/conftest.py
