@@ -58,6 +58,9 @@ def merge_requests(
         mm_embeds_per_request: R entries, one per request: a tensor [m_r, H] or a (nested) list/tuple of the
             request's items [..., H] (leading dims flattened, taken in order; ``[]`` for none), on
             inputs_embeds' device, any of those dtypes (cast to inputs_embeds' dtype as ``.to()`` rounds).
+            They may share memory with inputs_embeds (read before anything is written, as vLLM's
+            concatenation of the batch reads them) and lie at any address (an item at an address that is
+            not a multiple of its element size is merged from an aligned copy).
         is_multimodal: [N] bool, on the CPU (counted on the host: vLLM's mask) or on inputs_embeds' device
             (counted on the device, no sync: SGLang's mask).
         row_offsets: R + 1 host ints (a list, tuple, numpy array or CPU tensor), non-decreasing, within
@@ -119,11 +122,14 @@ def merge_requests(
 
 def _host_offsets(row_offsets, n_requests: int, n: int) -> np.ndarray:
     """row_offsets as int64 [R + 1], checked: host ints, R + 1 of them, non-decreasing, within [0, N]."""
+    if not isinstance(row_offsets, (list, tuple, np.ndarray, torch.Tensor)):
+        raise TypeError("row_offsets must be R + 1 host ints (a list, tuple, numpy array or CPU tensor), got "
+                        f"{type(row_offsets).__name__}")
     if isinstance(row_offsets, torch.Tensor):
         if row_offsets.device.type != "cpu":
             raise ValueError(f"row_offsets must be host ints (a list, tuple, numpy array or CPU tensor); a tensor "
                              f"on {row_offsets.device} would have to be synced to be read")
-        row_offsets = row_offsets.numpy()
+        row_offsets = row_offsets.detach().numpy()
     values = np.asarray(row_offsets)
     if values.ndim != 1 or values.size != n_requests + 1:
         raise ValueError(f"row_offsets must hold R + 1 = {n_requests + 1} ints (one more than the {n_requests} "
@@ -143,14 +149,34 @@ def _host_offsets(row_offsets, n_requests: int, n: int) -> np.ndarray:
 
 
 def _request_items(per_request, dst: torch.Tensor) -> tuple[list[list[torch.Tensor]], np.ndarray]:
-    """Each request's items flattened to [rows, H] and checked, and each request's embedding rows [R] int64."""
+    """Each request's items flattened to [rows, H] and checked, and each request's embedding rows [R] int64.
+    An item at an address that is not a multiple of its element size is replaced by an aligned copy."""
     items, rows = [], np.zeros(len(per_request), dtype=np.int64)
     for r, entry in enumerate(per_request):
         name = f"mm_embeds_per_request[{r}]"
         flat = inputs.flatten_items(entry, name)
         rows[r] = sum(inputs.check_items(flat, dst, name, "inputs_embeds"))
+        if any(t.data_ptr() % t.element_size() for t in flat if t.numel()):
+            flat = [_Realigned.apply(t) if t.numel() and t.data_ptr() % t.element_size() else t for t in flat]
         items.append(flat)
     return items, rows
+
+
+class _Realigned(torch.autograd.Function):
+    """A contiguous copy of an item [m, H] whose address is not a multiple of its element size (DLPack, a
+    storage sliced at an odd byte), made through its bytes. Element offsets cannot address such an item (the
+    kernels' item tables), and on CUDA any kernel that loads it as its dtype, PyTorch's cat and index ops
+    included, faults with a misaligned address (sticky: the process's CUDA context is lost). The identity for
+    gradients."""
+
+    @staticmethod
+    def forward(ctx, item: torch.Tensor) -> torch.Tensor:
+        raw = item.unsqueeze(-1).view(torch.uint8)  # [m, H, element size] bytes: any address will do
+        return raw.clone(memory_format=torch.contiguous_format).view(item.dtype).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 def _merge_host_mask(dst, items, mask, offsets, request_rows, path) -> torch.Tensor:
@@ -197,8 +223,9 @@ def _triton_merge(dst, mask, items, offsets, src_starts) -> torch.Tensor:
     device, (n, hidden) = dst.device, dst.shape
     n_requests, n_rows = offsets.size - 1, int(src_starts[-1])
     stride = common_row_stride(items) if items else None
-    if items and (stride is None or inputs.any_overlaps(items, dst)):
-        items, stride = [torch.cat(items) if len(items) > 1 else items[0].contiguous()], hidden
+    if items and (stride is None or inputs.any_overlaps(items, dst)):  # a copy: dst's bytes read before any write
+        whole = torch.cat(items) if len(items) > 1 else items[0].clone(memory_format=torch.contiguous_format)
+        items, stride = [whole], hidden
     parts = [offsets.astype(np.int32), src_starts.astype(np.int32)]
     if items:
         item_offsets, item_starts, align = item_tables(ItemList.of(items))

@@ -375,6 +375,11 @@ def error_cases():
         "offsets_past_n": (good, [0, 4, n + 1], ValueError, r"row_offsets\[-1\] = 10"),
         "offsets_float": (good, [0.0, 4.0, 9.0], TypeError, "row_offsets must be ints"),
         "offsets_bool": (good, [False, True, True], TypeError, "row_offsets must be ints"),
+        "offsets_none": (good, None, TypeError, r"row_offsets must be R \+ 1 host ints .*got NoneType"),
+        "offsets_int": (good, n, TypeError, r"row_offsets must be R \+ 1 host ints .*got int"),
+        "offsets_str": (good, "049", TypeError, r"row_offsets must be R \+ 1 host ints .*got str"),
+        "offsets_float_tensor_with_grad": (good, torch.tensor([0.0, 4.0, 9.0], requires_grad=True), TypeError,
+                                           "row_offsets must be ints"),
         "not_a_list": (torch.ones(c[0] + c[1], H), offsets, TypeError, "mm_embeds_per_request must be a list"),
         "wrong_hidden": ([good[0], torch.ones(c[1], H + 1)], offsets, ValueError, r"mm_embeds_per_request\[1\]"),
         "wrong_dtype": ([good[0], torch.ones(c[1], H, dtype=torch.int32)], offsets, TypeError,
@@ -405,3 +410,117 @@ def test_inputs_embeds_and_mask_errors():
         merge_requests(torch.zeros(6, 4, dtype=torch.int32), [], mask, [0])
     with pytest.raises(TypeError, match="is_multimodal must be a bool"):
         merge_requests(torch.zeros(6, 4), [], mask.int(), [0])
+
+
+# ---- memory shared with inputs_embeds; items at odd addresses (issue 21, items 8 and 6) ---------------------
+
+ALIAS_LENGTHS, ALIAS_TAIL = (6, 5), 8  # two requests, then padding rows (false in the mask) to alias
+
+
+def merge_form(out, per_request, mask, offsets, form: str) -> torch.Tensor:
+    """merge_requests with a CPU mask (form "cpu_<path>"), or a device-mask form run on CPU tensors."""
+    if form.startswith("cpu"):
+        return merge_requests(out, per_request, mask, offsets, path=form[4:])
+    return run_device_form(out, mask, per_request, offsets, form == "device_triton")
+
+
+def aliasing_cases():
+    """name: per-request embeddings as views of ``out`` (dst itself), given out, the offsets and the counts."""
+    def tail(out, k):
+        return out[out.shape[0] - ALIAS_TAIL : out.shape[0] - ALIAS_TAIL + k]
+
+    return {
+        # the lone good request's one item: a tensor overlapping dst, which merge_multimodal_embeddings refuses
+        "lone_item_of_padding_rows": lambda out, o, c: [tail(out, c[0]), exact(c[1] + 1, H, out.dtype, 3)],
+        "lone_item_of_its_own_rows": lambda out, o, c: [out[o[0] + 1 : o[0] + 1 + c[0]], []],
+        "lone_item_in_a_list": lambda out, o, c: [[tail(out, c[0])], exact(c[1] - 1, H, out.dtype, 3)],
+        "rows_of_the_other_request": lambda out, o, c: [out[o[1] : o[1] + c[0]], exact(c[1], H, out.dtype, 3)],
+        "every_request": lambda out, o, c: [tail(out, c[0]), [out[o[0] : o[0] + 1], tail(out, c[1] - 1)]],
+        "another_dtype_view": lambda out, o, c: [tail(out, c[0]).view(torch.bfloat16), []],
+    }
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # fp16 bits read as bf16
+@pytest.mark.parametrize("form", EDGE_FORMS)
+@pytest.mark.parametrize("case", list(aliasing_cases()))
+def test_embeddings_sharing_memory_with_inputs_embeds_merge_as_vllm(case, form):
+    """A request whose embeddings are inputs_embeds' own rows merges as vLLM merges the batch (its embeddings
+    concatenated, so read before anything is written): the other requests are not failed with it, and a
+    lone such item is neither refused (today, with a CPU mask: a ValueError naming multimodal_embeddings,
+    an argument merge_requests does not have) nor read while written (today, the Triton device form)."""
+    mask = request_mask(ALIAS_LENGTHS, 0, ALIAS_TAIL, seed=30)
+    offsets = offsets_of(ALIAS_LENGTHS, 0)
+    counts = counts_of(mask, offsets)
+    dst = exact(mask.numel(), H, torch.float16, seed=31)
+    out = dst.clone()
+    per_request = aliasing_cases()[case](out, offsets, counts)
+    frozen = aliasing_cases()[case](dst.clone(), offsets, counts)  # the same embeddings, values as before
+    status = merge_form(out, per_request, mask, offsets, form)
+    expected, expected_status = reference(dst, mask, frozen, offsets)
+    assert_bits_equal(status, expected_status, "status")
+    assert_bits_equal(out, expected, "merged batch")
+
+
+@pytest.mark.parametrize("form", EDGE_FORMS)
+def test_lone_item_of_rows_the_merge_writes_first(form):
+    """A request's one item is rows of dst that the merge writes before it reaches them in order (rows 2-5
+    take rows 0-3): read before anything is written (today, the Triton device form read rows 2 and 3 after
+    writing them: a lone item sharing dst's memory was kept in place, not copied)."""
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[2:6] = True
+    offsets = [0, 8, 12]
+    dst = exact(12, H, torch.float32, seed=42)
+    out = dst.clone()
+    status = merge_form(out, [out[0:4], []], mask, offsets, form)
+    expected, expected_status = reference(dst, mask, [dst[0:4].clone(), []], offsets)
+    assert_bits_equal(status, expected_status, "status")
+    assert_bits_equal(out, expected, "merged batch")
+
+
+def odd_address(rows: int, dtype: torch.dtype, seed: int, offset: int = 1) -> torch.Tensor:
+    """An exact-valued [rows, H] tensor ``offset`` bytes past an aligned address (torch.frombuffer), so its
+    address is not a multiple of its element size."""
+    raw = bytearray(rows * H * dtype.itemsize + 16)
+    t = torch.frombuffer(raw, dtype=dtype, offset=offset, count=rows * H).view(rows, H)
+    t.copy_(exact(rows, H, dtype, seed))
+    assert t.data_ptr() % dtype.itemsize
+    return t
+
+
+@pytest.mark.parametrize(("dtype", "offset"), [(torch.float16, 1), (torch.float32, 2), (torch.bfloat16, 3)])
+@pytest.mark.parametrize("form", EDGE_FORMS)
+def test_items_at_odd_addresses(form, dtype, offset):
+    """Items at addresses that are not a multiple of their element size (DLPack, torch.frombuffer): merged
+    from an aligned copy, alone, beside aligned items, in a bad request (today, the Triton device form:
+    TypeError: cannot unpack non-iterable NoneType; with a CPU mask and path="triton", a ValueError)."""
+    lengths = (7, 9, 6)
+    mask = request_mask(lengths, LEAD, TAIL, seed=32)
+    offsets = offsets_of(lengths)
+    c = counts_of(mask, offsets)
+    half = c[1] // 2
+    per_request = [odd_address(c[0], dtype, 33, offset),
+                   [exact(half, H, dtype, 34), odd_address(c[1] - half, dtype, 35, offset)],
+                   odd_address(c[2] + 1, dtype, 36, offset)]  # one row too many: fails alone
+    dst = exact(mask.numel(), H, torch.float32, seed=37)
+    out = dst.clone()
+    status = merge_form(out, per_request, mask, offsets, form)
+    check(dst, out, status, mask, per_request, offsets, bad=2)
+
+
+@pytest.mark.parametrize("form", ["cpu_index_put", "device_torch"])
+def test_item_at_odd_address_keeps_its_gradient(form):
+    """The aligned copy of an odd-address item passes gradients through (PyTorch's: ones where merged)."""
+    mask = request_mask((5, 4), 0, 0, seed=38)
+    offsets = offsets_of((5, 4), 0)
+    c = counts_of(mask, offsets)
+    odd = odd_address(c[0], torch.float32, 39, offset=2).requires_grad_()
+    good = exact(c[1], H, torch.float32, 40).requires_grad_()
+    dst = exact(mask.numel(), H, torch.float32, 41).requires_grad_()
+    out = dst * 1.0
+    status = merge_form(out, [odd, good], mask, offsets, form)
+    assert status.tolist() == [True, True]
+    expected, _ = reference(dst.detach(), mask, [odd.detach(), good.detach()], offsets)
+    assert_bits_equal(out.detach(), expected)
+    out.sum().backward()
+    assert_bits_equal(odd.grad, torch.ones_like(odd))
+    assert_bits_equal(good.grad, torch.ones_like(good))

@@ -40,10 +40,6 @@ _toggle = threading.Lock()
 _replaced: dict = {}  # what enable() replaced, for disable(); empty while off
 
 
-class MaskedScatterCountError(ValueError, RuntimeError):
-    """Fewer source rows than true mask rows: a count mismatch (ValueError) where PyTorch raises RuntimeError."""
-
-
 def _traced(*tensors: torch.Tensor) -> bool:
     """Whether the call is traced or runs on tensors without values: torch.compile / export, torch.jit.trace,
     a torch.func transform (vmap, grad), a fake, proxy or functional mode, a tensor subclass (FakeTensor,
@@ -81,9 +77,10 @@ def _row_merge(self: torch.Tensor, mask, source, in_place: bool) -> tuple[torch.
     """(row mask [...], source rows [K, H]) of a masked_scatter call that broadcasts one flag per row over the
     last dim and that a row scatter reproduces bit for bit; None for any other call, left to PyTorch.
 
-    Like PyTorch, the K true rows take the first K*H source elements. A source with fewer raises, before any
-    write, an error that is both the ValueError of a count mismatch and PyTorch's RuntimeError. Counting K
-    syncs for a GPU mask, as HF's own count check before the merge already does.
+    Like PyTorch, the K true rows take the first K*H source elements. A source with fewer is PyTorch's to
+    refuse: on the CPU its op runs (its error, and the rows it writes before raising); on CUDA, where its op
+    has no host check (a device-side assert, which ends the process's CUDA context), the same error is raised
+    here, before any write. Counting K syncs for a GPU mask, as HF's own count check before the merge does.
     """
     if not (isinstance(mask, torch.Tensor) and isinstance(source, torch.Tensor) and mask.dtype == torch.bool):
         return None
@@ -102,10 +99,20 @@ def _row_merge(self: torch.Tensor, mask, source, in_place: bool) -> tuple[torch.
     rows = mask[..., 0]
     placeholders = int(rows.sum())
     if source.numel() < placeholders * hidden:
-        raise MaskedScatterCountError(
-            f"Attempted to assign {source.numel() // hidden} multimodal tokens to {placeholders} placeholders "
-            f"(masked_scatter: number of elements of source < number of ones in mask)")
+        if not self.is_cuda:
+            return None
+        raise _short_source_error()
     return rows, source.reshape(-1)[:placeholders * hidden].view(-1, hidden)
+
+
+def _short_source_error() -> Exception:
+    """PyTorch's error for a source shorter than the mask's true elements, type and text, as its CPU op raises
+    it (asked of the op itself, so the text follows the installed PyTorch)."""
+    try:
+        _STOCK_MASKED_SCATTER(torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(0))
+    except RuntimeError as error:
+        return type(error)(*error.args)
+    raise AssertionError("PyTorch's masked_scatter took a source shorter than its mask")
 
 
 def _masked_scatter(self: torch.Tensor, mask, source) -> torch.Tensor:
@@ -135,11 +142,17 @@ def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
         return stock(self, hidden_states, visual_pos_masks, visual_embeds)
     visual_pos_masks = visual_pos_masks.to(hidden_states.device)
     visual_embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
-    cached = getattr(self, "_mmmerge_deepstack_plan", None)
-    if cached is None or cached[0] is not visual_pos_masks or cached[1] != visual_pos_masks._version:
-        cached = (visual_pos_masks, visual_pos_masks._version, MergePlan(visual_pos_masks))
-        self._mmmerge_deepstack_plan = cached  # the same mask serves every layer of one forward
-    return masked_row_scatter(hidden_states, src=visual_embeds, plan=cached[2], accumulate=True)
+    if visual_pos_masks.is_inference():
+        # No version counter (inference mode, HF's serving case): a change in place would go unseen, so no
+        # plan is reused; one per layer is still no sync, against HF's two.
+        plan = MergePlan(visual_pos_masks)
+    else:
+        cached = getattr(self, "_mmmerge_deepstack_plan", None)
+        if cached is None or cached[0] is not visual_pos_masks or cached[1] != visual_pos_masks._version:
+            cached = (visual_pos_masks, visual_pos_masks._version, MergePlan(visual_pos_masks))
+            self._mmmerge_deepstack_plan = cached  # the same mask serves every layer of one forward
+        plan = cached[2]
+    return masked_row_scatter(hidden_states, src=visual_embeds, plan=plan, accumulate=True)
 
 
 def enable() -> None:

@@ -8,14 +8,15 @@ On the GPU machine:
 
 (without the caching allocator every tensor is its own allocation, so memcheck sees an access one element
 past a tensor). It also checks every result against torch, so without the sanitizer it is a quick
-correctness run (well under a minute of GPU work). Covered: row_copy_kernel in COPY/ADD/GATHER/ZERO with
+correctness run (well under a minute of GPU work). Covered: row_copy_kernel in COPY/ADD/GATHER with
 row maps whose count is below and above M (and maps only as long as their count), the fused
 mask_row_copy_kernel and the two-pass mask_to_rows_kernel + row_copy_kernel with device masks whose true
 rows K differ from M both ways (no host check: the kernels alone must stay in bounds), N=1, H=1, odd H,
 empty and full masks, CPU-mask staging (many calls, and a row map larger than an arena quarter), plans,
-the backward (GATHER/ZERO), misaligned and strided views, every dtype pair. Cases that hit a suspected
-package bug (device masks whose flattened view is strided or expanded) run last, so a fault there cannot
-hide the others. Prints "sanitize: N cases run" (and the failures); exits 1 if any case failed.
+the backward (GATHER), misaligned and strided views, every dtype pair, merge_requests with items at odd
+addresses and with a lone item of dst's own rows. Cases that hit a suspected package bug (device masks whose
+flattened view is strided or expanded) run last, so a fault there cannot hide the others. Prints
+"sanitize: N cases run" (and the failures); exits 1 if any case failed.
 """
 import os
 import sys
@@ -114,7 +115,7 @@ def main() -> int:
 
     # C. row_copy through explicit row maps: every mode, count None / below M / above M, tight maps
     for dense_dt, compact_dt in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)]:
-        for mode in (scatter.COPY, scatter.ADD, scatter.GATHER, scatter.ZERO):
+        for mode in (scatter.COPY, scatter.ADD, scatter.GATHER):
             for count_kind in ("none", "below", "below_tight", "above", "zero", "zero_tight"):
                 for cfg in (CFG, KernelConfig(1, 16, 4, 1, False)):
                     def run(dense_dt=dense_dt, compact_dt=compact_dt, mode=mode, count_kind=count_kind, cfg=cfg):
@@ -129,27 +130,21 @@ def main() -> int:
                         rows = rows_host.to(DEV)
                         count = None if count_kind == "none" else torch.tensor([k], dtype=torch.int32, device=DEV)
                         dense = rand((n, h), dense_dt, seed=6)
-                        if mode == scatter.ZERO:
-                            compact = dense.new_empty(()).expand(m, h)
-                        else:
-                            compact = rand((m, h), compact_dt, seed=7)
+                        compact = rand((m, h), compact_dt, seed=7)
                         idx = perm[:moved].to(DEV)
                         exp_dense, exp_compact = dense.clone(), compact.clone()
                         if mode == scatter.COPY:
                             exp_dense[idx] = compact[:moved].to(dense_dt)
                         elif mode == scatter.ADD:
                             exp_dense[idx] = (dense[idx].float() + compact[:moved].to(dense_dt).float()).to(dense_dt)
-                        elif mode == scatter.GATHER:
-                            exp_compact[:moved] = dense[idx].to(compact_dt)
                         else:
-                            exp_dense[idx] = 0
+                            exp_compact[:moved] = dense[idx].to(compact_dt)
                         scatter.row_copy(dense, compact, rows, count, mode, cfg)
                         assert_same(dense, exp_dense, "dense")
-                        if mode != scatter.ZERO:
-                            assert_same(compact, exp_compact, "compact")
+                        assert_same(compact, exp_compact, "compact")
                     case(f"C dense {dense_dt} compact {compact_dt} mode {mode} count {count_kind} {cfg}", run)
 
-    # D. gather_rows / zero_rows helpers with maps of a device mask whose count is below and above M
+    # D. the gather_rows helper with maps of a device mask whose count is below and above M
     for n, k, m in [(100, 30, 50), (100, 50, 30), (100, 0, 10)]:
         def run(n=n, k=k, m=m):
             mask = random_mask((n,), k, seed=8)
@@ -161,11 +156,7 @@ def main() -> int:
             exp = torch.zeros(m, 24, device=DEV)
             exp[:moved] = dense[rows_used].float()
             assert_same(out, exp, "gather_rows")
-            exp_dense = dense.clone()
-            exp_dense[rows_used] = 0
-            scatter.zero_rows(dense, plan.rows, plan.count, m, CFG)
-            assert_same(dense, exp_dense, "zero_rows")
-        case(f"D gather/zero N{n} K{k} M{m}", run)
+        case(f"D gather N{n} K{k} M{m}", run)
 
     # E. the empty cases the host skips, launched directly
     def run_empty():
@@ -231,7 +222,7 @@ def main() -> int:
             assert_same(dst, expected)
     case("G plan update_", run_plan_update)
 
-    # H. the backward (GATHER and ZERO through autograd), CPU and GPU masks
+    # H. the backward (GATHER and the scatter of zeros through autograd), CPU and GPU masks
     for mask_kind in ("cpu", "gpu"):
         for acc in (False, True):
             def run(mask_kind=mask_kind, acc=acc):
@@ -391,6 +382,55 @@ def main() -> int:
             mt.masked_row_scatter_(dst, mask, src, path=kind)
             assert_same(dst, expected)
         case(f"N device mask aliasing dst path={kind}", run)
+
+    # O. merge_requests with items at addresses that are not a multiple of their element size (a storage sliced
+    # at an odd byte): merged from aligned copies, never read as their dtype (a misaligned-address fault); and
+    # a lone item that is rows of dst the merge writes first (read before any write)
+    def odd_address(values, offset):
+        size = values.element_size()
+        base = torch.zeros(values.numel() * size + 16, dtype=torch.uint8, device=DEV)
+        t = torch.empty(0, dtype=values.dtype, device=DEV).set_(
+            base.untyped_storage()[offset:], 0, tuple(values.shape), (values.shape[1], 1))
+        t.unsqueeze(-1).view(torch.uint8).copy_(values.unsqueeze(-1).view(torch.uint8))
+        t.keep_alive = base
+        return t
+
+    for dtype, offset in ((torch.float16, 1), (torch.float32, 2)):
+        for path in ("triton", "auto", "index_put"):
+            for mask_device in ("cpu", "gpu"):
+                def run(dtype=dtype, offset=offset, path=path, mask_device=mask_device):
+                    h = 33
+                    offsets = [0, 40, 110, 119]
+                    mask = random_mask((119,), 0, seed=60)
+                    for a, b in zip(offsets[:-1], offsets[1:]):
+                        mask[a:b] = random_mask((b - a,), (b - a) // 2, seed=a)
+                    c = [int(mask[a:b].sum()) for a, b in zip(offsets[:-1], offsets[1:])]
+                    values = [rand((c[0], h), dtype, seed=61), rand((c[1], h), dtype, seed=62),
+                              rand((c[2] + 1, h), dtype, seed=63)]  # the last request one row too many
+                    dst = rand((119, h), torch.bfloat16, seed=64)
+                    expected = dst.clone()
+                    for r in (0, 1):
+                        a, b = offsets[r], offsets[r + 1]
+                        expected[a:b] = reference(expected[a:b], mask[a:b], values[r])
+                    per_request = [odd_address(values[0], offset), [values[1][:3], odd_address(values[1][3:], offset)],
+                                   odd_address(values[2], offset)]
+                    status = mt.merge_requests(dst, per_request, mask.to(DEV) if mask_device == "gpu" else mask,
+                                               offsets, path=path)
+                    assert status.cpu().tolist() == [True, True, False]
+                    assert_same(dst, expected)
+                case(f"O merge_requests odd-address items {dtype} +{offset}B path={path} {mask_device} mask", run)
+    for path in ("triton", "index_put"):
+        for mask_device in ("cpu", "gpu"):
+            def run(path=path, mask_device=mask_device):
+                mask = torch.zeros(64, dtype=torch.bool)
+                mask[2:6] = True
+                dst = rand((64, 40), torch.float16, seed=65)
+                expected = reference(dst, mask, dst[0:4].clone())
+                status = mt.merge_requests(dst, [dst[0:4], []], mask.to(DEV) if mask_device == "gpu" else mask,
+                                           [0, 8, 64], path=path)
+                assert status.cpu().tolist() == [True, True]
+                assert_same(dst, expected)
+            case(f"O merge_requests lone item of dst's rows path={path} {mask_device} mask", run)
 
     # K (last): device masks whose flattened view is strided or expanded (a suspected package bug: the
     # kernels read mask.reshape(-1).view(torch.uint8) as contiguous bytes).

@@ -231,6 +231,65 @@ def test_items_sharing_memory_with_dst():
     assert_same(dst, expected)
 
 
+@pytest.mark.parametrize("mask_device", MASKS)
+@pytest.mark.parametrize("path", PATHS)
+def test_lone_item_sharing_memory_with_dst(path, mask_device):
+    """A request's one item is rows of dst that the merge writes before it reaches them (rows 2-5 take rows
+    0-3): read before anything is written, as vLLM's concatenation of the batch reads it (issue 21.8: refused
+    with a CPU mask; read in place, while written, by the kernels with a GPU mask)."""
+    n = 4096
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[2:6] = True
+    offsets = [0, 8, n]
+    dst = rand((n, H), torch.float32, seed=19)
+    expected, _ = per_request_reference(dst, mask, [dst[0:4].clone(), []], offsets)
+    out = dst.clone()
+    status = merge_requests(out, [out[0:4], []], mask.to(DEV) if mask_device == "gpu" else mask, offsets, path=path)
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == [True, True]
+    assert_same(out, expected)
+
+
+def odd_address(values: torch.Tensor, offset: int) -> torch.Tensor:
+    """``values`` [m, H] copied to a CUDA tensor ``offset`` bytes past an aligned address (a storage sliced at
+    that byte, as DLPack or CUDA-array-interface memory may lie), so its address is not a multiple of its
+    element size. Filled through its bytes: a kernel that loads or stores it as its dtype faults."""
+    size = values.element_size()
+    base = torch.zeros(values.numel() * size + 16, dtype=torch.uint8, device=DEV)
+    storage = base.untyped_storage()[offset:]
+    t = torch.empty(0, dtype=values.dtype, device=DEV).set_(storage, 0, tuple(values.shape), (values.shape[1], 1))
+    t.unsqueeze(-1).view(torch.uint8).copy_(values.to(DEV).unsqueeze(-1).view(torch.uint8))
+    t.keep_alive = base
+    assert t.data_ptr() % size
+    return t
+
+
+@pytest.mark.parametrize(("dtype", "offset"), [(torch.float16, 1), (torch.float32, 2), (torch.bfloat16, 3)])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mask_device", MASKS)
+def test_items_at_odd_addresses(mask_device, path, dtype, offset):
+    """Items at addresses that are not a multiple of their element size (issue 21.6: with a GPU mask, a
+    TypeError, or a misaligned-address fault that ends the CUDA context where PyTorch's cat read them): merged
+    from aligned copies made through their bytes, alone, beside an aligned item, in a bad request. The
+    reference reads the aligned values they were made from."""
+    lengths = (300, 517, 64)
+    mask = request_mask(lengths, seed=20)
+    offsets = offsets_of(lengths)
+    c = counts_of(mask, offsets)
+    half = c[1] // 2
+    values = [rand((c[0], H), dtype, seed=21), rand((half, H), dtype, seed=22), rand((c[1] - half, H), dtype, seed=23),
+              rand((c[2] + 1, H), dtype, seed=24)]  # the last: one row too many, a bad request
+    per_request = [odd_address(values[0], offset), [values[1], odd_address(values[2], offset)],
+                   odd_address(values[3], offset)]
+    dst = rand((mask.numel(), H), torch.float32, seed=25)
+    expected, expected_status = per_request_reference(dst, mask, [values[0], values[1:3], values[3]], offsets)
+    out = dst.clone()
+    status = merge_requests(out, per_request, mask.to(DEV) if mask_device == "gpu" else mask, offsets, path=path)
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == expected_status == [True, True, False]
+    assert_same(out, expected)
+
+
 def test_same_layout_on_two_streams():
     """The request tables of one layout, merged on two streams back to back: each stream stages its own (a
     table copied on one stream is reused on that stream only)."""

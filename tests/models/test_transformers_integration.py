@@ -3,11 +3,13 @@
 With the integration on, a transformers VLM's image merge (``inputs_embeds.masked_scatter(mask [B, S, 1], ...)``)
 and Qwen3-VL's deepstack add (``Qwen3VLTextModel._deepstack_process``) run through mmmerge_triton. These tests
 prove, on tiny random models (tiny_vlms.py): the logits and every gradient are bit-identical to the stock run;
-aten's masked_scatter no longer runs (an mmmerge_triton op runs instead); a count mismatch raises ValueError
-and writes nothing; every other ``masked_scatter`` call still goes to PyTorch; ``disable()`` restores exactly
-what ``enable()`` replaced. And that the switch behaves exactly as stock (issue 13, part 5): a method kept across
-``disable()`` or a toggle in another thread, traced calls (meta, FakeTensorMode, torch.export, torch.compile,
-vmap, grad, jit.trace), the result's layout, in-place calls PyTorch refuses, a source aliasing self.
+aten's masked_scatter no longer runs (an mmmerge_triton op runs instead); every other ``masked_scatter`` call
+still goes to PyTorch; ``disable()`` restores exactly what ``enable()`` replaced; a Qwen3-VL forward under
+``torch.inference_mode()`` gives the stock logits. And that the switch behaves exactly as stock (issue 13,
+part 5; issue 20, part 5): a method kept across ``disable()`` or a toggle in another thread, traced calls
+(meta, FakeTensorMode, torch.export, torch.compile, vmap, grad, jit.trace), the result's layout, in-place calls
+PyTorch refuses, a source aliasing self, PyTorch's error (type and text) for a call it refuses, a short source
+included.
 """
 from __future__ import annotations
 
@@ -157,7 +159,7 @@ def test_model_count_mismatch_raises(name, device, monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK", raising=False)
     before = {k: v.clone() for k, v in inputs.items()}
     n_tokens = int((inputs["input_ids"] == tiny_vlms.IMG).sum())
-    expected = rf"Image features and image tokens do not match, tokens: {n_tokens}"
+    expected = rf"Image features and image tokens do not match[,:] tokens: {n_tokens}"  # 5.x / 4.x wording
     with torch.no_grad(), hf.enabled(), pytest.raises(ValueError, match=expected):
         model(**inputs)
     for key, value in inputs.items():
@@ -227,18 +229,49 @@ def test_row_masks_go_to_mmmerge(device, expanded, in_place):
     assert sum(recorder.mmmerge_ops().values()) == 1
 
 
+def _bad_calls(device) -> dict:
+    """Row-broadcast masked_scatter calls that PyTorch refuses: (mask, source) for an emb [2, 6, 8]."""
+    mask = _row_mask(device)[..., None]
+    k = int(mask.sum())
+    return {
+        "one source row short": (mask, _randn(k - 1, 8, device=device, seed=1)),
+        "one source element short": (mask, _randn(k * 8 - 1, device=device, seed=1)),
+        "empty source": (mask, _randn(0, 8, device=device, seed=1)),
+        "expanded mask, one row short": (mask.expand(2, 6, 8), _randn(k - 1, 8, device=device, seed=1)),
+        "source of another dtype": (mask, _randn(k, 8, device=device, seed=1, dtype=torch.float64)),
+        "mask of another length": (mask[:, :5], _randn(k, 8, device=device, seed=1)),
+        "uint8 mask": (mask.to(torch.uint8), _randn(k, 8, device=device, seed=1)),
+    }
+
+
+_SHORT_SOURCES = ("one source row short", "one source element short", "empty source", "expanded mask, one row short")
+
+
+@pytest.mark.filterwarnings("ignore:masked_scatter_ received a mask with dtype torch.uint8")
 @pytest.mark.parametrize("in_place", [False, True], ids=["masked_scatter", "masked_scatter_"])
+@pytest.mark.parametrize("case", list(_bad_calls("cpu")))
 @pytest.mark.parametrize("device", DEVICES)
-def test_direct_count_mismatch_raises_and_writes_nothing(device, in_place):
-    """``emb.masked_scatter(mask, fewer_rows)`` while enabled raises ValueError (PyTorch would raise a
-    RuntimeError), and ``emb`` is left unchanged, also by the in-place form."""
-    emb = _randn(2, 6, 8, device=device)
-    mask = _row_mask(device)
-    fewer = _randn(int(mask.sum()) - 1, 8, device=device, seed=1)
-    before = emb.clone()
-    with hf.enabled(), pytest.raises(ValueError, match="multimodal tokens to"):
-        (emb.masked_scatter_ if in_place else emb.masked_scatter)(mask[..., None], fewer)
-    assert torch.equal(emb, before)
+def test_bad_inputs_raise_as_stock(device, case, in_place):
+    """A call PyTorch refuses raises PyTorch's error, type and text, while enabled, and leaves ``emb`` as
+    PyTorch leaves it; a source shorter than the mask's true rows included (today: MaskedScatterCountError
+    with vLLM's text). On CUDA PyTorch has no host check for a short source (a device-side assert, which
+    ends the CUDA context): the switch raises the error PyTorch's CPU op raises there, and writes nothing."""
+
+    def run(on: bool, device):
+        emb = _randn(2, 6, 8, device=device)
+        mask, source = _bad_calls(device)[case]
+        with hf.enabled() if on else contextlib.nullcontext():
+            call = emb.masked_scatter_ if in_place else emb.masked_scatter  # looked up while on (or off)
+            outcome = _outcome(lambda: call(mask, source))
+        return outcome, emb.cpu()
+
+    merged, merged_emb = run(True, device)
+    stock, stock_emb = run(False, "cpu" if device == "cuda" and case in _SHORT_SOURCES else device)
+    assert not isinstance(stock, torch.Tensor)
+    _assert_same_outcome(merged, stock)
+    if device == "cuda" and case in _SHORT_SOURCES:
+        stock_emb = _randn(2, 6, 8, device="cpu")  # nothing written
+    assert torch.equal(merged_emb, stock_emb)
 
 
 def _other_calls(device):
@@ -647,3 +680,49 @@ def test_deepstack_under_fake_tensors_as_stock():
             merged = _outcome(lambda: text_model._deepstack_process(*args))
     assert isinstance(stock, torch.Tensor)
     _assert_same_outcome(merged, stock)
+
+
+# ------------------------------------------------------------------------------------- inference mode (#21.5)
+
+
+@pytest.mark.skipif(not tiny_vlms.available("qwen3vl"), reason="transformers lacks Qwen3-VL")
+@pytest.mark.parametrize("n_images", [1, 2])
+@pytest.mark.parametrize("device", DEVICES)
+def test_qwen3vl_forward_under_inference_mode(device, n_images):
+    """A Qwen3-VL forward under ``torch.inference_mode()`` (HF serving), the switch on, gives the stock logits,
+    its merge and deepstack adds through mmmerge_triton (today: the deepstack add reads the mask's version
+    counter, which an inference tensor does not have: RuntimeError)."""
+    model, inputs = tiny_vlms.build("qwen3vl", n_images, device=device)
+    levels = len(model.config.vision_config.deepstack_visual_indexes)
+    with torch.inference_mode():
+        expected = model(**inputs).logits
+        with hf.enabled():
+            logits = model(**inputs).logits  # the eager route
+            with OpRecorder() as recorder:  # the registered ops' route, counted
+                recorded = model(**inputs).logits
+    assert torch.equal(logits, expected) and torch.equal(recorded, expected)
+    assert recorder.count(ATEN_MASKED_SCATTER) == 0
+    assert recorder.mmmerge_ops() == {"mmmerge_triton::masked_row_scatter": 1 + levels}
+
+
+@pytest.mark.skipif(not tiny_vlms.available("qwen3vl"), reason="transformers lacks Qwen3-VL")
+@pytest.mark.parametrize("device", DEVICES)
+def test_deepstack_inference_mask_changed_in_place_as_stock(device):
+    """Under inference mode the visual mask has no version counter: a mask changed in place between two
+    deepstack adds (the same count, other rows) is read anew, as HF's own method reads it."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+    model, _ = tiny_vlms.build("qwen3vl", 1, device=device)
+    text_model = next(m for m in model.modules() if isinstance(m, Qwen3VLTextModel))
+    runs = []
+    for on in (False, True):
+        with torch.inference_mode(), hf.enabled() if on else contextlib.nullcontext():
+            hidden = _randn(2, 6, 8, device=device)
+            mask = _row_mask(device)
+            visual = _randn(int(mask.sum()), 8, device=device, seed=1)
+            first = text_model._deepstack_process(hidden, mask, visual)
+            mask.copy_(mask.roll(1, dims=1))
+            runs.append((first, text_model._deepstack_process(hidden, mask, visual)))
+    (stock_first, stock_second), (first, second) = runs
+    assert torch.equal(first, stock_first) and torch.equal(second, stock_second)
+    assert not torch.equal(second, first)
