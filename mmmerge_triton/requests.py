@@ -22,10 +22,11 @@ import torch
 
 from . import inputs
 from .api import merge_multimodal_embeddings
-from .dispatch import triton_refusal
+from .core import transformed
+from .dispatch import row_map_config, triton_refusal
 from .inputs import NestedTensors
 from .items import ItemList, _tables as item_tables, common_row_stride
-from .kernel_config import default_of_kind, next_pow2
+from .kernel_config import next_pow2
 from .kernels.request_rows import request_row_copy_kernel, request_rows_kernel
 from .launch import FastKernel
 from .paths import PATHS
@@ -110,13 +111,13 @@ def merge_requests(
     if is_multimodal.device.type == "cpu":
         return _merge_host_mask(inputs_embeds, items, is_multimodal, offsets, request_rows, path)
     flat = [t for request in items for t in request]
-    src_dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat) else (
-        flat[0].dtype if flat else inputs_embeds.dtype)
+    src_dtype = inputs.items_dtype(flat) if flat else inputs_embeds.dtype  # torch.cat's, as the API's lists
     refusal = triton_refusal(inputs_embeds, is_multimodal, src_dtype)
     if path == "triton" and refusal:
         raise ValueError(f"path='triton' cannot merge these inputs: {refusal}. path='auto' takes the PyTorch form there")
     grad = torch.is_grad_enabled() and (inputs_embeds.requires_grad or any(t.requires_grad for t in flat))
-    use_triton = path in ("auto", "triton") and refusal is None and not grad
+    # Under forward AD or a torch.func transform the kernels see neither tangents nor batch dims: the PyTorch form.
+    use_triton = path in ("auto", "triton") and refusal is None and not grad and not transformed()
     return _merge_device_mask(inputs_embeds, is_multimodal, flat, offsets, request_rows, use_triton)
 
 
@@ -220,10 +221,12 @@ def _merge_device_mask(dst, mask, items, offsets, request_rows, use_triton: bool
 def _triton_merge(dst, mask, items, offsets, src_starts) -> torch.Tensor:
     """request_rows_kernel (grid R) then request_row_copy_kernel (grid M / ROWS), items read in place where
     they share a row stride (else concatenated first, as when they share memory with dst)."""
-    device, (n, hidden) = dst.device, dst.shape
+    device, hidden = dst.device, dst.shape[1]
     n_requests, n_rows = offsets.size - 1, int(src_starts[-1])
     stride = common_row_stride(items) if items else None
-    if items and (stride is None or inputs.any_overlaps(items, dst)):  # a copy: dst's bytes read before any write
+    # A copy (torch.cat resolves a negative bit; dst's bytes are read before any write) where the item table
+    # cannot address the items as they lie.
+    if items and (stride is None or any(t.is_neg() for t in items) or inputs.any_overlaps(items, dst)):
         whole = torch.cat(items) if len(items) > 1 else items[0].clone(memory_format=torch.contiguous_format)
         items, stride = [whole], hidden
     parts = [offsets.astype(np.int32), src_starts.astype(np.int32)]
@@ -250,7 +253,7 @@ def _triton_merge(dst, mask, items, offsets, src_starts) -> torch.Tensor:
     first, n_items = items[0], len(item_offsets)
     if align > 1 and (stride * first.element_size()) % 16:
         align = 1
-    cfg = default_of_kind(hidden, fused=False)
+    cfg = row_map_config(hidden)
     steps = max(1, (n_items - 1).bit_length())
     key = (index, dst.dtype, first.dtype, dst.data_ptr() % 16, first.data_ptr() % 16, hidden, dst.stride(0),
            stride, n_rows > 0x7FFFFFFF, steps, align, cfg)

@@ -427,3 +427,42 @@ def test_capturing_a_cpu_mask_raises():
             merge_requests(dst, per_request, mask, offsets, path="triton")
     torch.cuda.synchronize()
     assert_same(dst, before)
+
+
+@pytest.mark.parametrize("path", ("triton", "auto"))
+def test_gpu_mask_items_with_the_negative_bit(path):
+    """An item that is a lazily negated view (torch._neg_view; z.conj().imag) merges its values, -x, as
+    torch.cat then index_put would: the item table would read its memory raw, so it is concatenated first."""
+    n = 2048
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[100:164] = True
+    offsets = [0, 1024, n]
+    raw = rand((64, H), torch.float32, seed=23)
+    dst = rand((n, H), torch.bfloat16, seed=24)
+    expected, _ = per_request_reference(dst, mask, [-raw, []], offsets)
+    out = dst.clone()
+    status = merge_requests(out, [torch._neg_view(raw), []], mask.to(DEV), offsets, path=path)
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == [True, True]
+    assert_same(out, expected)
+
+
+def test_gpu_mask_under_forward_ad_gives_pytorch_tangents():
+    """Under forward-mode AD the kernels see no tangents: the PyTorch form runs, and the merged rows carry
+    the source's tangent, as index_put would give."""
+    import torch.autograd.forward_ad as fwAD
+
+    n = 512
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[10:40] = True
+    offsets = [0, 256, n]
+    dst, dst_t = rand((n, H), torch.float32, seed=25), rand((n, H), torch.float32, seed=26)
+    src, src_t = rand((30, H), torch.float32, seed=27), rand((30, H), torch.float32, seed=28)
+    with fwAD.dual_level():
+        out = fwAD.make_dual(dst.clone(), dst_t.clone())
+        status = merge_requests(out, [fwAD.make_dual(src, src_t), []], mask.to(DEV), offsets)
+        tangent = fwAD.unpack_dual(out).tangent
+    assert status.cpu().tolist() == [True, True]
+    expected = dst_t.clone()
+    expected[mask.to(DEV)] = src_t
+    assert_same(tangent, expected)
