@@ -70,6 +70,14 @@ def merge(dst, mask, src, accumulate, check_count, path) -> bool:
         (n_mask,) = mask.shape
         dst_ptr, src_ptr, mask_ptr = dst.data_ptr(), src.data_ptr(), mask.data_ptr()
         dst_strides, src_strides = dst.stride(), src.stride()
+        # What each field stands for, in _prepare: the dtypes and layout -> inputs.check_dst/check_mask/check_src
+        # and the Triton path's dtypes (dispatch.triton_refusal); the devices -> the device checks and the
+        # kind of launch; the strides -> the row views (dst), the column-stride rule (src), a strided device mask
+        # (mask contiguity); h, h_src -> the hidden-size check; the addresses mod 16 -> the odd-address refusal
+        # and the kernels' alignment specialization; the flags and path -> check_flag/check_path and the
+        # decision; the buckets of N and M -> what dispatch.decide reads of them. What no field fixes is
+        # checked per call below: N against the mask, empty sizes, the negative bit, inference tensors,
+        # gradients, shared bytes, a CPU mask's count (rowmap.cpu_rows or the count below).
         key = (dst.dtype, src.dtype, mask.dtype, mask.layout, dst.device, src.device, mask.device, dst_strides,
                src_strides, mask.is_contiguous(), h, h_src, dst_ptr & 15, src_ptr & 15, mask_ptr & 15, accumulate,
                check_count, path, bucket(n), bucket(m))
