@@ -35,6 +35,15 @@ _DEEPSTACK_CLASSES = (
 _STOCK_MASKED_SCATTER = getattr(torch.Tensor.masked_scatter, "_mmmerge_stock", torch.Tensor.masked_scatter)
 _STOCK_MASKED_SCATTER_ = getattr(torch.Tensor.masked_scatter_, "_mmmerge_stock", torch.Tensor.masked_scatter_)
 _STOCK_DEEPSTACK: dict[type, Callable] = {}  # HF's _deepstack_process per class: filled by enable(), never emptied
+_DEEPSTACK_IN_PLACE: dict[type, bool] = {}  # whether it adds into hidden_states in place (transformers 4.x) or a copy
+
+
+def _writes_in_place(stock: Callable) -> bool:
+    """Whether HF's ``_deepstack_process`` adds into the hidden states it is given (transformers 4.57 indexes
+    them in place and returns them) or into a copy (5.x): asked of the method itself, on a 2 x 1 tensor."""
+    hidden = torch.zeros(2, 1)
+    out = stock(None, hidden, torch.tensor([True, False]), torch.ones(1, 1))
+    return out is hidden or bool(hidden[0, 0] != 0)
 _INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, functional: tracers
 _toggle = threading.Lock()
 _replaced: dict = {}  # what enable() replaced, for disable(); empty while off
@@ -152,6 +161,12 @@ def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
             cached = (visual_pos_masks, visual_pos_masks._version, MergePlan(visual_pos_masks))
             self._mmmerge_deepstack_plan = cached  # the same mask serves every layer of one forward
         plan = cached[2]
+    cls = next(cls for cls in type(self).__mro__ if cls in _STOCK_DEEPSTACK)
+    in_place = _DEEPSTACK_IN_PLACE.get(cls)
+    if in_place is None:  # asked once, eagerly (never under a trace or a fake mode: see _traced above)
+        in_place = _DEEPSTACK_IN_PLACE[cls] = _writes_in_place(_STOCK_DEEPSTACK[cls])
+    if in_place:  # as HF's method of this version: the same tensor, written in place
+        return masked_row_scatter_(hidden_states, src=visual_embeds, plan=plan, accumulate=True)
     return masked_row_scatter(hidden_states, src=visual_embeds, plan=plan, accumulate=True)
 
 
