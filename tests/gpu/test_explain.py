@@ -50,7 +50,7 @@ def test_tensor_source_first_call_and_hits(monkeypatch, on_device, n, m):
 def test_plan_and_items(monkeypatch, on_device):
     spy = Spy(monkeypatch)
     dst, src, mask = _inputs(3000, 900, on_device, 7)
-    plan = mt.MergePlan(mask)
+    plan = mt.MergePlan(mask, device=dev())  # a CPU mask's plan lives on the GPU too
     for _ in range(2):
         assert check(spy, dst, src, None, "plan", plan=plan).kind == executor.PLAN_ROWS
         items = [src[:300], src[300:700], src[700:]]
