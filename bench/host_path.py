@@ -1,11 +1,13 @@
-"""Where a merge's host time goes, and what a caller sees, on a GPU (issue: "decide once, launch lean").
+"""Where a merge's host time goes, and what a caller sees, on a GPU (issue 22: a signature's preparation made once).
 
     python bench/host_path.py --out DIR        # writes DIR/host_path_<device>.json, prints the tables
 
-1. stages: host µs of one call and of its pieces (perf_counter_ns over 400 calls, the GPU kept busy by a spin
-   kernel so no launch waits), at N = 512, 4096, 65536 (H 4096, bf16, half the rows in image blocks), CPU and
-   GPU mask: the lean call against the general path, what a lean call still pays (row map, ring, launch),
-   next to the floors: the bound launch alone, a tiny torch op.
+Public means only: the package's exported functions, torch.ops.mmmerge_triton.*, and mmmerge_triton.tools.
+1. stages: host µs of one call (medians over 400 calls, the GPU kept busy by a spin kernel so no launch waits:
+   timing.host_time_us), at N = 512, 4096, 65536 (H 4096, bf16, half the rows in image blocks), CPU and GPU
+   mask: a memo hit (a plain [N, H] dst) against the same merge prepared on every call (dst as a [1, N, H] view:
+   no signature) and against the registered op, next to the floors: mask.numpy() (a CPU mask's row map starts
+   there), index_put with a CPU mask (vLLM), a tiny torch op.
 2. loop: wall µs per call back to back (medians of 5 rounds, the calls alternating within each round) at
    N <= 16384: ours with a CPU and a GPU mask, index_put with a CPU mask (vLLM), a tiny torch op.
 3. idle: CUDA-event µs of one call with nothing queued before it (the host work before the first launch
@@ -23,14 +25,11 @@ import itertools
 import json
 import random
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch, executor, inputs, lean, rowmap, scatter
-from mmmerge_triton.staging import arena
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import environment
 from mmmerge_triton.tools.cases import DTYPES, Case, make_inputs
@@ -39,22 +38,11 @@ from mmmerge_triton.tools.report import auto_against_others, ratio_summary
 DEV = torch.device("cuda", 0)
 
 
-def spin(us: float) -> None:
-    torch.cuda._sleep(int(us * timing._cycles_per_us(DEV)))
-
-
-def host_us(fn, calls: int = 400) -> float:
-    """Median host µs of fn over ``calls`` calls, the GPU kept busy so no call waits for a launch slot."""
-    fn()
-    torch.cuda.synchronize()
-    spin(60_000)
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter_ns()
-        fn()
-        samples.append((time.perf_counter_ns() - start) / 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(samples)
+def host_us(fn, calls: int = 400, batch: int = 40) -> float:
+    """Median host µs of fn over ``calls`` calls, the GPU kept busy so no call waits for a launch slot: the median
+    of the medians of batches of ``batch`` calls, each batch timed by timing.host_time_us behind 20 ms of spin
+    (which a batch of calls up to 500 µs stays inside)."""
+    return statistics.median(timing.host_time_us(fn, DEV, batch) for _ in range(calls // batch))
 
 
 def medians(calls: dict, figures: dict, rounds: int) -> dict:
@@ -71,51 +59,26 @@ def loop_us(calls: dict, rounds: int = 5, seconds: float = 0.02) -> dict:
 
 
 def stages(n: int, on_device: bool) -> dict:
-    """Host µs of a call and of its pieces: the lean call (lean.py) against the general path it skips, the
-    pieces a lean call still pays (its row map, the ring, the bound launch), and the floors."""
+    """Host µs of a call, through public means only: the memo hit (a plain [N, H] dst; its entry made by the first
+    explain()) against the same merge prepared on every call (dst passed as its [1, N, H] view and the mask as [1, N]:
+    a call without a signature, checked and decided afresh, its launch unbound), the registered op (what a
+    compiled graph or a tensor subclass runs: the dispatcher, then a memo hit), and the floors."""
     case = Case(n, 4096, 0.5, mask="gpu" if on_device else "cpu")
     dst, mask, src = make_inputs(case, DEV)
-    m = src.shape[0]
-    dispatch.clear_cache()
-    mm.merge_multimodal_embeddings(dst, src, mask)  # the one entry
-    (entry,) = lean._entries.values()
-    launch = entry.launch
-    out = {"decision": dispatch.decide(dst, mask, src.dtype, m).reason, "kind": launch.kind}
-    out["api merge_multimodal_embeddings"] = host_us(lambda: mm.merge_multimodal_embeddings(dst, src, mask))
-    out["api masked_row_scatter_"] = host_us(lambda: mm.masked_row_scatter_(dst, mask, src))
-    real_merge = lean.merge
-    lean.merge = lambda *args: False
-    try:
-        out["general path (the lean call off)"] = host_us(lambda: mm.merge_multimodal_embeddings(dst, src, mask))
-    finally:
-        lean.merge = real_merge
-    out["general checks (inputs.check_*)"] = host_us(lambda: (inputs.check_dst(dst, "d"),
-                                                              inputs.check_mask(mask, dst, "m", "d"),
-                                                              inputs.check_src(src, dst, "s", "d")))
-    out["decide (cached)"] = host_us(lambda: dispatch.decide(dst, mask, src.dtype, m))
-    stream = torch._C._cuda_getCurrentRawStream(0)
-    args = (dst.data_ptr(), src.data_ptr())
-    if launch.kind == executor.HOST_ROWS:
-        rows = rowmap.host_rows(mask)
-        out["mask.numpy()"] = host_us(lambda: mask.numpy())
-        out["row map: host_rows (numpy)"] = host_us(lambda: rowmap.host_rows(mask))
-
-        def staged():
-            with arena(0) as ring:
-                ring.put_int32(rows)
-        out["ring session + put_int32"] = host_us(staged)
-        pinned = torch.from_numpy(rows).pin_memory()
-        bound_launch = (lambda: launch.bound(scatter.cdiv(m, launch.config.rows), stream, *args, pinned.data_ptr(),
-                                      pinned.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
-    elif launch.kind == executor.DEVICE_FUSED:
-        bound_launch = (lambda: launch.bound(scatter.cdiv(n, launch.config.rows), stream, *args, mask.data_ptr(), n, m,
-                                            4096, dst.stride(0), src.stride(0)))
-    else:
-        rm = rowmap.device_rows(mask, m)
-        out["row map: rowmap.device_rows (the general path)"] = host_us(lambda: rowmap.device_rows(mask, m))
-        bound_launch = (lambda: launch.bound(scatter.cdiv(m, launch.config.rows), stream, *args, rm.rows.data_ptr(),
-                                      rm.count.data_ptr(), m, 4096, dst.stride(0), src.stride(0)))
-    out["floor: bound launch (C entry, int addresses)"] = host_us(bound_launch)
+    decision = mm.explain(dst, src, mask)
+    dst3, mask2 = dst[None], mask[None]  # the same rows, without a signature
+    if mm.explain(dst3, src, mask2).kind != decision.kind:  # like for like
+        raise RuntimeError(f"the [1, N, H] call runs another kind than {decision.kind}")
+    out = {"decision": decision.reason, "kind": decision.kind}
+    out["api merge_multimodal_embeddings (memo hit)"] = host_us(lambda: mm.merge_multimodal_embeddings(dst, src, mask))
+    out["api masked_row_scatter_ (memo hit)"] = host_us(lambda: mm.masked_row_scatter_(dst, mask, src))
+    out["prepared every call (dst [1, N, H]: no signature)"] = host_us(
+        lambda: mm.merge_multimodal_embeddings(dst3, src, mask2))
+    op = torch.ops.mmmerge_triton.masked_row_scatter_
+    out["registered op (torch.ops.mmmerge_triton.masked_row_scatter_)"] = host_us(
+        lambda: op(dst, mask, src, False, "auto", False))
+    if not on_device:
+        out["floor: mask.numpy()"] = host_us(lambda: mask.numpy())
     cpu_mask = mask.cpu()
     out["index_put, CPU mask (vLLM)"] = host_us(lambda: dst.index_put_((cpu_mask,), src))
     small = torch.zeros(16, device=DEV)

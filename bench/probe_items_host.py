@@ -1,4 +1,5 @@
 """Where the host time of a list merge goes (cProfile), items read in place, on the machine it runs on.
+(It probes package internals: dispatch.items_in_place_pays, patched to read every list in place.)
 
     python bench/probe_items_host.py > probe_items_host.log      (CUDA; bench/results/h100/probe_items_host.log)
 

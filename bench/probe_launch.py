@@ -1,4 +1,5 @@
-"""What each primitive of a merge's host path costs on this host: the floor a lean call is built from.
+"""What each primitive of a merge's host path costs on this host: the floor a memo hit is built from.
+(It probes package internals: the row_copy kernel, the pinned ring, tools.timing's spin calibration.)
 
     python bench/probe_launch.py --out DIR      # writes DIR/probe_launch_<device>.json, prints every finding
 

@@ -30,12 +30,9 @@ def _map_checkout_kernels() -> None:
 
 _map_checkout_kernels()
 
-from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.mmmerge_triton.*)
 from .api import explain, masked_row_scatter, masked_row_scatter_, merge_multimodal_embeddings  # noqa: E402
 from .deepstack import deepstack_add  # noqa: E402
-from .dispatch import Decision  # noqa: E402
-from .kernel_config import KernelConfig  # noqa: E402
-from .paths import PATHS  # noqa: E402
+from .kernel_config import PATHS, Decision, KernelConfig  # noqa: E402
 from .plan import MergePlan  # noqa: E402
 from .requests import merge_requests  # noqa: E402
 

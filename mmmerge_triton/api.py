@@ -1,35 +1,22 @@
 """Public API: the vLLM-compatible merge, and the general masked row scatter, in place and out of place.
 
-A call takes the prepared route of lean.py where it can (the common call), else core.merge_ (every check, the
-decision, the write), or, while tracing or for tensor subclasses, the registered ops (ops.py), which run
-core.merge_ too."""
+These functions name the arguments, turn a list of items into one source, and pick the route: a plain call that
+needs no gradient (core.plain_call, core.needs_grad) runs core.merge_ (prepare, check, execute); a traced call,
+a tensor subclass, a dispatch mode or a call that needs gradients runs the registered ops (ops.py), whose
+implementations run core.merge_ too (a function transform runs core.merge_, which takes PyTorch's op there)."""
 from __future__ import annotations
 
 import torch
 
-from . import core, inputs, lean
-from .dispatch import Decision
+from . import core, inputs
+from .ops import masked_row_scatter_op, masked_row_scatter_op_
+from .kernel_config import Decision
 from .inputs import NestedTensors
 from .items import ItemList
-from .paths import PATHS
 from .plan import MergePlan
-from .rowmap import CountMismatch
+from .inputs import CountMismatch
 
 _Tensor = torch.Tensor
-_is_compiling = torch.compiler.is_compiling
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-
-
-def _eager(*tensors) -> bool:
-    """Whether the call can skip the torch.library dispatcher: plain tensors, no tracing, no dispatch mode.
-    (The dispatcher costs 40-55 µs per eager call, measured on the H100 host; torch.compile and tensor subclasses
-    need the registered op.) A non-tensor argument stays here too: the checks raise its TypeError."""
-    if _is_compiling() or _dispatch_modes():
-        return False
-    for t in tensors:
-        if type(t) is not torch.Tensor and isinstance(t, torch.Tensor):
-            return False
-    return True
 
 
 def _mask_of(mask, plan, mask_name: str) -> torch.Tensor:
@@ -55,48 +42,35 @@ def _scatter_args(mask, plan, src) -> torch.Tensor:
 
 
 
-def wants_grad(dst, src) -> bool:
-    """Whether an in-place merge must record gradients. Such a call merges out of place (differentiable)
-    and copies the result into dst with ``copy_``: PyTorch's own in-place rules (a leaf that requires grad,
-    a view of one, a view from unbind/split, an inference tensor) then raise before anything is written,
-    on every route (eager, compiled, subclass), and the gradients are PyTorch's."""
-    return torch.is_grad_enabled() and (getattr(dst, "requires_grad", False) or core.requires_grad(src))
-
-
 _SCATTER_NAMES = ("dst", "mask", "src")
 
 
 def scatter(dst, mask, src, *, in_place: bool, accumulate, path, plan, check_count, names) -> torch.Tensor:
     """masked_row_scatter_ (``in_place``) or masked_row_scatter, once mask (or plan's) and src are known;
     ``names`` name dst, mask and src in errors (deepstack_add has its own)."""
-    if in_place and plan is None:
-        try:
-            if lean.merge(dst, mask, src, accumulate, check_count, path):
-                return dst
-        except CountMismatch as error:
-            raise inputs.count_mismatch(error.num_rows, error.num_placeholders) from None
-    transformed = core.transformed()  # then core.merge_ runs PyTorch's op, which records gradients itself
-    grad = in_place and not transformed and wants_grad(dst, src)
-    through_ops = not transformed and not _eager(dst, mask, src)
-    if grad or through_ops:  # a clone of dst or the registered ops merge: checked first, in the caller's names
-        core.check_args(dst, mask, src, accumulate, path, check_count, names)
-    if grad:
-        if _eager(dst, src):  # against dst itself, which the clone that merges hides
-            core.unshared(src, dst, names[2], names[0])
-        merged = scatter(dst, mask, src, in_place=False, accumulate=accumulate, path=path, plan=plan,
-                         check_count=check_count, names=names)
-        return dst.copy_(merged)
-    if through_ops:
-        if plan is not None:
-            plan.check_current()
-        if not in_place:
-            return torch.ops.mmmerge_triton.masked_row_scatter(dst, mask, src, accumulate, path, check_count)
-        torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, accumulate, path, check_count)
-        return dst
-    inputs.check_dst(dst, names[0])
-    out = dst if in_place else dst.clone(memory_format=torch.contiguous_format)
-    core.merge_(out, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count, names=names)
-    return out
+    plain = core.plain_call(dst, mask, src)
+    grad = core.needs_grad(dst, src)
+    if core.transformed() or (plain and not grad):
+        if in_place:
+            core.merge_(dst, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
+                        names=names)
+            return dst
+        inputs.check_dst(dst, names[0])
+        out = dst.clone(memory_format=torch.contiguous_format)
+        core.merge_(out, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
+                    names=names)
+        return out
+    # The registered ops, checked first in the caller's names (theirs are dst, mask, src).
+    core.check_args(dst, mask, src, accumulate, path, check_count, names)
+    if plan is not None:
+        plan.check_current()
+    if in_place and grad and plain:  # against dst itself, which the out-of-place op's copy hides
+        core.unshared(src, dst, names[2], names[0])
+    if not in_place or grad:
+        merged = masked_row_scatter_op(dst, mask, src, accumulate, path, check_count)
+        return dst.copy_(merged) if in_place else merged
+    masked_row_scatter_op_(dst, mask, src, accumulate, path, check_count)
+    return dst
 
 
 def masked_row_scatter_(
@@ -185,57 +159,59 @@ def merge_multimodal_embeddings(
         ValueError: "Attempted to assign {expr} = {M} multimodal tokens to {K} placeholders" (vLLM's text),
             or a shape/device error naming the argument. TypeError: bad dtypes. Nothing is written then.
     """
-    names = ("inputs_embeds", "is_multimodal", "multimodal_embeddings")
-    if plan is None and type(multimodal_embeddings) is _Tensor:
-        try:
-            if lean.merge(inputs_embeds, is_multimodal, multimodal_embeddings, False, check_count, path):
-                return inputs_embeds
-        except CountMismatch as error:
-            raise inputs.count_mismatch(error.num_rows, error.num_placeholders, core.spelled(multimodal_embeddings)) from None
+    if (plan is None and type(multimodal_embeddings) is _Tensor and multimodal_embeddings.dim() == 2
+            and is_multimodal is not None and core.plain_call(inputs_embeds, is_multimodal)
+            and not core.needs_grad(inputs_embeds, multimodal_embeddings)):
+        # The serving call (a tensor of embeddings), with nothing to normalize first.
+        core.merge_(inputs_embeds, is_multimodal, multimodal_embeddings, accumulate=False, path=path, plan=None,
+                    check_count=check_count, names=_MERGE_NAMES, expression=multimodal_embeddings)
+        return inputs_embeds
     is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")
-    items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
-    inputs.check_dst(inputs_embeds, "inputs_embeds")
-    # The mask before the items, in masked_row_scatter_'s order: a mask that does not fit a 1-D inputs_embeds
-    # explains that mistake, where the items' hidden size would blame them.
-    inputs.check_mask(is_multimodal, inputs_embeds, "is_multimodal", "inputs_embeds")
-    rows, dtype = inputs.check_items_dtype(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
-    transformed = core.transformed()  # then core.merge_ runs PyTorch's op, which records gradients itself
-    grad = not transformed and wants_grad(inputs_embeds, items)
-    eager = _eager(inputs_embeds, is_multimodal) and (not items or inputs.plain_tensors(items))
-    src = _source(multimodal_embeddings, items, rows, dtype, inputs_embeds, eager and not transformed)
-    if transformed or eager:
-        if grad and isinstance(src, _Tensor):  # against inputs_embeds itself, which the clone that merges hides
-            core.unshared(src, inputs_embeds, names[2], names[0])
-        target = inputs_embeds.clone(memory_format=torch.contiguous_format) if grad else inputs_embeds
-        core.merge_(target, is_multimodal, src, accumulate=False, path=path, plan=plan, check_count=check_count,
-                names=names, expression=multimodal_embeddings)
-        return inputs_embeds.copy_(target) if grad else inputs_embeds
-    core.check_args(inputs_embeds, is_multimodal, src, False, path, check_count, names)  # the ops check in their names
+    src = _checked_source(inputs_embeds, multimodal_embeddings, is_multimodal)
+    plain = core.plain_call(inputs_embeds, is_multimodal) and (type(src) is ItemList or core.plain_call(src))
+    grad = core.needs_grad(inputs_embeds, src)
+    if core.transformed() or (plain and not grad):
+        core.merge_(inputs_embeds, is_multimodal, src, accumulate=False, path=path, plan=plan,
+                    check_count=check_count, names=_MERGE_NAMES, expression=multimodal_embeddings)
+        return inputs_embeds
+    if type(src) is ItemList:
+        src = torch.cat(src.tensors)
+    core.check_args(inputs_embeds, is_multimodal, src, False, path, check_count, _MERGE_NAMES)  # in the caller's names
     if plan is not None:
         plan.check_current()
+    if grad and plain:  # against inputs_embeds itself, which the out-of-place op's copy hides
+        core.unshared(src, inputs_embeds, _MERGE_NAMES[2], _MERGE_NAMES[0])
     try:
         if grad:
-            merged = torch.ops.mmmerge_triton.masked_row_scatter(inputs_embeds, is_multimodal, src, False, path,
+            merged = masked_row_scatter_op(inputs_embeds, is_multimodal, src, False, path,
                                                                  check_count)
             return inputs_embeds.copy_(merged)
-        torch.ops.mmmerge_triton.masked_row_scatter_(inputs_embeds, is_multimodal, src, False, path, check_count)
+        masked_row_scatter_op_(inputs_embeds, is_multimodal, src, False, path, check_count)
     except CountMismatch as error:  # the ops' count error, spelled as vLLM spells these embeddings
-        raise inputs.count_mismatch(error.num_rows, error.num_placeholders, core.spelled(multimodal_embeddings)) from None
+        raise inputs.count_mismatch(error.num_rows, error.num_placeholders,
+                                    core.spelled(multimodal_embeddings)) from None
     return inputs_embeds
 
 
-def _source(embeddings: NestedTensors, items: list[torch.Tensor], rows: list[int], dtype: torch.dtype | None,
-            dst: torch.Tensor, eager: bool) -> torch.Tensor | ItemList:
-    """What merge_multimodal_embeddings merges: the tensor it was given, or for a list vLLM's torch.cat of the
-    items (a copy, so an item may share dst's memory; its dtype is the items' promotion), which the eager
-    route spares where it can: several items as an ItemList (_execute reads them in place or concatenates
-    them), one item as it is unless it shares dst's memory. No items ([] or [[]]): [0, H] rows, which the
-    count check still compares with the mask."""
+_MERGE_NAMES = ("inputs_embeds", "is_multimodal", "multimodal_embeddings")
+
+
+def _checked_source(dst: torch.Tensor, embeddings: NestedTensors, mask: torch.Tensor) -> torch.Tensor | ItemList:
+    """What merge_multimodal_embeddings merges, its items checked (in the mask's order of checks: a mask that does
+    not fit a 1-D inputs_embeds explains that mistake, where the items' hidden size would blame them): the tensor it
+    was given; for a list, vLLM's torch.cat of the items (a copy, so an item may share dst's memory; its dtype the
+    items' promotion), spared where it can be: several items as an ItemList (the decision reads them in place or
+    concatenates them), one item as it is unless it shares dst's memory. No items ([] or [[]]): [0, H] rows, which
+    the count check still compares with the mask."""
+    items = inputs.flatten_items(embeddings, _MERGE_NAMES[2])
+    inputs.check_dst(dst, _MERGE_NAMES[0])
+    inputs.check_mask(mask, dst, _MERGE_NAMES[1], _MERGE_NAMES[0])
+    rows, dtype = inputs.check_items_dtype(items, dst, _MERGE_NAMES[2], _MERGE_NAMES[0])
     if isinstance(embeddings, torch.Tensor):
         return items[0]
     if not items:
         return dst.new_empty(0, dst.shape[-1])
-    if not eager:
+    if core.transformed() or not (core.plain_call(dst, mask) and inputs.plain_tensors(items)):
         return torch.cat(items)
     if len(items) > 1:
         return ItemList(items, rows, dtype)
@@ -247,17 +223,9 @@ def explain(
     *, path: str = "auto", plan: MergePlan | None = None,
 ) -> Decision:
     """What ``merge_multimodal_embeddings`` with these arguments runs: ``Decision(path, kind, config,
-    concatenate, reason)`` (dispatch.Decision), the reason naming the tuned table entry and its measured loop
-    times, or the rule. The same function decides for the call (tests/test_dispatch.py checks it against what
-    ran). Nothing is written."""
+    concatenate, reason)`` (kernel_config.Decision), the reason naming the tuned table entry and its measured loop
+    times, or the rule: the decision of the entry that call runs (core.decision_of; tests/test_explain.py checks
+    it against what ran, on first calls and memo hits). Nothing is written."""
     is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")
-    items = inputs.flatten_items(multimodal_embeddings, "multimodal_embeddings")
-    inputs.check_dst(inputs_embeds, "inputs_embeds")
-    inputs.check_mask(is_multimodal, inputs_embeds, "is_multimodal", "inputs_embeds")
-    rows, src_dtype = inputs.check_items_dtype(items, inputs_embeds, "multimodal_embeddings", "inputs_embeds")
-    inputs.check_path(path, PATHS)
-    src = _source(multimodal_embeddings, items, rows, src_dtype, inputs_embeds, True)
-    dst, mask = inputs_embeds, is_multimodal
-    if dst.dim() == 1:  # as core.merge_ takes them
-        dst, mask = dst.unsqueeze(0), mask.reshape(1)
-    return core.decision_for(dst, mask, src, sum(rows), src_dtype or inputs_embeds.dtype, path, plan)[0]
+    src = _checked_source(inputs_embeds, multimodal_embeddings, is_multimodal)
+    return core.decision_of(inputs_embeds, is_multimodal, src, path, plan, _MERGE_NAMES)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import inputs
-from .api import scatter, wants_grad
+from .api import scatter
+from .core import needs_grad
 from .plan import MergePlan
 
 
@@ -33,6 +34,6 @@ def deepstack_add(hidden_states: torch.Tensor, visual_embeds: torch.Tensor, plan
     if not isinstance(plan, MergePlan):
         raise TypeError(f"plan must be a MergePlan of the visual position mask, got {type(plan).__name__}")
     # Out of place where autograd needs the input (it may have saved it), in place otherwise.
-    return scatter(hidden_states, plan.mask, visual_embeds, in_place=not wants_grad(hidden_states, visual_embeds),
+    return scatter(hidden_states, plan.mask, visual_embeds, in_place=not needs_grad(hidden_states, visual_embeds),
                    accumulate=True, path="auto", plan=plan, check_count=False,
                    names=("hidden_states", "plan.mask", "visual_embeds"))

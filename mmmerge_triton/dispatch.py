@@ -15,7 +15,8 @@ below decides, after one warning. Inputs the Triton path cannot take (``triton_r
 other than fp32/fp16/bf16, 2**31 mask rows or more, a destination without a row view or with the negative
 bit) take index_put.
 
-``decide`` is the one entry point: api.py asks it for every call, explain() returns what it returns. The
+``decide`` is the one entry point: core.py asks it once per input signature (its prepared entries are memoized;
+see core.py), explain() returns what it returns, executor.py runs it. The
 table's rules read N and M through their quarter-octave bucket (``bucket``: exact below 8, else the top three
 bits), and a decision is cached per (device, dtypes, H, bucket of N, bucket of M, mask device): a function of
 its cache key alone, so the same input gets the same decision whatever came before, for a dict lookup.
@@ -28,37 +29,18 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-from .inputs import TRITON_DTYPES
-from .executor import launch_kind
-from .kernel_config import FUSED_BELOW, KernelConfig, default_config, default_of_kind
-from .paths import PATHS
+from .inputs import TRITON_DTYPES, as_rows
+from .kernel_config import FUSED_BELOW, PATHS, Decision, KernelConfig, default_config, launch_kind
 from .rowmap import MAX_ROWS
-from .scatter import as_rows, supports
+from .scatter import supports
 
 TABLE_VERSION = 1
 FUSED_REACH = 1.5  # a fused (one-launch) winner serves N up to this multiple of its entry's N (or FUSED_BELOW)
 _NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _NAME_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-class Decision(NamedTuple):
-    """What a merge runs, all of it (explain() returns it; the call runs it).
-
-    path: "triton" or a PyTorch path (paths.RUNNERS). kind: how the Triton path launches (executor.KINDS:
-    host_rows, device_fused, device_rows, plan_rows, items); None for a PyTorch path. config: the Triton
-    configuration, never None on the Triton path (None on a PyTorch path). concatenate: a list of items is
-    concatenated first (torch.cat) rather than read in place (kind items); False for a tensor. reason: why.
-    """
-
-    path: str
-    kind: str | None
-    config: KernelConfig | None
-    concatenate: bool
-    reason: str
 
 
 def _pytorch(path: str, reason: str, items: int = 0) -> Decision:
@@ -109,22 +91,22 @@ def _check_table(table: dict, device_name: str) -> None:
             KernelConfig(**entry["best"]["config"])
 
 
-def _distance(key: dict, mask: str, src: str, dst: str, n: int, hidden: int, rows: int) -> tuple:
+def _distance(key: dict, mask: str, src: str, dst: str, n: int, hidden: int, m: int) -> tuple:
     dtype_gap = abs(_NAME_SIZES[key["src"]] - _NAME_SIZES[src]) + abs(_NAME_SIZES[key["dst"]] - _NAME_SIZES[dst])
     exact = (key["src"], key["dst"]) != (src, dst)
     shape_gap = (abs(math.log2(key["n"]) - math.log2(max(n, 1))) + abs(math.log2(key["hidden"]) - math.log2(max(hidden, 1)))
-                 + abs(math.log2(key["rows"] + 1) - math.log2(rows + 1)))
+                 + abs(math.log2(key["rows"] + 1) - math.log2(m + 1)))  # the table's "rows" is M
     return (key["mask"] != mask, dtype_gap, exact, shape_gap)
 
 
-def nearest_entry(table: dict, mask: str, src: str, dst: str, n: int, hidden: int, rows: int) -> dict:
-    return min(table["entries"], key=lambda e: _distance(e["key"], mask, src, dst, n, hidden, rows))
+def nearest_entry(table: dict, mask: str, src: str, dst: str, n: int, hidden: int, m: int) -> dict:
+    return min(table["entries"], key=lambda e: _distance(e["key"], mask, src, dst, n, hidden, m))
 
 
-def _heuristic(dst: torch.Tensor, mask_on_device: bool, n: int, rows: int) -> Decision:
+def _heuristic(dst: torch.Tensor, mask_on_device: bool, n: int, m: int) -> Decision:
     if not dst.is_cuda:
         return _pytorch("index_put", "CPU tensors: index_put (Triton has no compiled CPU path)")
-    cfg = default_config(dst.shape[-1], rows, n, mask_on_device)
+    cfg = default_config(dst.shape[-1], m, n, mask_on_device)
     return Decision("triton", None, cfg, False, "heuristic: the Triton row copy on CUDA (kernel_config.default_config)")
 
 
@@ -137,21 +119,22 @@ def bucket(x: int) -> int:
     return x >> shift << shift
 
 
-def _table_decision(dst: torch.Tensor, on_device: bool, src_dtype: torch.dtype, n: int, rows: int) -> Decision:
-    """The table's (or the heuristic's) decision for N = n and M = rows, both bucket values."""
+def _table_decision(dst: torch.Tensor, on_device: bool, src_dtype: torch.dtype, n: int, m: int) -> Decision:
+    """The table's (or the heuristic's) decision for N = n and M = m, both bucket values."""
     if not dst.is_cuda:
-        return _heuristic(dst, on_device, n, rows)
+        return _heuristic(dst, on_device, n, m)
     table = load_table(torch.cuda.get_device_name(dst.device).replace(" ", "_"))
     if table is None:
-        return _heuristic(dst, on_device, n, rows)
+        return _heuristic(dst, on_device, n, m)
     mask_name, src_name, dst_name = ("gpu" if on_device else "cpu"), _NAMES[src_dtype], _NAMES[dst.dtype]
-    return decide_from_table(table, mask_name, src_name, dst_name, n, dst.shape[-1], rows)
+    return decide_from_table(table, mask_name, src_name, dst_name, n, dst.shape[-1], m)
 
 
-def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden: int, rows: int) -> Decision:
+def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden: int, m: int) -> Decision:
     """The decision a table gives for one input, described by its mask device ("cpu"/"gpu"), dtype names
-    ("fp32"/"fp16"/"bf16") and N, H, M."""
-    entry = nearest_entry(table, mask, src, dst, n, hidden, rows)
+    ("fp32"/"fp16"/"bf16") and N, H, M. (A KernelConfig's ``rows`` is rows per program; an entry key's
+    ``rows`` is M.)"""
+    entry = nearest_entry(table, mask, src, dst, n, hidden, m)
     best = entry["best"]
     config = KernelConfig(**best["config"]) if best["config"] else None
     times = ", ".join(f"{p} {t:.1f}" for p, t in sorted(entry["loop_us"].items(), key=lambda kv: kv[1]))
@@ -165,9 +148,9 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
             # The one-launch kernel's prefix re-reads grow as N squared: not carried past where it was measured.
             config = KernelConfig(**best["unfused_config"])
             reason += f"; N is over {FUSED_REACH}x the entry's, so its best two-launch configuration"
-    if config is not None and not config.fused and config.rows > 1 and rows < entry["key"]["rows"]:
+    if config is not None and not config.fused and config.rows > 1 and m < entry["key"]["rows"]:
         # Fewer source rows than measured: fewer rows per program, so that as many programs share the work.
-        share = config.rows * rows // max(entry["key"]["rows"], 1)
+        share = config.rows * m // max(entry["key"]["rows"], 1)
         fewer = 1 << (share.bit_length() - 1) if share > 1 else 1
         if fewer < config.rows:
             config = config._replace(rows=fewer)
@@ -189,7 +172,7 @@ def triton_refusal(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype
     if mask.numel() > MAX_ROWS:
         return f"its row maps are int32: at most {MAX_ROWS} mask rows (got {mask.numel()})"
     # The negative bit (torch._neg_view, z.conj().imag) makes PyTorch write -value to dst's memory; the kernels
-    # write raw. (A source's bit is resolved by paths.merge_triton; no real dtype carries the conjugate bit.)
+    # write raw. (A source's bit is resolved by executor.run; no real dtype carries the conjugate bit.)
     if dst.is_neg():
         return "the destination has the negative bit (a lazily negated view, e.g. z.conj().imag)"
     for t, name in ((dst, "destination"), (src, "source")):  # a tensor at an odd byte, e.g. frombuffer(offset=1)
@@ -204,26 +187,26 @@ def triton_refusal(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype
 _decisions: dict = {}
 
 
-def choose(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int) -> Decision:
+def choose(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, m: int) -> Decision:
     """The table's decision for inputs the Triton path can take, cached per (device, dtypes, H, bucket of N,
     bucket of M, mask device), the rules reading the bucket values."""
     n, on_device = bucket(mask.numel()), mask.is_cuda
-    key = (dst.get_device(), dst.dtype, src_dtype, dst.shape[-1], n, bucket(rows), on_device)
+    key = (dst.get_device(), dst.dtype, src_dtype, dst.shape[-1], n, bucket(m), on_device)
     found = _decisions.get(key)
     if found is None:
         found = _decisions[key] = _table_decision(dst, on_device, src_dtype, n, key[5])
     return found
 
 
-def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: int, path: str = "auto",
+def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, m: int, path: str = "auto",
            src: torch.Tensor | None = None, *, plan: bool = False, items: int = 0,
            items_readable: bool = False) -> Decision:
-    """The whole decision for merging ``rows`` source rows of ``src_dtype`` (``src`` itself where it is one
+    """The whole decision for merging ``m`` source rows of ``src_dtype`` (``src`` itself where it is one
     tensor) into ``dst`` at ``mask`` by ``path``: "auto" (the rules above), "triton" (raises ValueError where it
     cannot run; else the table's Triton configuration, or the untuned rule's where the table picks another
     path), or a PyTorch path by name. ``plan``: the merge reads a MergePlan's row map. ``items``: the number of
     items of a list source (0 for a tensor); ``items_readable``: they can be read in place (one row stride, no
-    memory shared with dst, no gradient, no negative bit: api.py's facts of the call)."""
+    memory shared with dst, no gradient, no negative bit: core.decision_for's facts of the call)."""
     if path not in ("auto", "triton"):
         return _pytorch(path, f"path={path!r} asked for by name", items)
     refusal = triton_refusal(dst, mask, src_dtype, src)
@@ -231,25 +214,14 @@ def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, rows: 
         if path == "triton":
             raise ValueError(f"path='triton' cannot merge these inputs: {refusal}. path='auto' takes index_put there")
         return _pytorch("index_put", f"the Triton path cannot merge these inputs: {refusal}", items)
-    found = choose(dst, mask, src_dtype, rows)
+    found = choose(dst, mask, src_dtype, m)
     if found.path != "triton":
         if path == "auto":
             return found._replace(concatenate=items > 1)
         n = bucket(mask.numel())
-        found = Decision("triton", None, default_config(dst.shape[-1], bucket(rows), n, mask.is_cuda), False,
+        found = Decision("triton", None, default_config(dst.shape[-1], bucket(m), n, mask.is_cuda), False,
                          f"path='triton' asked for by name; the untuned rule's configuration ({found.reason})")
-    return _launch_kind(found, mask, rows, plan, items, items_readable, dst, src_dtype)
-
-
-def row_map_config(hidden: int) -> KernelConfig:
-    """The configuration of the launches that copy through a row map already in hand, which no table covers:
-    the backward gather (autograd.py) and merge_requests' copy: the untuned rule's two-launch default."""
-    return default_of_kind(hidden, fused=False)
-
-
-def _launch_kind(found: Decision, mask, rows, plan, items, items_readable, dst, src_dtype) -> Decision:
-    """A Triton decision's kind of launch, and whether a list is concatenated first."""
-    in_place = items > 1 and items_readable and items_in_place_pays(items, rows, mask.numel(), dst, src_dtype)
+    in_place = items > 1 and items_readable and items_in_place_pays(items, m, mask.numel(), dst, src_dtype)
     return found._replace(kind=launch_kind(found.config, mask, plan, in_place), concatenate=items > 1 and not in_place)
 
 
@@ -263,15 +235,15 @@ _TABLE_HOST_US, _ITEM_HOST_US, _CAT_ITEM_HOST_US = 100.0, 1.2, 0.33
 _COPY_BYTES_PER_US = 2.9e6
 
 
-def items_in_place_pays(n_items: int, n_rows: int, n_mask: int, dst: torch.Tensor, src_dtype: torch.dtype) -> bool:
+def items_in_place_pays(n_items: int, m: int, n: int, dst: torch.Tensor, src_dtype: torch.dtype) -> bool:
     """Whether reading the items in place beats concatenating them first, in loop time (the larger of host and
     device time, as calls overlap). In place halves the device work (one read and one write of the rows, where
     cat + scatter does both twice) but costs more host time per item. Never past MAX_ROWS mask rows: the
     item tables and row maps are int32."""
-    if n_mask > MAX_ROWS or n_rows > MAX_ROWS:
+    if n > MAX_ROWS or m > MAX_ROWS:
         return False
-    device_us = n_rows * dst.shape[-1] * (src_dtype.itemsize + dst.element_size()) / _COPY_BYTES_PER_US
-    host_us = _MERGE_HOST_US + _MASK_ROW_HOST_US * n_mask
+    device_us = m * dst.shape[-1] * (src_dtype.itemsize + dst.element_size()) / _COPY_BYTES_PER_US
+    host_us = _MERGE_HOST_US + _MASK_ROW_HOST_US * n
     in_place = max(host_us + _TABLE_HOST_US + _ITEM_HOST_US * n_items, device_us)
     concatenated = max(host_us + _CAT_ITEM_HOST_US * n_items, 2 * device_us)
     return in_place < concatenated
@@ -281,7 +253,7 @@ _dependents: list = []
 
 
 def on_clear(clear) -> None:
-    """Register ``clear()`` of a cache built from decisions (lean.py's entries), to run with clear_cache."""
+    """Register ``clear()`` of a cache built from decisions (core.py's prepared entries), to run with clear_cache."""
     _dependents.append(clear)
 
 

@@ -1,91 +1,148 @@
-"""The Triton path's one executor for a tensor source: rows of src [M, H] into dst [N, H] at a mask, once the
-kind of launch and its configuration are known.
+"""The one executor: every merge, once decided (dispatch.decide) and prepared (``prepare``), runs through ``run``;
+the backward gather through ``gather``; merge_requests' device kernels through ``run_requests``. Here and nowhere
+else: the count check of a mask against the source rows (rowmap.check_count, or the row map a launch stages),
+the version bump after a kernel writes behind autograd's back, and the launches of every kind.
 
-Kinds, by where the mask is:
+Kinds of the Triton path (kernel_config.Decision.kind), by where the row map comes from:
 - HOST_ROWS: a CPU mask. Its row map is built on the host (np boolean indexing), staged in the pinned ring and
   read in place by one row_copy launch. (Staging a large mask's bytes instead and building its map on the
   device saved host time past N = 32768 but cost more device time, up to 41%, three launches where this is one:
   bench/results/h100/RUNS.md, "staged CPU masks".)
 - DEVICE_FUSED: a device mask with a one-launch configuration: mask_row_copy finds its offsets in-kernel.
 - DEVICE_ROWS: a device mask otherwise: mask_to_rows into a fresh buffer (4 bytes per source row), row_copy.
+- PLAN_ROWS: a MergePlan's row map, already on the device: one row_copy.
+- ITEMS: a list of items read in place (items.merge_items): its item table and row map staged, one launch.
 (Under TRITON_INTERPRET=1 masks are CPU tensors: HOST_ROWS, the map read from host memory.)
 A CPU mask's count is checked on the host before anything is queued (CountMismatch), and a CUDA graph being
-captured is refused (the staging is per call). Extra device memory: none for a CPU mask, 4 bytes per source row
-for DEVICE_ROWS.
+captured is refused where anything is staged per call (rowmap.refuse_capture). Extra device memory: none for a
+CPU mask, 4 bytes per source row for DEVICE_ROWS.
 
-A ``Launch`` holds the kind, configuration and device, and the kernels bound on its first run (launch.bind):
-lean.py keeps one per input signature, so that later calls launch through the bound C entry with addresses as
-ints; paths.merge_triton makes a fresh one per call (its launches go through the kernels' FastKernel caches).
+A ``Prepared`` merge holds the decision and, for the kinds that launch one kernel layout per call, a ``Launch``
+whose kernels are bound on its first run (launch.bind): core.py memoizes ``prepare`` per input signature, so
+that later calls launch through the bound C entry with addresses as ints.
 """
 from __future__ import annotations
 
 import torch
 
-from .kernel_config import KernelConfig
-from .rowmap import cpu_rows
-from .scatter import ADD, COPY, cdiv, mask_row_copy, mask_to_rows, row_copy, scan_block
+from .inputs import as_rows
+from .items import ItemList, merge_items
+from .kernel_config import (DEVICE_FUSED, DEVICE_ROWS, HOST_ROWS, ITEMS, PLAN_ROWS, Decision, KernelConfig, cdiv,
+                            launch_kind, row_map_config)
+from .kernels.request_rows import request_row_copy_kernel, request_rows_kernel
+from .launch import FastKernel
+from .paths import RUNNERS, rows_view
+from .rowmap import RowMap, check_count, check_fits, cpu_rows, host_rows, stage_rows
+from .scatter import (ADD, COPY, GATHER, PREFIX_CHUNK, device_rows, mask_bytes, mask_row_copy, mask_to_rows,
+                      row_copy, scan_block, supports)
 from .staging import RawPointer, arena
 
-# The kinds of launch of the Triton path (dispatch.Decision.kind). The first three run here, for a tensor
-# source; PLAN_ROWS (a MergePlan's row map, one row_copy) and ITEMS (a list read in place, items.merge_items)
-# run in paths.merge_triton.
-HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, PLAN_ROWS, ITEMS = "host_rows", "device_fused", "device_rows", "plan_rows", "items"
-KINDS = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, PLAN_ROWS, ITEMS)
-
-
-def launch_kind(config: KernelConfig, mask: torch.Tensor, plan: bool, items_in_place: bool) -> str:
-    """The kind of launch that merges with ``config`` at ``mask``: a list read in place, a MergePlan's row map,
-    else by where the mask is (under the interpreter every mask is a CPU one). dispatch.decide reports it;
-    paths.merge_triton runs it."""
-    if items_in_place:
-        return ITEMS
-    if plan:
-        return PLAN_ROWS
-    if mask.is_cuda:
-        return DEVICE_FUSED if config.fused else DEVICE_ROWS
-    return HOST_ROWS
+_LAUNCHED = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS)  # the kinds a Launch binds
+_COUNTED_BY_MAP = (HOST_ROWS, ITEMS)  # with a CPU mask and no plan, these count from the row map they stage
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU-only builds
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
+_bump = torch.autograd.graph.increment_version
 
 
 class Launch:
-    """How one merge runs on the Triton path: ``kind``, ``config``, the CUDA ``device`` index (-1: the
-    interpreter's CPU tensors), the mask bytes per program of a device row map (``block``), and the kernels
-    bound on the first run: the copy (``bound``) and the row-map scan (``bound_rows``)."""
+    """How one layout of merge launches: ``kind``, ``config``, the CUDA ``device`` index (-1: the interpreter's
+    CPU tensors), the mask bytes per program of a device row map (``block``), and the kernels bound on the first
+    run: the copy (``bound``) and the row-map scan (``bound_rows``)."""
 
     __slots__ = ("kind", "config", "device", "block", "bound", "bound_rows")
 
     def __init__(self, kind: str, config: KernelConfig, n: int, device: torch.device):
-        """kind: HOST_ROWS, DEVICE_FUSED or DEVICE_ROWS (dispatch.decide's). n: N, or any N of its dispatch
-        bucket (the thresholds start buckets)."""
+        """n: N, or any N of its dispatch bucket (the thresholds start buckets)."""
         self.kind, self.config, self.block = kind, config, scan_block(max(n, 1))
         self.device = device.index if device.type == "cuda" else -1
         self.bound = self.bound_rows = None
 
 
-def execute(launch: Launch, dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, accumulate: bool,
-            at: tuple) -> None:
-    """dst[mask] = src (or +=), through ``launch``. dst [N, H] and src [M, H], both with unit column stride;
-    mask: for a CPU mask the bool tensor (any shape of N entries), for a device mask its N bytes, contiguous.
-    ``at``: what the launches read of them, as the caller has it (a lean call reads each once): (mask address,
-    dst address, src address, N, M, H, dst row stride, src row stride); see ``addressing``. Raises CountMismatch
-    (a CPU mask) before anything is queued."""
-    device = launch.device
-    if device >= 0 and device != _current_device():
-        with torch.cuda.device(device):
-            _execute(launch, dst, mask, src, accumulate, at)
+class Prepared:
+    """A decided merge, ready to run: the ``decision`` (what explain() returns) and, for HOST_ROWS,
+    DEVICE_FUSED and DEVICE_ROWS, its ``launch``."""
+
+    __slots__ = ("decision", "launch")
+
+    def __init__(self, decision: Decision, launch: Launch | None):
+        self.decision, self.launch = decision, launch
+
+
+def prepare(decision: Decision, n: int, device: torch.device) -> Prepared:
+    """What runs ``decision`` for N = n mask rows on ``device`` (core.py memoizes it per input signature)."""
+    launch = Launch(decision.kind, decision.config, n, device) if decision.kind in _LAUNCHED else None
+    return Prepared(decision, launch)
+
+
+def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumulate: bool, *,
+        sync_count: bool = False, plan=None, rowmap: RowMap | None = None, stride: int | None = None) -> None:
+    """dst[mask] = src (or +=) in place, as ``prepared`` says. Inputs checked and free of shared memory (core.py).
+
+    dst: [..., H]; mask: bool of shape dst.shape[:-1]; src: [M, H], or for kind ITEMS an ItemList sharing the row
+    ``stride``. plan: the MergePlan of the mask (PLAN_ROWS reads its row map). rowmap: a row map in hand instead
+    (merge_triton), whose device count bounds the rows that move. Raises CountMismatch before anything is written
+    where the count is known without a sync (a CPU mask, a plan of one) or asked for (``sync_count``)."""
+    decision = prepared.decision
+    kind = decision.kind
+    m = sum(src.rows) if isinstance(src, ItemList) else src.shape[0]
+    empty = m == 0 or dst.shape[-1] == 0
+    if rowmap is None and (empty or plan is not None or kind not in _COUNTED_BY_MAP or not mask.is_cpu):
+        check_count(mask, m, plan, sync_count)
+    if plan is not None:
+        rowmap = plan.rowmap
+    if empty:
+        return
+    if kind is None:  # a PyTorch path
+        RUNNERS[decision.path](dst, mask, torch.cat(src.tensors) if isinstance(src, ItemList) else src, accumulate)
+        return
+    dst2d = dst if dst.dim() == 2 and dst.stride(1) == 1 else rows_view(dst, "triton")
+    config = decision.config
+    if kind == ITEMS:
+        if rowmap is None and mask.is_cuda:
+            rowmap = device_rows(mask, m)
+        merge_items(dst2d, mask, src, stride, accumulate, config, rowmap)
     else:
-        _execute(launch, dst, mask, src, accumulate, at)
+        if isinstance(src, ItemList):  # decided concatenated
+            src = torch.cat(src.tensors)
+        if src.is_neg():  # the kernels read memory raw (a negated destination is refused by dispatch.decide)
+            src = src.resolve_neg()
+        if src.stride(1) != 1 and src.shape[1] != 1:
+            src = src.contiguous()
+        if kind == PLAN_ROWS:
+            row_copy(dst2d, src, rowmap.rows, rowmap.count, ADD if accumulate else COPY, config)
+        else:
+            launch = prepared.launch
+            flat = mask_bytes(mask) if mask.is_cuda else mask  # alive until the launches are queued
+            at = (flat.data_ptr(), dst2d.data_ptr(), src.data_ptr(), dst2d.shape[0], m, dst2d.shape[1],
+                  dst2d.stride(0), src.stride(0))
+            if launch.device >= 0 and launch.device != _current_device():
+                with torch.cuda.device(launch.device):
+                    _launch(launch, dst2d, flat, src, accumulate, at)
+            else:
+                _launch(launch, dst2d, flat, src, accumulate, at)
+    if not dst.is_inference():
+        _bump(dst)  # the kernels write behind autograd's back, as any in-place op bumps it
 
 
-def addressing(dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor) -> tuple:
-    """``at`` of execute, read off the tensors."""
-    n, h = dst.shape
-    return mask.data_ptr(), dst.data_ptr(), src.data_ptr(), n, src.shape[0], h, dst.stride(0), src.stride(0)
+def merge_triton(dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, accumulate: bool,
+                 rowmap: RowMap | None = None, config: KernelConfig | None = None) -> None:
+    """The Triton path with an explicit ``config`` (the tuner's sweeps, the kernel tests): run as decided with it,
+    through ``rowmap`` where one is given (then its count bounds the rows that move: no count check)."""
+    if config is None:
+        raise TypeError("merge_triton needs a KernelConfig")
+    if not supports(dst.device):
+        raise RuntimeError("path='triton' runs on CUDA tensors; to run it on the CPU, set TRITON_INTERPRET=1 "
+                           "before importing mmmerge_triton")
+    check_fits(mask.numel(), "path='triton'")
+    kind = launch_kind(config, mask, rowmap is not None, False)
+    decision = Decision("triton", kind, config, False, "an explicit configuration")
+    run(prepare(decision, mask.numel(), dst.device), dst, mask, src, accumulate, rowmap=rowmap)
 
 
-def _execute(launch: Launch, dst, mask, src, accumulate, at) -> None:
+def _launch(launch: Launch, dst, mask, src, accumulate, at) -> None:
+    """HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS. ``at``: (mask address, dst address, src address, N, M, H, dst row
+    stride, src row stride), as the bound kernels take them."""
     kind, device, bound, config = launch.kind, launch.device, launch.bound, launch.config
     mask_ptr, dst_ptr, src_ptr, n, m, h, dst_stride, src_stride = at
     mode = ADD if accumulate else COPY
@@ -108,25 +165,67 @@ def _execute(launch: Launch, dst, mask, src, accumulate, at) -> None:
         else:
             bound(cdiv(n, config.rows), _raw_stream(device), dst_ptr, src_ptr, mask_ptr, n, m, h, dst_stride,
                   src_stride)
-    elif kind == DEVICE_ROWS:  # the map in a fresh device buffer: M entries, then the count at 16 bytes
+    else:  # DEVICE_ROWS: the map in a fresh device buffer, M entries, then the count at 16 bytes
         capacity = -(-m // 4) * 4
         buffer = torch.empty(capacity + 4, dtype=torch.int32, device=dst.device)  # alive until both launches
         rows = buffer.data_ptr()
-        _rows_then_copy(launch, dst, src, mask_ptr, rows, rows + 4 * capacity, mode, at)
+        count = rows + 4 * capacity
+        if launch.bound_rows is None or bound is None:
+            launch.bound_rows = mask_to_rows(RawPointer(mask_ptr, torch.uint8), RawPointer(rows, torch.int32),
+                                             RawPointer(count, torch.int32), m, n, launch.block)
+            launch.bound = row_copy(dst, src, RawPointer(rows, torch.int32), RawPointer(count, torch.int32), mode,
+                                    config)
+            return
+        stream = _raw_stream(device)
+        launch.bound_rows(cdiv(n, launch.block), stream, mask_ptr, rows, count, n, m)
+        bound(cdiv(m, config.rows), stream, dst_ptr, src_ptr, rows, count, m, h, dst_stride, src_stride)
 
 
-def _rows_then_copy(launch: Launch, dst, src, mask: int, rows: int, count: int, mode: int, at: tuple) -> None:
-    """The row map of the N mask bytes at device address ``mask``, built on the device into ``rows`` (M int32,
-    16-byte aligned) and ``count`` (one int32), then the row copy through it: two launches."""
-    _, dst_ptr, src_ptr, n, m, h, dst_stride, src_stride = at
-    if n == 0 or m == 0 or h == 0:
-        return
-    if launch.bound_rows is None or launch.bound is None:
-        launch.bound_rows = mask_to_rows(RawPointer(mask, torch.uint8), RawPointer(rows, torch.int32),
-                                         RawPointer(count, torch.int32), m, n, launch.block)
-        launch.bound = row_copy(dst, src, RawPointer(rows, torch.int32), RawPointer(count, torch.int32), mode,
-                                launch.config)
-        return
-    stream = _raw_stream(launch.device)
-    launch.bound_rows(cdiv(n, launch.block), stream, mask, rows, count, n, m)
-    launch.bound(cdiv(m, launch.config.rows), stream, dst_ptr, src_ptr, rows, count, m, h, dst_stride, src_stride)
+def gather(dense: torch.Tensor, mask: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """The backward gather: [m, H], row j the j-th masked row of ``dense`` [..., H] cast to ``dtype`` (zero past
+    the mask's true rows). A CPU mask's first min(K, m) rows staged (stage_rows), a device mask's map built there."""
+    dense2d = as_rows(dense.contiguous())
+    out = torch.zeros(m, dense2d.shape[1], dtype=dtype, device=dense.device)
+    if mask.device.type == "cpu":
+        rows = host_rows(mask)[:m]
+        (rows, count), out_rows = stage_rows(rows, dense.device), out[: rows.size]
+    else:
+        (rows, count), out_rows = device_rows(mask, m), out
+    row_copy(dense2d, out_rows, rows, count, GATHER, row_map_config(dense2d.shape[1]))
+    return out
+
+
+_request_rows = FastKernel(request_rows_kernel)
+_request_row_copy = FastKernel(request_row_copy_kernel)
+
+
+def run_requests(dst: torch.Tensor, mask: torch.Tensor, tables: tuple, n_requests: int, m: int, first, n_items: int,
+                 stride: int, align: int, block: int) -> torch.Tensor:
+    """merge_requests' device route: request_rows_kernel (grid R: each request's count, status and part of the
+    row map), then request_row_copy_kernel over the M embedding rows. ``tables``: pointers (or interpreter
+    tensors) to the request offsets, their first embedding rows, the item starts and item offsets (requests.py
+    stages them). first: the first item, which the item offsets address from. Returns the status [R] bool."""
+    device, hidden = dst.device, dst.shape[1]
+    offsets, src_starts, item_starts, item_offsets = tables
+    status = torch.empty(n_requests, dtype=torch.bool, device=device)
+    rows = torch.empty(max(m, 1), dtype=torch.int32, device=device)
+    mask8 = mask_bytes(mask)
+    index = device.index
+    _request_rows.launch((index, mask8.data_ptr() % 16, block), (n_requests, 1),
+                         (mask8, offsets, src_starts, rows, status.view(torch.uint8)), (block, PREFIX_CHUNK), (8, 1),
+                         index)
+    if m == 0 or hidden == 0:
+        return status
+    if align > 1 and (stride * first.element_size()) % 16:
+        align = 1
+    cfg = row_map_config(hidden)
+    steps = max(1, (n_items - 1).bit_length())
+    key = (index, dst.dtype, first.dtype, dst.data_ptr() % 16, first.data_ptr() % 16, hidden, dst.stride(0),
+           stride, m > 0x7FFFFFFF, steps, align, cfg)
+    _request_row_copy.launch(key, (cdiv(m, cfg.rows), 1),
+                             (dst, first, item_offsets, item_starts, rows, m, n_items, hidden, dst.stride(0), stride),
+                             (cfg.rows, cfg.block_h, steps, align), (cfg.num_warps, cfg.num_stages), index)
+    if not dst.is_inference():
+        _bump(dst)
+    return status
+

@@ -8,7 +8,14 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .rowmap import CountMismatch
+class CountMismatch(ValueError):
+    """The mask's true rows differ from the source rows. The API re-raises it in vLLM's words."""
+
+    def __init__(self, num_rows: int, num_placeholders: int):
+        super().__init__(f"Attempted to assign {num_rows} multimodal tokens to {num_placeholders} placeholders")
+        self.num_rows, self.num_placeholders = num_rows, num_placeholders
+
+
 
 NestedTensors = Union[torch.Tensor, Sequence["NestedTensors"]]
 
@@ -66,6 +73,18 @@ def _promoted(dtypes: set[torch.dtype]) -> torch.dtype:
     """torch.cat's dtype for items of these dtypes (a non-empty set)."""
     first, *rest = dtypes
     return functools.reduce(torch.promote_types, rest, first)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """A [rows, H] view of ``t`` [..., H] with unit column stride, without a copy; None if there is none."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return None
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
 
 
 def check_tensor(t, name: str) -> None:

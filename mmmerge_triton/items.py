@@ -19,11 +19,10 @@ import numpy as np
 import torch
 
 from .inputs import items_dtype
-from .kernel_config import KernelConfig
+from .kernel_config import KernelConfig, cdiv
 from .kernels.multi_row_copy import multi_row_copy_kernel
 from .launch import FastKernel
-from .rowmap import RowMap, check_fits, cpu_rows, device_rows
-from .scatter import cdiv
+from .rowmap import RowMap, check_fits, cpu_rows, refuse_capture
 from .staging import RawPointer, arena
 
 _multi_row_copy = FastKernel(multi_row_copy_kernel)
@@ -65,7 +64,7 @@ def common_row_stride(items: list[torch.Tensor]) -> int | None:
     return hidden if stride is None else stride
 
 
-def _tables(items: ItemList) -> tuple[np.ndarray, np.ndarray, int] | None:
+def item_tables(items: ItemList) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(item element offsets from the first item [T] int64, item first rows [T + 1] int32, alignment in
     elements that every offset shares), or None when an item's address is not a multiple of its element size
     (``torch.frombuffer(..., offset=1)``, DLPack): element offsets cannot address it."""
@@ -98,24 +97,20 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: ItemList, stride
             return
         items = ItemList([t for t, _ in kept], [r for _, r in kept], items.dtype)
     check_fits(max(dst2d.shape[0], sum(items.rows)), "reading items in place")
-    tables = _tables(items)
+    tables = item_tables(items)
     if tables is None:
         whole = torch.cat(items.tensors)
         items, stride = ItemList([whole], [whole.shape[0]], whole.dtype), whole.stride(0)
-        tables = _tables(items)
+        tables = item_tables(items)
     offsets, starts, align = tables
     first = items.tensors[0]
     n_rows = int(starts[-1])
     if align > 1 and (stride * first.element_size()) % 16:
         align = 1
     device = dst2d.device
-    if device.type == "cuda" and torch._C._cuda_isCurrentStreamCapturing():
-        raise RuntimeError("a list of items cannot be merged inside a CUDA graph capture: its item table is staged "
+    refuse_capture(device, "a list of items cannot be merged inside a CUDA graph capture: its item table is staged "
                            "per call. Concatenate the items first, or merge outside the graph.")
-    on_device = dst2d.is_cuda and mask.device.type != "cpu"
-    host = None if (rowmap is not None or on_device) else cpu_rows(mask, n_rows, device)
-    if rowmap is None and on_device:
-        rowmap = device_rows(mask, n_rows)
+    host = None if rowmap is not None else cpu_rows(mask, n_rows, device)  # a device mask's map: the caller's
     parts = [starts, offsets] + ([host] if host is not None else [])
     common = (dst2d, first, stride, n_rows, len(offsets), accumulate, cfg, align)
     if device.type != "cuda":

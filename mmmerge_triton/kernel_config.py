@@ -1,12 +1,25 @@
-"""Kernel configurations of the Triton path, and the untuned rule that picks one (dispatch.py's fallback)."""
+"""The vocabulary of a decision: kernel configurations of the Triton path, the kinds of launch, the ``Decision``
+that names what a merge runs (dispatch.py decides it, executor.py runs it), and the untuned rule that picks a
+configuration (dispatch.py's fallback)."""
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 
-# triton.next_power_of_2 is a @jit-aware helper (~3 µs from Python): a plain int here.
+
+# triton.next_power_of_2 and triton.cdiv are @jit-aware helpers (~3 µs each from Python, a constexpr-unwrapping
+# wrapper: more than the rest of a launch's arithmetic). Plain ints here.
 def next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length() if x > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+PATHS: tuple[str, ...] = ("triton", "index_put", "masked_scatter", "index_copy")
+"""Names accepted by ``path=`` (besides "auto"): the Triton path (executor.py) and the PyTorch runners (paths.py)."""
 
 
 class KernelConfig(NamedTuple):
@@ -29,14 +42,14 @@ as N squared) stay small there, and it saves the row-map launch. (H100, bench/re
 at N = 512-12000 it ran 1.1-2.6x faster in loop time than the best two-launch configuration.)"""
 
 
-def default_config(hidden: int, n_rows: int, n_mask: int, mask_on_device: bool) -> KernelConfig:
+def default_config(hidden: int, m: int, n: int, mask_on_device: bool) -> KernelConfig:
     """The untuned rule, used where no tuned table fits (see dispatch.py), read off the H100 sweep
     (mmmerge_triton/configs/NVIDIA_H100_80GB_HBM3.json): a CPU mask's most frequent winner was one row per
     program over 4096-wide column steps, 8 warps; a device mask of under 16384 rows took the one-launch
     kernel with 8 rows per program (its prefix re-reads stay small there), a larger one the two-launch form.
     (An earlier rule of up to 16 rows per program over 512-wide steps ran 1.05-1.12x a copy where the table's
     choices ran 1.02-1.07x: bench/results/h100, columns "triton" and "auto".)"""
-    return default_of_kind(hidden, fused=mask_on_device and n_mask < FUSED_BELOW)
+    return default_of_kind(hidden, fused=mask_on_device and n < FUSED_BELOW)
 
 
 def default_of_kind(hidden: int, fused: bool) -> KernelConfig:
@@ -44,3 +57,42 @@ def default_of_kind(hidden: int, fused: bool) -> KernelConfig:
     over column steps as wide as H up to 4096, 8 warps, 1 stage."""
     block_h = min(next_pow2(max(hidden, 1)), 4096)
     return KernelConfig(8, block_h, 8, 1, True) if fused else KernelConfig(1, block_h, 8, 1, False)
+
+
+# The kinds of launch of the Triton path (Decision.kind; executor.py runs each, and describes what it costs).
+HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, PLAN_ROWS, ITEMS = "host_rows", "device_fused", "device_rows", "plan_rows", "items"
+KINDS = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, PLAN_ROWS, ITEMS)
+
+
+class Decision(NamedTuple):
+    """What a merge runs, all of it (explain() returns it; the call runs it).
+
+    path: "triton" or a PyTorch path (paths.RUNNERS). kind: how the Triton path launches (KINDS: host_rows,
+    device_fused, device_rows, plan_rows, items; executor.py runs them); None for a PyTorch path. config: the Triton
+    configuration, never None on the Triton path (None on a PyTorch path). concatenate: a list of items is
+    concatenated first (torch.cat) rather than read in place (kind items); False for a tensor. reason: why.
+    """
+
+    path: str
+    kind: str | None
+    config: KernelConfig | None
+    concatenate: bool
+    reason: str
+
+
+def launch_kind(config: KernelConfig, mask: torch.Tensor, plan: bool, items_in_place: bool) -> str:
+    """The kind of launch that merges with ``config`` at ``mask``: a list read in place, a MergePlan's row map,
+    else by where the mask is (under the interpreter every mask is a CPU one)."""
+    if items_in_place:
+        return ITEMS
+    if plan:
+        return PLAN_ROWS
+    if mask.is_cuda:
+        return DEVICE_FUSED if config.fused else DEVICE_ROWS
+    return HOST_ROWS
+
+
+def row_map_config(hidden: int) -> KernelConfig:
+    """The configuration of the launches that copy through a row map already in hand, which no table covers:
+    the backward gather and merge_requests' copy (executor.py): the untuned rule's two-launch default."""
+    return default_of_kind(hidden, fused=False)

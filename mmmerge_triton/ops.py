@@ -1,7 +1,8 @@
 """The merge as registered torch ops, for torch.compile, export and tensor subclasses.
 
-Eager calls from the public API skip these (a custom_op costs 40-55 µs per eager call, measured on the H100
-host); they are what the API calls while tracing, and what ``torch.ops.mmmerge_triton.*`` names. Each checks
+Plain eager calls from the public API skip these (a custom_op costs 40-55 µs per eager call, measured on the H100
+host); they are what the API calls while tracing, for tensor subclasses and dispatch modes, and where a gradient
+is needed, and what ``torch.ops.mmmerge_triton.*`` names. Their implementations run core.merge_. Each checks
 its inputs as the Python API does (they are public). Their fake implementations only check shapes, so a
 compiled graph holds them without a break. The out-of-place scatter and the gather have
 autograd formulas written with these same ops, so gradients of any order are PyTorch's; the in-place
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from . import core, inputs
-from .autograd import gather_masked_rows, scatter_backward
+from .executor import gather
 from .scatter import supports
 
 _NAMES = ("dst", "mask", "src")
@@ -68,15 +69,33 @@ def _(dst, mask, src, accumulate, path, check_count):
     return torch.empty_like(dst, memory_format=torch.contiguous_format)
 
 
+def scatter_backward(grad: torch.Tensor, mask: torch.Tensor, m: int, src_dtype: torch.dtype, accumulate: bool,
+                     path: str, needs_dst: bool, needs_src: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad_dst, grad_src) of out = dst with out[mask] = src (or +=) by ``path``: src's m rows gathered from grad
+    (by PyTorch's indexing for a PyTorch path, as its own backward gathers; else the Triton gather), and grad with
+    the overwritten rows zeroed by the same path (grad itself with ``accumulate``). Written with these ops and
+    PyTorch's, which have formulas of their own: differentiable again (double backward, Hessian-vector products).
+    Neither part needs dst's old values. No rows (m = 0): src gets no gradient, as with index_put_."""
+    grad_src = grad_dst = None
+    if needs_src and m:
+        grad_src = (masked_row_gather_op(grad, mask, m, src_dtype) if path in ("auto", "triton")
+                    else _gathered_by_torch(grad, mask, m, src_dtype))
+    if needs_dst:
+        grad_dst = grad
+        if not accumulate:  # the overwritten rows get no gradient
+            grad_dst = masked_row_scatter_op(grad, mask, grad.new_zeros(m, grad.shape[-1]), False, path, False)
+    return grad_dst, grad_src
+
+
 def _setup_scatter(ctx, inputs, output):
     dst, mask, src, accumulate, path, _ = inputs
     ctx.save_for_backward(mask)
-    ctx.accumulate, ctx.src_dtype, ctx.n_rows = accumulate, src.dtype, src.shape[0]
+    ctx.accumulate, ctx.src_dtype, ctx.m, ctx.path = accumulate, src.dtype, src.shape[0], path
 
 
 def _scatter_backward(ctx, grad):
     (mask,) = ctx.saved_tensors
-    grad_dst, grad_src = scatter_backward(grad, mask, ctx.n_rows, ctx.src_dtype, ctx.accumulate,
+    grad_dst, grad_src = scatter_backward(grad, mask, ctx.m, ctx.src_dtype, ctx.accumulate, ctx.path,
                                           ctx.needs_input_grad[0], ctx.needs_input_grad[2])
     return grad_dst, None, grad_src, None, None, None
 
@@ -99,9 +118,14 @@ def masked_row_gather_op(dense: torch.Tensor, mask: torch.Tensor, num_rows: int,
     dense: [..., H]; mask: bool of shape dense.shape[:-1], on the CPU or on dense's device."""
     _check_gather(dense, mask, num_rows, dtype)
     if supports(dense.device) and dense.dtype in inputs.TRITON_DTYPES and dtype in inputs.TRITON_DTYPES:
-        return gather_masked_rows(dense, mask, num_rows, dtype)
-    picked = dense[mask.to(dense.device)][:num_rows].to(dtype)
-    out = picked.new_zeros(num_rows, dense.shape[-1])
+        return gather(dense, mask, num_rows, dtype)
+    return _gathered_by_torch(dense, mask, num_rows, dtype)
+
+
+def _gathered_by_torch(dense: torch.Tensor, mask: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """masked_row_gather by PyTorch's indexing (a device mask syncs): [m, H], zero past the mask's true rows."""
+    picked = dense[mask.to(dense.device)][:m].to(dtype)
+    out = picked.new_zeros(m, dense.shape[-1])
     out[: picked.shape[0]] = picked
     return out
 
@@ -125,7 +149,7 @@ def _gather_backward(ctx, grad):
         k = int(np.count_nonzero(mask.numpy()))
         grad = grad[:k] if k <= grad.shape[0] else torch.cat([grad, grad.new_zeros(k - grad.shape[0], grad.shape[1])])
     zeros = grad.new_zeros(ctx.dense_shape, dtype=ctx.dense_dtype)
-    grad_dense = torch.ops.mmmerge_triton.masked_row_scatter(zeros, mask, grad, False, "auto", False)
+    grad_dense = masked_row_scatter_op(zeros, mask, grad, False, "auto", False)
     return grad_dense, None, None, None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .rowmap import RowMap, check_fits, host_rows
+from .rowmap import RowMap, check_fits, host_rows, refuse_capture
 from .scatter import mask_bytes, mask_to_rows
 from .staging import arena
 
@@ -61,10 +61,9 @@ class MergePlan:
             raise ValueError(f"mask has shape {tuple(mask.shape)}; this plan was built for {tuple(self.shape)}")
         if mask.device.type != "cpu" and mask.device != self.device:
             raise ValueError(f"mask is on {mask.device}; it must be on the CPU or on the plan's device ({self.device})")
-        if mask.device.type == "cpu" and self.device.type == "cuda" and torch._C._cuda_isCurrentStreamCapturing():
-            # A replay would re-read a ring slot reused since.
-            raise RuntimeError("MergePlan.update_ with a CPU mask cannot be captured in a CUDA graph: "
-                               "update outside the graph, or capture the update from a mask on the device")
+        if mask.device.type == "cpu":  # a replay would re-read a ring slot reused since
+            refuse_capture(self.device, "MergePlan.update_ with a CPU mask cannot be captured in a CUDA graph: "
+                                        "update outside the graph, or capture the update from a mask on the device")
         if mask.is_inference():  # no version counter to watch: keep a copy that no one else can change
             mask, version = mask.clone(), None
         else:

@@ -22,20 +22,14 @@ import torch
 
 from . import inputs
 from .api import merge_multimodal_embeddings
-from .core import transformed
-from .dispatch import row_map_config, triton_refusal
+from .core import needs_grad, transformed
+from .dispatch import triton_refusal
+from .executor import run_requests
 from .inputs import NestedTensors
-from .items import ItemList, _tables as item_tables, common_row_stride
-from .kernel_config import next_pow2
-from .kernels.request_rows import request_row_copy_kernel, request_rows_kernel
-from .launch import FastKernel
-from .paths import PATHS
+from .items import ItemList, common_row_stride, item_tables
+from .kernel_config import PATHS, next_pow2
 from .rowmap import host_rows
-from .scatter import PREFIX_CHUNK, cdiv, mask_bytes
 from .staging import RawPointer, arena, packed_layout
-
-_request_rows = FastKernel(request_rows_kernel)
-_request_row_copy = FastKernel(request_row_copy_kernel)
 
 # Mask bytes per step of request_rows_kernel's row-map pass: a request's longest range rounded up to a power
 # of two, within these bounds (mask_to_rows_kernel's scan blocks span 1024-16384; 8192 keeps the cumsum at
@@ -115,7 +109,7 @@ def merge_requests(
     refusal = triton_refusal(inputs_embeds, is_multimodal, src_dtype)
     if path == "triton" and refusal:
         raise ValueError(f"path='triton' cannot merge these inputs: {refusal}. path='auto' takes the PyTorch form there")
-    grad = torch.is_grad_enabled() and (inputs_embeds.requires_grad or any(t.requires_grad for t in flat))
+    grad = needs_grad(inputs_embeds, flat)
     # Under forward AD or a torch.func transform the kernels see neither tangents nor batch dims: the PyTorch form.
     use_triton = path in ("auto", "triton") and refusal is None and not grad and not transformed()
     return _merge_device_mask(inputs_embeds, is_multimodal, flat, offsets, request_rows, use_triton)
@@ -219,10 +213,10 @@ def _merge_device_mask(dst, mask, items, offsets, request_rows, use_triton: bool
 
 
 def _triton_merge(dst, mask, items, offsets, src_starts) -> torch.Tensor:
-    """request_rows_kernel (grid R) then request_row_copy_kernel (grid M / ROWS), items read in place where
-    they share a row stride (else concatenated first, as when they share memory with dst)."""
-    device, hidden = dst.device, dst.shape[1]
-    n_requests, n_rows = offsets.size - 1, int(src_starts[-1])
+    """The two kernels (executor.run_requests), items read in place where they share a row stride (else
+    concatenated first, as when they share memory with dst)."""
+    hidden = dst.shape[1]
+    n_requests, m = offsets.size - 1, int(src_starts[-1])
     stride = common_row_stride(items) if items else None
     # A copy (torch.cat resolves a negative bit; dst's bytes are read before any write) where the item table
     # cannot address the items as they lie.
@@ -230,45 +224,17 @@ def _triton_merge(dst, mask, items, offsets, src_starts) -> torch.Tensor:
         whole = torch.cat(items) if len(items) > 1 else items[0].clone(memory_format=torch.contiguous_format)
         items, stride = [whole], hidden
     parts = [offsets.astype(np.int32), src_starts.astype(np.int32)]
+    first, n_items, align = (items[0], 0, 1) if items else (dst, 0, 1)
     if items:
         item_offsets, item_starts, align = item_tables(ItemList.of(items))
         parts += [item_starts, item_offsets]
-    buffer, at = _tables_on(device, parts)
-    status = torch.empty(n_requests, dtype=torch.bool, device=device)
-    rows = torch.empty(max(n_rows, 1), dtype=torch.int32, device=device)
-    mask8 = mask_bytes(mask)
+        n_items = len(item_offsets)
+    buffer, at = _tables_on(dst.device, parts)
+    tables = (_pointer(buffer, at[0], torch.int32, n_requests + 1), _pointer(buffer, at[1], torch.int32, n_requests + 1))
+    tables += ((_pointer(buffer, at[2], torch.int32, n_items + 1), _pointer(buffer, at[3], torch.int64, n_items))
+               if items else (None, None))
     block = min(max(_SCAN_MIN, next_pow2(int(np.max(np.diff(offsets))))), _SCAN_MAX)
-    index = device.index
-    _request_rows.launch(
-        (index, mask8.data_ptr() % 16, block),
-        (n_requests, 1),
-        (mask8, _pointer(buffer, at[0], torch.int32, n_requests + 1),
-         _pointer(buffer, at[1], torch.int32, n_requests + 1), rows, status.view(torch.uint8)),
-        (block, PREFIX_CHUNK),
-        (8, 1),
-        index,
-    )
-    if n_rows == 0 or hidden == 0:
-        return status
-    first, n_items = items[0], len(item_offsets)
-    if align > 1 and (stride * first.element_size()) % 16:
-        align = 1
-    cfg = row_map_config(hidden)
-    steps = max(1, (n_items - 1).bit_length())
-    key = (index, dst.dtype, first.dtype, dst.data_ptr() % 16, first.data_ptr() % 16, hidden, dst.stride(0),
-           stride, n_rows > 0x7FFFFFFF, steps, align, cfg)
-    _request_row_copy.launch(
-        key,
-        (cdiv(n_rows, cfg.rows), 1),
-        (dst, first, _pointer(buffer, at[3], torch.int64, n_items), _pointer(buffer, at[2], torch.int32, n_items + 1),
-         rows, n_rows, n_items, hidden, dst.stride(0), stride),
-        (cfg.rows, cfg.block_h, steps, align),
-        (cfg.num_warps, cfg.num_stages),
-        index,
-    )
-    if not dst.is_inference():  # the kernel writes behind autograd's back, as any in-place op bumps it
-        torch.autograd.graph.increment_version(dst)
-    return status
+    return run_requests(dst, mask, tables, n_requests, m, first, n_items, stride or hidden, align, block)
 
 
 def _torch_merge(dst, mask, items, offsets, src_starts) -> torch.Tensor:

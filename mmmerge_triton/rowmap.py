@@ -12,8 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .scatter import mask_bytes, mask_to_rows
-from .staging import RawPointer
+from .inputs import CountMismatch
 
 MAX_ROWS = 2**31 - 1
 """The most mask rows an int32 row map can address (the staged map, MergePlan, the item tables)."""
@@ -23,16 +22,8 @@ class RowMap(NamedTuple):
     """rows: [>= M] int32 on (or readable from) the device. count: [1] int32 on the device, the mask's
     true rows; None when all M entries of rows are valid (a CPU mask, checked on the host)."""
 
-    rows: torch.Tensor | RawPointer
+    rows: "torch.Tensor | staging.RawPointer"
     count: torch.Tensor | None
-
-
-class CountMismatch(ValueError):
-    """The mask's true rows differ from the source rows. The API re-raises it in vLLM's words."""
-
-    def __init__(self, num_rows: int, num_placeholders: int):
-        super().__init__(f"Attempted to assign {num_rows} multimodal tokens to {num_placeholders} placeholders")
-        self.num_rows, self.num_placeholders = num_rows, num_placeholders
 
 
 def check_fits(n: int, what: str) -> None:
@@ -62,23 +53,44 @@ def host_rows(mask: torch.Tensor) -> np.ndarray:
     return arange[: flat.size][flat]
 
 
-def refuse_capture(device: torch.device) -> None:
-    """Raise if a CUDA graph is being captured on ``device``'s current stream: a map staged per call cannot be
-    captured (a replay would read a ring slot reused since)."""
+_CPU_MASK = ("a CPU mask cannot be captured in a CUDA graph: its row map is staged per call. Capture with a mask on "
+             "the GPU, or with a MergePlan built before capture.")
+
+
+def refuse_capture(device: torch.device, why: str = _CPU_MASK) -> None:
+    """The one capture refusal: raise RuntimeError(why) if a CUDA graph is being captured on ``device``'s current
+    stream, where something is staged from the host per call (a replay would read a ring slot reused since)."""
     if device.type == "cuda" and torch._C._cuda_isCurrentStreamCapturing():
-        raise RuntimeError(
-            "a CPU mask cannot be captured in a CUDA graph: its row map is staged per call. "
-            "Capture with a mask on the GPU, or with a MergePlan built before capture."
-        )
+        raise RuntimeError(why)
 
 
-def cpu_rows(mask: torch.Tensor, n_rows: int, device: torch.device) -> np.ndarray:
-    """The row map of a CPU mask for a launch on ``device`` that stages it per call (the Triton path's one
-    count check and one capture refusal): raises CountMismatch unless the mask has exactly ``n_rows`` true
-    rows (a staged map is count-less, read up to n_rows), and refuses CUDA-graph capture (refuse_capture)."""
+def require_count(m: int, placeholders: int) -> None:
+    """The one count rule: the mask's true rows (``placeholders``) must equal the source rows ``m``."""
+    if placeholders != m:
+        raise CountMismatch(m, placeholders)
+
+
+def check_count(mask: torch.Tensor, m: int, plan=None, sync: bool = False) -> None:
+    """require_count where the mask's true rows are known without a sync (a CPU mask, or a MergePlan of one)
+    or where the caller asked for the sync (``sync``: check_count=True with a device mask); else nothing (a
+    device mask's kernels move min(K, M) rows)."""
+    if plan is not None:
+        if plan.host_count is not None:
+            require_count(m, plan.host_count)
+        elif sync:
+            require_count(m, int(plan.count.item()))
+    elif mask.is_cpu:
+        require_count(m, int(np.count_nonzero(mask.numpy())))
+    elif sync:
+        require_count(m, int(mask.count_nonzero().item()))
+
+
+def cpu_rows(mask: torch.Tensor, m: int, device: torch.device) -> np.ndarray:
+    """The row map of a CPU mask for a launch on ``device`` that stages it per call: raises CountMismatch
+    unless the mask has exactly ``m`` true rows (a staged map is count-less, read up to m), and refuses
+    CUDA-graph capture."""
     rows = host_rows(mask)
-    if rows.size != n_rows:
-        raise CountMismatch(n_rows, rows.size)
+    require_count(m, rows.size)
     refuse_capture(device)
     return rows
 
@@ -97,12 +109,3 @@ def stage_rows(rows: np.ndarray, device: torch.device) -> RowMap:
         return RowMap(host, None)
     refuse_capture(device)
     return RowMap(host.pin_memory().to(device, non_blocking=True), None)
-
-
-def device_rows(mask: torch.Tensor, capacity: int) -> RowMap:
-    """The row map of a bool mask on a device (or on the CPU under the interpreter), built there: capacity
-    int32 entries (4 bytes per source row) and a count. No sync."""
-    rows = torch.empty(max(capacity, 1), dtype=torch.int32, device=mask.device)
-    count = torch.empty(1, dtype=torch.int32, device=mask.device)
-    mask_to_rows(mask_bytes(mask), rows, count, capacity)
-    return RowMap(rows, count)

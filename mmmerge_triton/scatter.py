@@ -3,35 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_config import KernelConfig, next_pow2
+from .kernel_config import KernelConfig, cdiv, next_pow2
 from .kernels.mask_row_copy import mask_row_copy_kernel
 from .kernels.mask_rows import mask_to_rows_kernel
 from .kernels.row_copy import ADD, COPY, GATHER, row_copy_kernel
 from .launch import INTERPRET, Bound, FastKernel
+from .rowmap import RowMap
 
 _row_copy = FastKernel(row_copy_kernel)
 _mask_row_copy = FastKernel(mask_row_copy_kernel)
 _mask_to_rows = FastKernel(mask_to_rows_kernel)
 
-# triton.cdiv is a @jit-aware helper: called from Python it costs ~3 µs (a constexpr-unwrapping wrapper),
-# more than the rest of a launch's arithmetic. Plain ints here.
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 PREFIX_CHUNK = 4096  # mask bytes per step when a program counts the true rows before its block
-
-
-def as_rows(t: torch.Tensor) -> torch.Tensor | None:
-    """A [rows, H] view of ``t`` [..., H] with unit column stride, without a copy; None if there is none."""
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        return None
-    if t.dim() == 2:
-        return t
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return None
 
 
 def supports(device: torch.device) -> bool:
@@ -130,6 +113,16 @@ def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: Kern
     out = torch.zeros(n_rows, dense2d.shape[1], dtype=dtype, device=dense2d.device)
     row_copy(dense2d, out if valid is None else out[:valid], rows, count, GATHER, cfg)
     return out
+
+
+
+def device_rows(mask: torch.Tensor, capacity: int) -> RowMap:
+    """The row map of a bool mask on a device (or on the CPU under the interpreter), built there: capacity
+    int32 entries (4 bytes per source row) and a count. No sync."""
+    rows = torch.empty(max(capacity, 1), dtype=torch.int32, device=mask.device)
+    count = torch.empty(1, dtype=torch.int32, device=mask.device)
+    mask_to_rows(mask_bytes(mask), rows, count, capacity)
+    return RowMap(rows, count)
 
 
 __all__ = ["COPY", "ADD", "GATHER"]

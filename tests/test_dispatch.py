@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch
+from mmmerge_triton import dispatch, executor
 from mmmerge_triton.kernel_config import KernelConfig
 from mmmerge_triton.tools import tune
 
@@ -71,11 +71,11 @@ def test_nearest_key_prefers_mask_device_then_dtypes_then_log_distance():
     t = table(entry(n=2048, rows=1024), entry(n=65536, rows=32768), entry(mask="gpu", n=4096, rows=2048),
               entry(src="fp32", n=4096, rows=2048))
     pick = lambda **q: dispatch.nearest_entry(t, **{"mask": "cpu", "src": "bf16", "dst": "bf16", **q})["key"]  # noqa: E731
-    assert pick(n=3000, hidden=4096, rows=1500)["n"] == 2048
-    assert pick(n=50000, hidden=4096, rows=25000)["n"] == 65536
-    assert pick(mask="gpu", n=65536, hidden=4096, rows=32768)["mask"] == "gpu"
-    assert pick(src="fp32", n=65536, hidden=4096, rows=32768)["src"] == "fp32"
-    assert pick(src="fp16", dst="fp16", n=2048, hidden=4096, rows=1024)["src"] == "bf16"  # same element sizes
+    assert pick(n=3000, hidden=4096, m=1500)["n"] == 2048
+    assert pick(n=50000, hidden=4096, m=25000)["n"] == 65536
+    assert pick(mask="gpu", n=65536, hidden=4096, m=32768)["mask"] == "gpu"
+    assert pick(src="fp32", n=65536, hidden=4096, m=32768)["src"] == "fp32"
+    assert pick(src="fp16", dst="fp16", n=2048, hidden=4096, m=1024)["src"] == "bf16"  # same element sizes
 
 
 def test_a_fused_winner_is_not_carried_far_past_its_measured_n():
@@ -206,26 +206,23 @@ def test_every_path_the_shipped_table_chooses_gives_the_reference(path):
         mask = make_mask("random50", (67,))
         dst, src = torch.randn(67, 40), torch.randn(int(mask.sum()), 40)
         out = dst.clone()
-        mm.paths.RUNNERS[path](out, mask, src, False, config=cfg)
+        if path == "triton":
+            executor.merge_triton(out, mask, src, False, config=cfg)
+        else:
+            mm.paths.RUNNERS[path](out, mask, src, False)
         assert_merged(out, dst, mask, src, accumulate=False, path=path)
 
 
 def test_explain_returns_what_the_call_executes_on_every_branch(monkeypatch):
     """For inputs that reach each branch of dispatch.decide (the table's rules through the shipped H100 table,
     the heuristic, every refusal), the path and configuration the call runs are the ones explain() returns."""
-    from mmmerge_triton import core, lean
+    from mmmerge_triton import core
 
     table = json.loads(SHIPPED.read_text())
     ran = []
-    real_triton = core.merge_triton
-    spy = (lambda dst, mask, src, acc, rowmap=None, config=None, *a:
-           ran.append(("triton", config)) or real_triton(dst, mask, src, acc, rowmap, config, *a))
-    monkeypatch.setattr(core, "merge_triton", spy)  # the general path
-    real_execute = lean.execute
-    monkeypatch.setattr(lean, "execute", lambda launch, *a: ran.append(("triton", launch.config)) or real_execute(launch, *a))
-    for name, runner in list(mm.paths.RUNNERS.items()):
-        if name != "triton":
-            monkeypatch.setitem(core.RUNNERS, name, lambda *args, _n=name, _r=runner: ran.append((_n, None)) or _r(*args))
+    real_run = core.run
+    monkeypatch.setattr(core, "run", lambda prepared, *a, **k: ran.append(
+        (prepared.decision.path, prepared.decision.config)) or real_run(prepared, *a, **k))  # the one executor
 
     def check(dst, src, mask, label):
         ran.clear()

@@ -1,6 +1,7 @@
 """The gates in front of the Triton path, on the CPU: inputs whose meaning is not all in their bytes (the
 negative bit, forward-mode tangents, torch.func's wrappers) get PyTorch's result from every entry point, on
-the first call of a signature and on a hit of its lean entry; and an entry keeps only what its key decides.
+the first call of a signature and on a memo hit of its entry (core._prepared); and an entry keeps only what its
+key decides.
 PyTorch's index_put on the same inputs is the oracle. The Triton path runs under the interpreter, which reads
 tensors' memory raw as the compiled kernels do; ``auto`` is made to choose it, as on a GPU."""
 import pytest
@@ -9,7 +10,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import grad, jvp, vmap
 
 import mmmerge_triton as mm
-from mmmerge_triton import KernelConfig, dispatch, lean
+from mmmerge_triton import KernelConfig, core, dispatch, kernel_config
 
 from .conftest import assert_bits_equal
 
@@ -25,7 +26,8 @@ TRANSFORM_REFUSAL = "path='triton' cannot merge under a function transform"
 def triton_auto(monkeypatch):
     """path="auto" chooses the Triton path for every input it can take (as the tables do on a GPU), and lists
     are read in place by the multi-item kernel; fresh decisions and entries."""
-    monkeypatch.setattr(dispatch, "_table_decision", lambda *args: dispatch.Decision("triton", None, KernelConfig(2, 32), False, "test"))
+    monkeypatch.setattr(dispatch, "_table_decision",
+                        lambda *args: kernel_config.Decision("triton", None, KernelConfig(2, 32), False, "test"))
     monkeypatch.setattr(dispatch, "items_in_place_pays", lambda *args: True)
     dispatch.clear_cache()
     yield
@@ -191,7 +193,8 @@ def outcome(run):
 def test_plain_tensors_merged_inside_a_transformed_function(entry):
     """The transform wraps none of the merge's tensors (made outside the function), but it is on: host reads
     (.numpy() of the mask) fail under grad and jvp, and PyTorch refuses there to write a captured tensor in
-    place. So the signature's lean entry is not taken: the outcome is PyTorch's, result or error."""
+    place. So the signature's memoized entry is not taken (core.transformed: PyTorch's index_put_ merges): the
+    outcome is PyTorch's, result or error."""
     dst, mask, src = make()
     merge(entry, dst.clone(), mask, src, "auto")  # the signature's entry
 
@@ -243,19 +246,43 @@ def test_transforms_refuse_path_triton_and_count_mismatches(entry):
 
 # An entry keeps only what its key decides (item 12).
 
+def spy_on_the_memo(monkeypatch) -> tuple[list, list]:
+    """(signatures, prepared): the keys core._signature returned and the keys core._prepare was called with, in
+    order, from now on (a call whose key is never prepared is a memo hit)."""
+    signatures, prepared = [], []
+    signature, prepare = core._signature, core._prepare
+
+    def spied_signature(*args):
+        signatures.append(signature(*args))
+        return signatures[-1]
+
+    def spied_prepare(key, *args):
+        prepared.append(key)
+        return prepare(key, *args)
+
+    monkeypatch.setattr(core, "_signature", spied_signature)
+    monkeypatch.setattr(core, "_prepare", spied_prepare)
+    return signatures, prepared
+
+
 @pytest.mark.parametrize("path", ["auto", "triton"])
-def test_a_first_call_with_a_wrong_mask_length_does_not_keep_its_signature_off_the_lean_call(monkeypatch, path):
-    """The mask's length is checked per call, not by the key: a first call of a signature with a mask one row
-    short raises, and the next good call of the signature is served by a prepared entry."""
-    served = []
-    real = lean.merge
-    monkeypatch.setattr(lean, "merge", lambda *args: served.append(real(*args)) or served[-1])
+def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(monkeypatch, path):
+    """The mask's length is checked per call (core.check_call), not by the key: a first call of a signature with
+    a mask one row short raises, memoizing nothing under the key, or an entry that the next good call of the
+    signature hits; that good call merges PyTorch's result through the signature's entry, and the call after it
+    is a memo hit."""
+    signatures, prepared = spy_on_the_memo(monkeypatch)
     dst, mask, src = make()
     with pytest.raises(ValueError, match="is_multimodal has shape"):
         mm.merge_multimodal_embeddings(dst, src, mask[1:].clone(), path=path)  # aligned as mask: the same key
-    before = dst.clone()
-    mm.merge_multimodal_embeddings(dst, src, mask, path=path)
-    assert served == [False, True], "the good call took the general path"
-    assert_same(dst, torch_merge("merge_multimodal_embeddings", before, mask, src))
-    (entry,) = lean._entries.values()  # one signature: the failed call's, prepared by the good call
-    assert entry is not None
+    left = dict(core._prepared)  # what the failed call memoized
+    for seed in range(2):  # the good call after the failed one, then a hit
+        dst, mask, src = make(seed=seed)
+        before = dst.clone()
+        mm.merge_multimodal_embeddings(dst, src, mask, path=path)
+        assert_same(dst, torch_merge("merge_multimodal_embeddings", before, mask, src), f"good call {seed}")
+    key = signatures[0]
+    assert key is not None and signatures == [key] * 3, "the calls are not of one signature"
+    assert prepared == ([key] if key in left else [key, key]), (
+        f"prepared {len(prepared)} times: the failed call's entry was not hit, or the good call's was not kept")
+    assert list(core._prepared) == [key]  # one signature: the failed call's, its entry made by it or the good call

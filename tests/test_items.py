@@ -11,8 +11,8 @@ from mmmerge_triton import dispatch
 
 ITEMS_RULE = dispatch.items_in_place_pays  # the rule itself: the fixture below forces its answer elsewhere
 from mmmerge_triton import items as items_mod
-from mmmerge_triton import paths as paths_mod
-from mmmerge_triton import rowmap
+from mmmerge_triton import executor as executor_mod
+from mmmerge_triton import scatter
 from mmmerge_triton.kernel_config import KernelConfig
 
 from .conftest import ALL_PATHS, assert_bits_equal, assert_merged, make_mask, randn
@@ -73,7 +73,7 @@ def test_in_place_rule_picks_the_faster_variant_at_every_measured_point():
 def test_merge_of_several_items_matches_reference(path, layout, monkeypatch):
     items, shared = item_layout(layout)
     launches = []
-    monkeypatch.setattr(paths_mod, "merge_items", lambda *args: launches.append(1) or items_mod.merge_items(*args))
+    monkeypatch.setattr(executor_mod, "merge_items", lambda *args: launches.append(1) or items_mod.merge_items(*args))
     rows = torch.cat([t.reshape(-1, H).float() for t in items])
     mask = torch.zeros(2, 30, dtype=torch.bool)
     mask.view(-1)[torch.randperm(60, generator=torch.Generator().manual_seed(2))[: rows.shape[0]]] = True
@@ -141,7 +141,7 @@ def test_merge_items_with_device_row_map_moves_first_min_k_m_rows(config, m_vs_k
     stride = items_mod.common_row_stride(items)
     assert stride == hidden + 3
     items_mod.merge_items(dst, mask, items_mod.ItemList.of(items), stride, accumulate, config,
-                          rowmap.device_rows(mask, m))
+                          scatter.device_rows(mask, m))
     moved = min(k, m)
     moved_mask = torch.zeros(n, dtype=torch.bool)
     moved_mask[torch.from_numpy(np.flatnonzero(mask.numpy())[:moved])] = True
@@ -175,7 +175,7 @@ def test_items_at_addresses_off_their_element_size_are_merged_right(layout):
 
     items = [item(3, offsets[0], 1), item(4, offsets[1], 2)]
     assert [t.data_ptr() % 2 for t in items] == [o % 2 for o in offsets]
-    assert items_mod._tables(items_mod.ItemList.of(items)) is None
+    assert items_mod.item_tables(items_mod.ItemList.of(items)) is None
     mask = make_mask("random50", (20,), seed=3)
     mask.view(-1)[:] = False
     mask.view(-1)[[1, 2, 5, 8, 9, 13, 19]] = True

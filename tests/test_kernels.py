@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import paths, rowmap, scatter
+from mmmerge_triton import executor, scatter
 from mmmerge_triton.scatter import ADD, COPY, GATHER
 from mmmerge_triton.kernel_config import KernelConfig
 
@@ -166,7 +166,7 @@ def test_device_rows_builds_the_row_map_and_count(n, capacity_vs_k):
     true_rows = np.flatnonzero(mask.numpy())
     k = true_rows.size
     capacity = {"equal": k, "smaller": k // 2, "larger": k + 7}[capacity_vs_k]
-    rows, count = rowmap.device_rows(mask, capacity)
+    rows, count = scatter.device_rows(mask, capacity)
     assert rows.dtype == torch.int32 and count.dtype == torch.int32
     assert count.tolist() == [k]
     kept = min(k, capacity)
@@ -187,15 +187,15 @@ def test_mask_to_rows_drops_entries_past_capacity(n):
 
 
 def test_device_rows_of_empty_and_all_false_masks():
-    rows, count = rowmap.device_rows(torch.zeros(0, dtype=torch.bool), 0)
+    rows, count = scatter.device_rows(torch.zeros(0, dtype=torch.bool), 0)
     assert count.tolist() == [0]
-    rows, count = rowmap.device_rows(torch.zeros(50, dtype=torch.bool), 4)
+    rows, count = scatter.device_rows(torch.zeros(50, dtype=torch.bool), 4)
     assert count.tolist() == [0]
 
 
 def test_device_rows_of_a_2d_mask_uses_flat_row_indices():
     mask = make_mask("random50", (4, 9), seed=2)
-    rows, count = rowmap.device_rows(mask, int(mask.sum()))
+    rows, count = scatter.device_rows(mask, int(mask.sum()))
     assert rows.tolist() == np.flatnonzero(mask.numpy()).tolist()
 
 
@@ -215,7 +215,7 @@ def test_mask_kernels_read_any_nonzero_byte_as_true(n):
     true_rows = np.flatnonzero(clean.numpy())
     k = true_rows.size
     assert int(odd.view(torch.uint8).sum()) > k, "the mask must hold bytes above 1"
-    rows, count = rowmap.device_rows(odd, k)
+    rows, count = scatter.device_rows(odd, k)
     assert count.tolist() == [k]
     assert rows[:k].tolist() == true_rows.tolist()
     dense = Guarded(n, 8, torch.float32, seed=1)
@@ -236,7 +236,7 @@ def test_merge_triton_with_kernel_config(src_dtype, dst_dtype, config, accumulat
     src = randn(int(mask.sum()), H, dtype=src_dtype, seed=1)
     assert src.shape[0] % 2 == 1
     out = dst.clone()
-    paths.merge_triton(out, mask, src, accumulate, rowmap=None, config=config)
+    executor.merge_triton(out, mask, src, accumulate, rowmap=None, config=config)
     assert_merged(out, dst, mask, src, accumulate, "triton")
 
 
@@ -250,8 +250,8 @@ def test_merge_triton_with_device_row_map_tolerates_count_mismatch(m_vs_k, accum
     m = {"m_equals_k": k, "m_below_k": k - 4, "m_above_k": k + 4}[m_vs_k]
     dst = Guarded(N, H, torch.float32, seed=1)
     src = Guarded(m, H, torch.float16, seed=2)
-    row_map = rowmap.device_rows(mask, m)
-    paths.merge_triton(dst.view, mask, src.view, accumulate, rowmap=row_map, config=KernelConfig(2, 32))
+    row_map = scatter.device_rows(mask, m)
+    executor.merge_triton(dst.view, mask, src.view, accumulate, rowmap=row_map, config=KernelConfig(2, 32))
     assert_rows_moved(ADD if accumulate else COPY, dst, src, np.flatnonzero(mask.numpy()), min(k, m))
 
 
@@ -260,7 +260,7 @@ def test_merge_triton_count_mismatch_with_cpu_mask_raises_before_writing():
     dst = randn(N, H)
     before = dst.clone()
     with pytest.raises(ValueError, match="multimodal tokens to"):
-        paths.merge_triton(dst, mask, randn(int(mask.sum()) + 1, H), False, config=KernelConfig(2, 32))
+        executor.merge_triton(dst, mask, randn(int(mask.sum()) + 1, H), False, config=KernelConfig(2, 32))
     assert_bits_equal(dst, before)
 
 

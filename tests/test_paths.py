@@ -84,7 +84,7 @@ def test_larger_shape_with_multi_row_tiles_matches_reference():
     dst, src = merge_inputs(mask, 40, torch.float16, torch.float32)
     assert src.shape[0] >= 1024 and src.shape[0] % 2 == 1
     out = dst.clone()
-    mm.paths.merge_triton(out, mask, src, False, config=mm.KernelConfig(16, 32, 8, 1, False))
+    mm.executor.merge_triton(out, mask, src, False, config=mm.KernelConfig(16, 32, 8, 1, False))
     assert_merged(out, dst, mask, src, False, "triton")
 
 

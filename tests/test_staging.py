@@ -20,7 +20,7 @@ import torch
 
 import mmmerge_triton as mm
 from mmmerge_triton import items as items_mod
-from mmmerge_triton import paths, rowmap, staging
+from mmmerge_triton import executor, rowmap, staging
 
 from .conftest import INTERPRETED, assert_merged, randn
 
@@ -434,7 +434,7 @@ def test_int32_row_maps_refuse_more_than_2_31_rows():
     dst = torch.zeros(1, 4).expand(mask.shape[0], 4)
     if INTERPRETED:  # else the Triton path refuses CPU tensors first
         with pytest.raises(ValueError, match=r"int32 row maps: at most 2147483647 mask rows .* got 2147483648"):
-            paths.merge_triton(dst, mask, torch.zeros(0, 4), False, config=mm.KernelConfig(1, 4))
+            executor.merge_triton(dst, mask, torch.zeros(0, 4), False, config=mm.KernelConfig(1, 4))
     with pytest.raises(ValueError, match="int32 row maps"):
         mm.MergePlan(mask)
     items = items_mod.ItemList.of([torch.zeros(1, 4), torch.zeros(2, 4)])

@@ -1,13 +1,16 @@
-"""Every adversarial input run twice: the first call of its signature, then a hit of the prepared entry that
-call made (lean.py), with outcomes identical to each other and to the general path's (api.py, the lean call
-switched off): the tensors returned and written, bit for bit; or the same exception type and text, with
-nothing written. Then interleaved with good calls of the same signature, in both orders: a bad call must not
-poison the entry of its signature, and an entry must not skip a check the bad call needs (issue 22).
+"""Every adversarial input run twice: the first call of its signature (core._prepare runs: every argument
+check, the decision, and the entry memoized under the signature), then a memo hit of the entry that call made
+(core._prepare skipped), with outcomes identical to each other and to the memo switched off (core._signature
+returning None: every call prepared): the tensors returned and written, bit for bit; or the same exception type
+and text, with nothing written. Then interleaved with good calls of the same signature, in both orders: a bad
+call must not poison the entry of its signature, and a hit must not skip a check the bad call needs (issue 22).
 
-A check added to one route and not to the other shows here as a difference. So that two general-path runs are
-never compared by mistake, the lean route is spied on: a good plain call must be served by lean.merge, the
-second time from the entry the first made (assert_served_then_hit). The Triton path runs under the interpreter;
-``auto_triton`` is path="auto" made to choose it, as the tables do on a GPU.
+A check added to core._prepare and not to what a hit runs (core.check_call, the executor), or the reverse,
+shows here as a difference. So that two prepared runs are never compared by mistake, core.merge_ is spied on
+(Memo): a good plain call must be prepared on its first call and a memo hit on its second
+(assert_prepared_then_hit), and a bad call between good calls of its signature must hit their entry
+(HIT_BY_THE_BAD_CALL). The Triton path runs under the interpreter; ``auto_triton`` is path="auto" made to choose
+it, as the tables do on a GPU.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch, lean
+from mmmerge_triton import core, dispatch
 from mmmerge_triton.kernel_config import default_config
 
 from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal
@@ -33,7 +36,7 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 PATHS = ("auto", "auto_triton", "triton", "index_put", "index_copy", "masked_scatter")
 TRITON_PATHS = ("auto_triton", "triton")
 SCATTERS = ("masked_row_scatter_", "masked_row_scatter")
-IN_PLACE = ("merge_multimodal_embeddings", "masked_row_scatter_")  # the entry points that take the lean call
+IN_PLACE = ("merge_multimodal_embeddings", "masked_row_scatter_")  # they merge into the caller's own dst
 TENSOR_ENTRIES = ("merge_multimodal_embeddings", *SCATTERS)
 
 
@@ -42,8 +45,8 @@ TENSOR_ENTRIES = ("merge_multimodal_embeddings", *SCATTERS)
 @dataclass
 class Inputs:
     """One call's arguments. ``watched``: tensors besides dst whose bytes the call may not change but as the
-    general path does (a buffer dst and src view). ``run(api)``: the call and what to compare of it, where the
-    plain ``(api(dst, mask, src),)`` is not enough (gradients, inference mode, forward-mode AD)."""
+    memo switched off does (a buffer dst and src view). ``run(api)``: the call and what to compare of it, where
+    the plain ``(api(dst, mask, src),)`` is not enough (gradients, inference mode, forward-mode AD)."""
 
     dst: torch.Tensor
     mask: object
@@ -264,7 +267,7 @@ def column(seed) -> Inputs:
 class Case(NamedTuple):
     make: Callable[[int], Inputs]  # seed -> fresh inputs
     entries: tuple = TENSOR_ENTRIES
-    served: bool = False  # a good plain call: the lean route serves it, the second time from the first's entry
+    good: bool = False  # a good plain call: prepared on its first call, a memo hit on its second (a list: unkeyed)
     paths: tuple = PATHS
 
 
@@ -272,23 +275,23 @@ def _plain_cases() -> dict:
     cases = {}
     for (src_dtype, dst_dtype), name in zip(DTYPE_PAIRS, DTYPE_PAIR_IDS):
         cases[f"plain[{name}]"] = Case(lambda s, d=dst_dtype, t=src_dtype: plain(s, d, t), (*TENSOR_ENTRIES, "items"),
-                                       served=True)
+                                       good=True)
         cases[f"accumulate[{name}]"] = Case(lambda s, d=dst_dtype, t=src_dtype: plain(s, d, t, accumulate=True),
-                                            SCATTERS, served=True)
+                                            SCATTERS, good=True)
     return cases
 
 
 CASES = {
     **_plain_cases(),
-    "accumulate_false": Case(lambda s: plain(s, accumulate=False), SCATTERS, served=True),
-    "check_count_true": Case(lambda s: plain(s, check_count=True), served=True),
-    "bool_bytes_2_and_255": Case(bool_bytes, served=True),
-    "dst_rows_strided": Case(every_other_dst_row, served=True),
-    "mask_strided": Case(changed(mask=lambda i: torch.stack([i.mask, ~i.mask], 1)[:, 0]), served=True),
+    "accumulate_false": Case(lambda s: plain(s, accumulate=False), SCATTERS, good=True),
+    "check_count_true": Case(lambda s: plain(s, check_count=True), good=True),
+    "bool_bytes_2_and_255": Case(bool_bytes, good=True),
+    "dst_rows_strided": Case(every_other_dst_row, good=True),
+    "mask_strided": Case(changed(mask=lambda i: torch.stack([i.mask, ~i.mask], 1)[:, 0]), good=True),
     "mask_expanded_all_true": Case(changed(mask=lambda i: torch.ones(1, dtype=torch.bool).expand(N),
-                                           src=lambda i: randn(N, H, seed=7)), served=True),
-    "one_column_src_strided": Case(column, served=True),
-    "inference_inside_inference_mode": Case(inference(True), served=True),
+                                           src=lambda i: randn(N, H, seed=7)), good=True),
+    "one_column_src_strided": Case(column, good=True),
+    "inference_inside_inference_mode": Case(inference(True), good=True),
     # A count mismatch with a CPU mask: vLLM's error, nothing written.
     "count_one_short": Case(changed(src=lambda i: i.src[:-1].clone()), (*TENSOR_ENTRIES, "items")),
     "count_one_over": Case(changed(src=lambda i: torch.cat([i.src, i.src[:1]]))),
@@ -305,12 +308,15 @@ CASES = {
     # What a tensor's bytes do not say.
     "src_negative_bit": Case(negated("src"), (*TENSOR_ENTRIES, "items")),
     "dst_negative_bit": Case(negated("dst")),  # path="triton" refuses it: its first call prepares nothing
+    # Gradients: the registered out-of-place op (in place, dst.copy_ of its result, which PyTorch refuses for a
+    # leaf), whose implementation runs core.merge_ on dst's copy, memo and all.
     "dst_leaf_requires_grad": Case(requiring_grad("dst_leaf")),
     "dst_view_and_src_require_grad": Case(requiring_grad("dst_view"), (*TENSOR_ENTRIES, "items")),
     "src_requires_grad": Case(requiring_grad("src")),
+    # Inference tensors, and forward-mode tangents (PyTorch's index_put_ under a function transform).
     "inference_outside_inference_mode": Case(inference(False)),
     "forward_ad_duals": Case(forward_ad, (*TENSOR_ENTRIES, "items")),
-    # Sizes, layouts and dtypes the lean call leaves to the general path, or to index_put.
+    # Empty sizes, odd layouts (a 3-D dst has no signature: prepared on every call), dtypes left to index_put.
     "empty_m": Case(changed(mask=lambda i: torch.zeros(N, dtype=torch.bool), src=lambda i: i.src[:0])),
     "empty_h": Case(changed(dst=lambda i: i.dst[:, :0], src=lambda i: i.src[:, :0])),
     "dst_3d": Case(three_dims),
@@ -381,7 +387,7 @@ def outcome(inputs: Inputs, entry: str, path: str) -> Outcome:
     before, version_before = tuple(map(snapshot, watched)), version(inputs.dst)
     try:
         got = inputs.run(api, inputs) if inputs.run else (api(inputs.dst, inputs.mask, inputs.src),)
-    except Exception as error:  # noqa: BLE001 - compared with the other route's, whatever it is
+    except Exception as error:  # noqa: BLE001 - compared with the other run's, whatever it is
         for i, (t, b) in enumerate(zip(watched, before)):
             assert_bits_equal(snapshot(t), b, f"tensor {i} written before {type(error).__name__}: {error}")
         return Outcome(type(error), str(error), (), False, None)
@@ -403,52 +409,86 @@ def assert_same(actual: Outcome, expected: Outcome, what: str) -> None:
             assert a == e, f"{what}, value {i}"
 
 
-def general(monkeypatch, inputs: Inputs, entry: str, path: str) -> Outcome:
-    """The outcome of the general path alone (the lean call switched off)."""
-    with monkeypatch.context() as patch:
-        patch.setattr(lean, "merge", lambda *args: False)
-        return outcome(inputs, entry, path)
+class Call(NamedTuple):
+    """A call's outcome and what each run of core.merge_ in it did (a call that needs gradients runs it in the
+    registered op, and again in the backward pass's scatter). ``runs``: "hit" (its signature's entry, memoized
+    by an earlier call: core._prepare not called), "prepared" (core._prepare ran and memoized an entry under the
+    signature), "unkeyed" (core._prepare ran for a call without a signature: key None), "transformed" (under a
+    function transform: PyTorch's op, no entry), or "raised". ``found``: how each run found its entry, whether it
+    then raised or not: as ``runs``, and "refused" where core._prepare raised for a signature (nothing memoized)."""
+
+    outcome: Outcome
+    runs: list
+    found: list
 
 
-class Lean:
-    """A spy on the lean route: what lean.merge did in each call ("served", "declined": the general path ran,
-    or "raised"), and how many entries it prepared (lean._prepare calls)."""
+class Memo:
+    """A spy on the memo: core.merge_, core._prepare and core._merge_by_torch wrapped to tell Call's labels
+    apart (a run that calls neither of the last two is a hit)."""
 
     def __init__(self, monkeypatch):
-        self.calls, self.prepared = [], 0
-        merge, prepare = lean.merge, lean._prepare
+        self.runs, self.found = [], []
+        merge_, prepare, merge_by_torch = core.merge_, core._prepare, core._merge_by_torch
+        run = {}  # the current run of core.merge_: the key core._prepare was called with, whether it raised
 
-        def spied_merge(*args):
+        def spied_prepare(key, *args):
+            run["key"], run["refused"] = key, True
+            prepared = prepare(key, *args)
+            run["refused"] = False
+            return prepared
+
+        def spied_merge_by_torch(*args, **kwargs):
+            run["transformed"] = True
+            return merge_by_torch(*args, **kwargs)
+
+        def spied_merge(*args, **kwargs):
+            run.clear()
+            raised = True
             try:
-                served = merge(*args)
-            except Exception:
-                self.calls.append("raised")
-                raise
-            self.calls.append("served" if served else "declined")
-            return served
+                merge_(*args, **kwargs)
+                raised = False
+            finally:
+                if "transformed" in run:
+                    found = "transformed"
+                elif "key" not in run:
+                    found = "hit"
+                elif run["key"] is None:
+                    found = "unkeyed"
+                else:
+                    found = "refused" if run["refused"] else "prepared"
+                self.found.append(found)
+                self.runs.append("raised" if raised else found)
 
-        def spied_prepare(*args):
-            self.prepared += 1
-            return prepare(*args)
+        monkeypatch.setattr(core, "merge_", spied_merge)
+        monkeypatch.setattr(core, "_prepare", spied_prepare)
+        monkeypatch.setattr(core, "_merge_by_torch", spied_merge_by_torch)
 
-        monkeypatch.setattr(lean, "merge", spied_merge)
-        monkeypatch.setattr(lean, "_prepare", spied_prepare)
-
-    def run(self, inputs: Inputs, entry: str, path: str) -> tuple[Outcome, list, int]:
-        """The call's outcome, what lean.merge did in it, and the entries it prepared."""
-        calls, prepared = len(self.calls), self.prepared
+    def run(self, inputs: Inputs, entry: str, path: str) -> Call:
+        start = len(self.runs)
         result = outcome(inputs, entry, path)
-        return result, self.calls[calls:], self.prepared - prepared
+        return Call(result, self.runs[start:], self.found[start:])
 
 
-def assert_served_then_hit(first: tuple, second: tuple, what: str) -> None:
-    """Lean.run's answers of two calls of one signature: the first prepared a live entry and merged through
-    it, the second merged through it too, preparing nothing (a cache hit, not a second first call)."""
-    (_, first_calls, first_prepared), (_, second_calls, second_prepared) = first, second
-    assert (first_calls, first_prepared) == (["served"], 1), f"{what}: first call {first_calls}, {first_prepared} made"
-    assert any(entry is not None for entry in lean._entries.values()), f"{what}: no live entry"
-    assert (second_calls, second_prepared) == (["served"], 0), (
-        f"{what}: second call {second_calls}, {second_prepared} made: not a hit")
+def memo_off(monkeypatch, inputs: Inputs, entry: str, path: str) -> Outcome:
+    """The outcome with the memo switched off: core._signature returns None, so every call is prepared (checked
+    and decided) afresh, none a hit."""
+    with monkeypatch.context() as patch:
+        patch.setattr(core, "_signature", lambda *args: None)
+        call = Memo(patch).run(inputs, entry, path)
+    assert not {"hit", "prepared", "refused"} & set(call.found), f"the memo is not off: {call.found}"
+    return call.outcome
+
+
+def assert_prepared_then_hit(first: Call, second: Call, what: str, keyed: bool) -> None:
+    """Two calls of one signature (``keyed``): the first prepared and memoized its entry and merged through it,
+    the second merged through it too, preparing nothing (a memo hit, not a second first call). A call without a
+    signature (a list of items) is prepared on both."""
+    if not keyed:
+        assert (first.runs, second.runs) == (["unkeyed"], ["unkeyed"]), f"{what}: {first.runs}, then {second.runs}"
+        return
+    assert first.runs == ["prepared"], f"{what}: first call {first.runs}"
+    assert core._prepared, f"{what}: no entry memoized"
+    assert second.runs == ["hit"], f"{what}: second call {second.runs}: not a memo hit"
 
 
 @pytest.fixture
@@ -483,16 +523,21 @@ def _twice_params():
 
 @pytest.mark.parametrize("name, path, entry", list(_twice_params()))
 def test_first_call_and_cache_hit_agree(monkeypatch, route, name, path, entry):
-    """The same input, fresh copies, twice after clear_cache: both outcomes identical, and the general path's."""
+    """The same input, fresh copies, twice after clear_cache: both outcomes identical, and the memo switched
+    off's. Where the first call memoized an entry, the second is a memo hit (whatever it then raises)."""
     case = CASES[name]
     api_path = route(path)
-    spy = Lean(monkeypatch)
+    spy = Memo(monkeypatch)
     first = spy.run(case.make(0), entry, api_path)
     second = spy.run(case.make(0), entry, api_path)
-    assert_same(first[0], general(monkeypatch, case.make(0), entry, api_path), "first call against the general path")
-    assert_same(second[0], first[0], "cache hit against the first call")
-    if case.served and entry in IN_PLACE:
-        assert_served_then_hit(first, second, name)
+    assert_same(first.outcome, memo_off(monkeypatch, case.make(0), entry, api_path),
+                "first call against the memo switched off")
+    assert_same(second.outcome, first.outcome, "memo hit against the first call")
+    if "prepared" in first.found:
+        assert not {"prepared", "refused"} & set(second.found), (
+            f"first call {first.found}, second {second.found}: not a memo hit")
+    if case.good:
+        assert_prepared_then_hit(first, second, f"{name} by {entry}", keyed=entry != "items")
 
 
 # ---- interleaved with good calls of the same signature --------------------------------------------------------
@@ -526,24 +571,40 @@ PAIRS = {
 }
 
 
+# The bad inputs of their good twin's signature: after a good call, every run of core.merge_ in the bad call is
+# a memo hit of its entry, so a check that only core._prepare makes shows here. The others differ in a field of
+# the signature (M's bucket, the mask's dtype, src's strides, dst's negative bit, the path), have none (a flag
+# that is not a bool) or merge under a function transform (forward-mode AD): prepared afresh, as the first call.
+HIT_BY_THE_BAD_CALL = {
+    "count_one_short", "mask_one_short", "src_is_dsts_rows", "src_is_dsts_bytes_as_bf16",
+    "src_straddles_dsts_columns", "column_halves_of_one_buffer", "every_other_row_of_one_buffer",
+    "mask_of_dsts_bytes", "mask_of_dsts_bytes_strided", "src_negative_bit", "dst_leaf_requires_grad",
+    "dst_view_and_src_require_grad", "src_requires_grad", "inference_outside_inference_mode",
+}
+
+
 @pytest.mark.parametrize("order", ["good_first", "bad_first"])
 @pytest.mark.parametrize("entry", IN_PLACE)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", PAIRS)
 def test_a_bad_call_between_good_calls_of_its_signature(monkeypatch, route, name, path, entry, order):
-    """good, bad, good (or bad, good, good) after clear_cache: each outcome the general path's, and every good
-    call served by the lean route, the last one from an entry already made."""
+    """good, bad, good (or bad, good, good) after clear_cache: each outcome the memo switched off's; every good
+    call prepared (the first call) or a memo hit (the last one: the entry of its signature was kept); and a
+    bad call after a good one of its signature a memo hit of that call's entry (HIT_BY_THE_BAD_CALL)."""
     make_bad, make_good = PAIRS[name]
     api_path = route(path)
-    spy = Lean(monkeypatch)
+    spy = Memo(monkeypatch)
     calls = [("good", make_good, 0), ("bad", make_bad, 1), ("good", make_good, 2)]
     if order == "bad_first":
         calls = [calls[1], calls[0], calls[2]]
     for i, (kind, make, seed) in enumerate(calls):
-        got, lean_calls, prepared = spy.run(make(seed), entry, api_path)
-        expected = general(monkeypatch, make(seed), entry, api_path)
-        assert_same(got, expected, f"call {i} ({kind}) against the general path")
+        call = spy.run(make(seed), entry, api_path)
+        assert_same(call.outcome, memo_off(monkeypatch, make(seed), entry, api_path),
+                    f"call {i} ({kind}) against the memo switched off")
         if kind == "good":
-            assert lean_calls == ["served"], f"call {i} (good) was {lean_calls}: not a lean call"
-            if i == 2:
-                assert prepared == 0, "the last good call prepared an entry: the entry of its signature was lost"
+            allowed = {0: [["prepared"]], 2: [["hit"]]}.get(i, [["prepared"], ["hit"]])
+            assert call.runs in allowed, (
+                f"call {i} (good) was {call.runs}" + (": the entry of its signature was lost" if i == 2 else ""))
+        elif i == 1:
+            hit = bool(call.found) and set(call.found) == {"hit"}
+            assert hit == (name in HIT_BY_THE_BAD_CALL), f"call 1 (bad) found its entry thus: {call.found}"

@@ -13,7 +13,7 @@ Triton configuration at each point, and writes the regret table (default
 ./mmmerge-results/regret_<device>.json in the current directory).
 
 Runtime internals used (no public function does the same): ``paths.RUNNERS`` (the bare paths, as in bench.py),
-``paths.merge_triton(config=...)`` (a Triton configuration launched directly), ``kernel_config.default_config`` and
+``executor.merge_triton(config=...)`` (a Triton configuration launched directly), ``kernel_config.default_config`` and
 ``kernel_config.default_of_kind`` (the defaults a measured configuration must beat), and ``dispatch.TABLE_VERSION``,
 ``table_dir``, ``table_file_name``, ``clear_cache`` and ``choose`` (the table's format, where it lives, and the
 cached decision whose cost --evaluate reports).
@@ -32,7 +32,7 @@ import torch
 import triton
 
 from . import timing
-from .. import PATHS, KernelConfig, dispatch, explain, masked_row_scatter_, paths
+from .. import PATHS, KernelConfig, dispatch, executor, explain, masked_row_scatter_, paths
 from ..kernel_config import default_config, default_of_kind
 from .bench import DEFAULT_OUT, _progress, device_name, environment
 from .cases import Case, make_inputs
@@ -72,11 +72,11 @@ def tune_case(case: Case, device: torch.device) -> dict:
     """Loop µs of every path and Triton configuration at one point, and the winner."""
     dst, mask, src = make_inputs(case, device)
     loop_us = {name: _time(lambda r=runner: r(dst, mask, src, False), device)
-               for name, runner in paths.RUNNERS.items() if name != "triton"}
+               for name, runner in paths.RUNNERS.items()}
     configs = {}
 
     def run_config(cfg: KernelConfig) -> None:
-        configs[cfg] = _time(lambda: paths.merge_triton(dst, mask, src, False, config=cfg), device)
+        configs[cfg] = _time(lambda: executor.merge_triton(dst, mask, src, False, config=cfg), device)
 
     for cfg in triton_configs(case.hidden, case.mask == "gpu"):
         run_config(cfg)
@@ -87,7 +87,7 @@ def tune_case(case: Case, device: torch.device) -> dict:
     # time; a configuration that won one noisy sample does not displace the default on that alone.
     defaults = {default_of_kind(case.hidden, fused) for fused in ((False, True) if case.mask == "gpu" else (False,))}
     finalists = set(sorted(configs, key=configs.get)[:2]) | defaults
-    calls = {c: (lambda c=c: paths.merge_triton(dst, mask, src, False, config=c)) for c in finalists}
+    calls = {c: (lambda c=c: executor.merge_triton(dst, mask, src, False, config=c)) for c in finalists}
     configs.update(_interleaved_loop_us(calls, device, CONFIRM_ROUNDS))
     entry = {
         "key": _key(case),
@@ -240,13 +240,13 @@ def evaluate(device: torch.device, rounds: int = 5, finalists: int = 3) -> dict:
         loop_us = _interleaved_loop_us(api_calls, device, rounds)
         decision = explain(dst, src, mask)
         direct = {name: (lambda r=runner: r(dst, mask, src, False))
-                  for name, runner in paths.RUNNERS.items() if name != "triton"}
+                  for name, runner in paths.RUNNERS.items()}
         configs = set(triton_configs(case.hidden, case.mask == "gpu"))
         configs.add(default_config(case.hidden, src.shape[0], case.n, case.mask == "gpu"))
         if decision.config is not None:
             configs.add(decision.config)
         for cfg in configs:
-            direct[config_name(cfg)] = lambda c=cfg: paths.merge_triton(dst, mask, src, False, config=c)
+            direct[config_name(cfg)] = lambda c=cfg: executor.merge_triton(dst, mask, src, False, config=c)
         chosen = config_name(decision.config) if decision.path == "triton" else decision.path
         screened = _interleaved_loop_us(direct, device, 1)
         final_names = set(sorted(screened, key=screened.get)[:finalists]) | {chosen}

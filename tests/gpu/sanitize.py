@@ -51,7 +51,7 @@ def main() -> int:
     import mmmerge_triton.api
 
     mmmerge_triton.dispatch.items_in_place_pays = lambda *args: True  # lists through the multi-item kernel
-    from mmmerge_triton import paths, scatter
+    from mmmerge_triton import executor, scatter
     from mmmerge_triton.kernel_config import KernelConfig
 
     from gpu_helpers import DTYPE_PAIRS, assert_same, dev, first_true, pair_id, rand, random_mask, reference
@@ -63,17 +63,17 @@ def main() -> int:
     def merge(kind, dst, mask_cpu, src, acc, cfg=CFG):
         """Run one merge with a mask of ``kind`` (no host-side count check for device masks)."""
         if kind == "cpu":
-            paths.merge_triton(dst, mask_cpu, src, acc, config=cfg)
+            executor.merge_triton(dst, mask_cpu, src, acc, config=cfg)
         elif kind == "fused":
-            paths.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=True))
+            executor.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=True))
         elif kind == "two_pass":
-            paths.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=False))
+            executor.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=False))
         elif kind == "plan":
             plan = mt.MergePlan(mask_cpu.to(DEV))
-            paths.merge_triton(dst, plan.mask, src, acc, rowmap=plan.rowmap, config=cfg)
+            executor.merge_triton(dst, plan.mask, src, acc, rowmap=plan.rowmap, config=cfg)
         elif kind == "plan_cpu":
             plan = mt.MergePlan(mask_cpu, device=DEV)
-            paths.merge_triton(dst, mask_cpu, src, acc, rowmap=plan.rowmap, config=cfg)
+            executor.merge_triton(dst, mask_cpu, src, acc, rowmap=plan.rowmap, config=cfg)
         elif kind == "api":
             mt.masked_row_scatter_(dst, mask_cpu.to(DEV), src, accumulate=acc, path="triton")
         else:
@@ -263,8 +263,8 @@ def main() -> int:
                 if kind == "cpu":
                     mt.masked_row_scatter_(dst, mask, src, path="triton")
                 else:
-                    paths.merge_triton(dst, mask.to(DEV), src, False,
-                                       config=CFG_FUSED if kind == "fused" else CFG)
+                    executor.merge_triton(dst, mask.to(DEV), src, False,
+                                          config=CFG_FUSED if kind == "fused" else CFG)
                 assert_same(storage, ref_storage)
             case(f"I {name} {kind}", run)
 
@@ -453,7 +453,7 @@ def main() -> int:
                 if kind == "plan":
                     mt.masked_row_scatter_(dst, src=src, plan=mt.MergePlan(mask))
                 else:
-                    paths.merge_triton(dst, mask, src, False, config=CFG_FUSED if kind == "fused" else CFG)
+                    executor.merge_triton(dst, mask, src, False, config=CFG_FUSED if kind == "fused" else CFG)
                 assert_same(dst, expected)
             case(f"K {mask_layout} device mask {kind}", run)
 

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import paths  # noqa: E402
+from mmmerge_triton import executor  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, first_true, rand, random_mask, reference  # noqa: E402
@@ -125,7 +125,7 @@ def test_gpu_mask_without_plan(how, accumulate):
         cfg = KernelConfig(16, 256, 8, 1, how == "fused")
 
         def fn():
-            paths.merge_triton(st.dst, st.mask_buf, st.src, accumulate, config=cfg)
+            executor.merge_triton(st.dst, st.mask_buf, st.src, accumulate, config=cfg)
     g = capture(fn)
     for seed, k in ((10, M), (20, M - 50), (30, M + 50)):
         mask, dst, src = st.new_prompt(seed, k)

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import paths  # noqa: E402
+from mmmerge_triton import executor  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import (  # noqa: E402
@@ -96,7 +96,7 @@ def test_public_api_matches_index_put(pair, shape, mask_on_gpu, accumulate):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Forced kernel configurations through paths.merge_triton(..., config=cfg)
+# 2. Forced kernel configurations through executor.merge_triton(..., config=cfg)
 # ---------------------------------------------------------------------------------------------------------
 CONFIGS = [KernelConfig(rows, bh, nw, 1, fused)
            for fused in (False, True) for rows in (1, 4, 16) for bh in (128, 512, 4096) for nw in (4, 8)]
@@ -134,7 +134,7 @@ def test_forced_config_matches_index_put(pair, shape, mask_on_gpu, accumulate, c
     dst = rand((n, h), dst_dt, seed=3)
     src = rand((m, h), src_dt, seed=4)
     expected = reference(dst, mask, src, accumulate)
-    paths.merge_triton(dst, mask, src, accumulate, config=cfg)
+    executor.merge_triton(dst, mask, src, accumulate, config=cfg)
     assert_same(dst, expected, cfg_id(cfg))
 
 
@@ -157,7 +157,7 @@ def test_special_values(pair, accumulate, kind):
         mt.masked_row_scatter_(dst, mask, src, accumulate=accumulate, path="triton")
     else:
         cfg = KernelConfig(16, 128, 8, 1, kind == "gpu_fused")
-        paths.merge_triton(dst, mask, src, accumulate, config=cfg)
+        executor.merge_triton(dst, mask, src, accumulate, config=cfg)
     assert_same(dst, expected, kind)
 
 
@@ -277,7 +277,7 @@ def test_layouts_forced_device_config(layout, cfg):
     """Non-contiguous device masks and misaligned views through both device-mask kernels explicitly."""
     storage, dview, dst, src, mask = _build(layout, (torch.float32, torch.bfloat16), True)
     expected = _expected_storage(storage, dview, mask, src, False)
-    paths.merge_triton(dst, mask, src, False, config=cfg)
+    executor.merge_triton(dst, mask, src, False, config=cfg)
     assert_same(storage, expected, layout)
 
 
@@ -389,7 +389,7 @@ def test_gpu_mask_count_mismatch_semantics(n, k, m, how, accumulate):
     elif how == "plan":
         mt.masked_row_scatter_(dst, src=src, plan=mt.MergePlan(mask), accumulate=accumulate)
     else:
-        paths.merge_triton(dst, mask, src, accumulate, config=KernelConfig(4, 64, 4, 1, how == "fused"))
+        executor.merge_triton(dst, mask, src, accumulate, config=KernelConfig(4, 64, 4, 1, how == "fused"))
     assert_same(dst, expected)
 
 

@@ -1,7 +1,7 @@
-"""explain() is what runs on CUDA, for first calls and cache hits (the prepared call): device masks (the
-one-launch kernel below FUSED_BELOW rows, the two-launch one past it), host masks, a plan's row map, a list
-read in place, by the shipped H100 table (or the untuned rule on another GPU). The spy and the check are the
-CPU suite's (tests/test_explain.py)."""
+"""explain() is what runs on CUDA, for the first call of a signature and memo hits: device masks (the one-launch
+kernel below FUSED_BELOW rows, the two-launch one past it), host masks, a plan's row map, a list read in place,
+by the shipped H100 table (or the untuned rule on another GPU). The spy and the check are the CPU suite's
+(tests/test_explain.py: a spy on core.run, each call made twice around explain())."""
 import pytest
 import torch
 
@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import dispatch, executor  # noqa: E402
+from mmmerge_triton import dispatch, kernel_config  # noqa: E402
 from mmmerge_triton.kernel_config import FUSED_BELOW  # noqa: E402
 
 from gpu_helpers import dev, rand, random_mask  # noqa: E402
@@ -36,14 +36,14 @@ def _inputs(n, m, on_device, seed):
 def test_tensor_source_first_call_and_hits(monkeypatch, on_device, n, m):
     spy = Spy(monkeypatch)
     kinds = set()
-    for seed in range(3):  # the first call prepares the signature, the next two hit it
+    for seed in range(3):  # the first call prepares the signature, the later ones hit it
         dst, src, mask = _inputs(n, m, on_device, seed)
-        kinds.add(check(spy, dst, src, mask, f"N={n} M={m} seed={seed}").kind)
+        kinds.add(check(spy, dst, src, mask, f"N={n} M={m} seed={seed}", "hit" if seed else "first").kind)
     assert len(kinds) == 1
-    expected = {executor.HOST_ROWS} if not on_device else {executor.DEVICE_FUSED, executor.DEVICE_ROWS}
+    expected = {kernel_config.HOST_ROWS} if not on_device else {kernel_config.DEVICE_FUSED, kernel_config.DEVICE_ROWS}
     assert kinds <= expected
     if on_device and n < FUSED_BELOW:
-        assert kinds == {executor.DEVICE_FUSED}
+        assert kinds == {kernel_config.DEVICE_FUSED}
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["cpu_mask", "gpu_mask"])
@@ -51,7 +51,7 @@ def test_plan_and_items(monkeypatch, on_device):
     spy = Spy(monkeypatch)
     dst, src, mask = _inputs(3000, 900, on_device, 7)
     plan = mt.MergePlan(mask, device=dev())  # a CPU mask's plan lives on the GPU too
-    for _ in range(2):
-        assert check(spy, dst, src, None, "plan", plan=plan).kind == executor.PLAN_ROWS
+    for _ in range(2):  # neither has a signature: prepared on every call
+        assert check(spy, dst, src, None, "plan", "none", plan=plan).kind == kernel_config.PLAN_ROWS
         items = [src[:300], src[300:700], src[700:]]
-        assert check(spy, dst, items, mask, "items").kind == executor.ITEMS  # in place: tests/gpu/conftest.py
+        assert check(spy, dst, items, mask, "items", "none").kind == kernel_config.ITEMS  # in place: tests/gpu/conftest.py

@@ -1,7 +1,7 @@
 """The gates in front of the Triton path on CUDA, where path="auto" takes it: the negative bit, forward-mode AD,
 torch.func's vmap/grad/jvp, and an entry that keeps only what its key decides. Every entry point, a CPU and a
-device mask, the first call of a signature and a hit of its lean entry; PyTorch's index_put on the same
-inputs is the oracle, bit for bit."""
+device mask, the first call of a signature and a memo hit of its entry (core._prepared); PyTorch's index_put on
+the same inputs is the oracle, bit for bit."""
 import pytest
 import torch
 
@@ -12,7 +12,7 @@ import torch.autograd.forward_ad as fwAD  # noqa: E402
 from torch.func import grad, jvp, vmap  # noqa: E402
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import dispatch, lean  # noqa: E402
+from mmmerge_triton import core, dispatch  # noqa: E402
 
 from gpu_helpers import assert_same, dev, rand, random_mask  # noqa: E402
 
@@ -174,15 +174,41 @@ def test_vmap_grad_and_jvp_give_pytorchs_results(entry, mask_kind):
 
 # An entry keeps only what its key decides (item 12).
 
+def spy_on_the_memo(monkeypatch) -> tuple[list, list]:
+    """(signatures, prepared): the keys core._signature returned and the keys core._prepare was called with, in
+    order, from now on (a call whose key is never prepared is a memo hit)."""
+    signatures, prepared = [], []
+    signature, prepare = core._signature, core._prepare
+
+    def spied_signature(*args):
+        signatures.append(signature(*args))
+        return signatures[-1]
+
+    def spied_prepare(key, *args):
+        prepared.append(key)
+        return prepare(key, *args)
+
+    monkeypatch.setattr(core, "_signature", spied_signature)
+    monkeypatch.setattr(core, "_prepare", spied_prepare)
+    return signatures, prepared
+
+
 @pytest.mark.parametrize("mask_kind", MASKS)
-def test_a_first_call_with_a_wrong_mask_length_does_not_keep_its_signature_off_the_lean_call(mask_kind, monkeypatch):
-    served = []
-    real = lean.merge
-    monkeypatch.setattr(lean, "merge", lambda *args: served.append(real(*args)) or served[-1])
+def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(mask_kind, monkeypatch):
+    """A first call with a mask one row short raises, memoizing nothing under its key, or an entry that the next
+    good call of the signature hits; that call merges PyTorch's result, and the call after it is a memo hit."""
+    signatures, prepared = spy_on_the_memo(monkeypatch)
     dst, mask, src = make(mask_kind)
     with pytest.raises(ValueError, match="is_multimodal has shape"):
         mt.merge_multimodal_embeddings(dst, src, mask[1:].clone(), path="triton")  # aligned as mask: the same key
-    expected = torch_merge("merge_multimodal_embeddings", dst.clone(), mask, src)
-    mt.merge_multimodal_embeddings(dst, src, mask, path="triton")
-    assert served == [False, True], "the good call took the general path"
-    same(dst, expected)
+    left = dict(core._prepared)  # what the failed call memoized
+    for seed in range(2):  # the good call after the failed one, then a hit
+        dst, mask, src = make(mask_kind, seed)
+        expected = torch_merge("merge_multimodal_embeddings", dst.clone(), mask, src)
+        mt.merge_multimodal_embeddings(dst, src, mask, path="triton")
+        same(dst, expected, f"good call {seed}")
+    key = signatures[0]
+    assert key is not None and signatures == [key] * 3, "the calls are not of one signature"
+    assert prepared == ([key] if key in left else [key, key]), (
+        f"prepared {len(prepared)} times: the failed call's entry was not hit, or the good call's was not kept")
+    assert list(core._prepared) == [key]  # one signature: the failed call's, its entry made by it or the good call

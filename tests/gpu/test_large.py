@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import kernel_config, paths, scatter  # noqa: E402
+from mmmerge_triton import executor, kernel_config, scatter  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, rand  # noqa: E402
@@ -97,7 +97,7 @@ def test_rows_past_2_31_elements(kind, accumulate):
             mt.masked_row_scatter_(dst, src=src, plan=mt.MergePlan(mask.to(DEV)), accumulate=accumulate)
         else:
             cfg = KernelConfig(16, 512, 8, 1, kind == "gpu_fused")
-            paths.merge_triton(dst, mask.to(DEV), src, accumulate, config=cfg)
+            executor.merge_triton(dst, mask.to(DEV), src, accumulate, config=cfg)
         rows = torch.tensor(SEL, device=DEV)
         values = src.to(DT)
         if accumulate:
@@ -144,7 +144,7 @@ def test_src_past_2_31_elements(kind):
         elif kind == "gpu_auto":
             mt.masked_row_scatter_(dst, mask.to(DEV), src)
         else:
-            paths.merge_triton(dst, mask.to(DEV), src, False, config=KernelConfig(16, 512, 8, 1, True))
+            executor.merge_triton(dst, mask.to(DEV), src, False, config=KernelConfig(16, 512, 8, 1, True))
         false_gpu = torch.tensor(FALSE_ROWS, device=DEV, dtype=torch.int64)
         for r0 in range(0, N_BIG, CHUNK):
             r1 = min(N_BIG, r0 + CHUNK)

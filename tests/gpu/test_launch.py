@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import mmmerge_triton as mt  # noqa: E402
 from mmmerge_triton import items as mm_items  # noqa: E402
-from mmmerge_triton import kernel_config, launch, lean, paths, scatter  # noqa: E402
+from mmmerge_triton import core, executor, kernel_config, launch, scatter  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, pair_id, rand, random_mask, reference  # noqa: E402
@@ -69,10 +69,10 @@ def _inputs(variant, pair, mask_on_gpu, seed):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Empty caches for every fast kernel and for the lean entries that hold their bound launches (restored
+    """Empty caches for every fast kernel and for the memo's entries that hold their bound launches (restored
     afterwards), and a log of every launch."""
     calls = []
-    monkeypatch.setattr(lean, "_entries", {})
+    monkeypatch.setattr(core, "_prepared", {})
     for name, fk in FAST_KERNELS.items():
         monkeypatch.setattr(fk, "_cache", {})
         original = fk.launch
@@ -105,7 +105,7 @@ def _check_binaries(calls):
 
 def _run(kind, dst, mask, src, accumulate):
     if kind == "two_pass":
-        paths.merge_triton(dst, mask, src, accumulate, config=KernelConfig(4, 64, 4, 1, False))
+        executor.merge_triton(dst, mask, src, accumulate, config=KernelConfig(4, 64, 4, 1, False))
     else:  # "cpu" and "gpu" (N is small: the fused kernel) through the public API
         mt.masked_row_scatter_(dst, mask, src, accumulate=accumulate, path="triton")
 

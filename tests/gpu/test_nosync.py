@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import paths  # noqa: E402
+from mmmerge_triton import executor  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, rand, random_mask, reference, sync_debug_error  # noqa: E402
@@ -45,7 +45,7 @@ def _case(name):
         cfg = KernelConfig(16, 128, 8, 1, name.startswith("fused_"))
 
         def op(d):
-            paths.merge_triton(d, mask, src, acc, config=cfg)
+            executor.merge_triton(d, mask, src, acc, config=cfg)
             return d
     elif name.startswith("merge_list_plan_"):  # items read in place, row map from a plan built before
         items = [src[:100], src[100:400].view(3, 100, H), [src[400:]]]

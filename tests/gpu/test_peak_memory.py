@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import paths  # noqa: E402
+from mmmerge_triton import executor  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, rand, random_mask, reference  # noqa: E402
@@ -40,10 +40,10 @@ def _case(name, d):
         return (lambda x: mt.merge_multimodal_embeddings(x, src, d["mask_cpu"], path="triton")), 0
     if name.startswith("fused_gpu"):
         cfg = KernelConfig(16, 512, 8, 1, True)
-        return (lambda x: paths.merge_triton(x, d["mask_gpu"], src, acc, config=cfg)), 0
+        return (lambda x: executor.merge_triton(x, d["mask_gpu"], src, acc, config=cfg)), 0
     if name.startswith("two_pass_gpu"):
         cfg = KernelConfig(16, 512, 8, 1, False)
-        return (lambda x: paths.merge_triton(x, d["mask_gpu"], src, acc, config=cfg)), TWO_PASS_LIMIT
+        return (lambda x: executor.merge_triton(x, d["mask_gpu"], src, acc, config=cfg)), TWO_PASS_LIMIT
     if name.startswith("triton_gpu"):  # N > 16384: the two-pass default
         return (lambda x: mt.masked_row_scatter_(x, d["mask_gpu"], src, path="triton", accumulate=acc)), \
             TWO_PASS_LIMIT

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import paths  # noqa: E402
+from mmmerge_triton import executor  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
 from gpu_helpers import assert_same, dev, gpu_sleep, rand, random_mask, reference, sync_debug_error  # noqa: E402
@@ -28,7 +28,7 @@ def _op(kind, mask_cpu, src, accumulate=False, device=DEV):
         return lambda d: mt.masked_row_scatter_(d, src=src, plan=plan, accumulate=accumulate)
     cfg = KernelConfig(16, 256, 8, 1, kind == "gpu_fused")
     mask_gpu = mask_cpu.to(device)
-    return lambda d: paths.merge_triton(d, mask_gpu, src, accumulate, config=cfg)
+    return lambda d: executor.merge_triton(d, mask_gpu, src, accumulate, config=cfg)
 
 
 @pytest.mark.parametrize("kind", KINDS)

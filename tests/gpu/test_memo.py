@@ -1,5 +1,5 @@
-"""The lean call on CUDA (mmmerge_triton/lean.py): each kind of entry (a host row map staged in the ring, the
-one-launch kernel on a device mask, a device row map then the row copy), made by one call and then hit by
+"""The memo of prepared merges on CUDA (core._prepared): each kind of entry (a host row map staged in the ring,
+the one-launch kernel on a device mask, a device row map then the row copy), made by one call and then hit by
 calls of other N, M, masks and values in the same buckets, launched through the bound C entry with addresses as
 ints: every result bit for bit torch's, no sync on a hit, and the per-call checks (shared bytes, counts) on a hit.
 """
@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import dispatch, executor, launch, lean  # noqa: E402
+from mmmerge_triton import core, dispatch, kernel_config, launch  # noqa: E402
 from mmmerge_triton.kernel_config import FUSED_BELOW, KernelConfig  # noqa: E402
 
 from gpu_helpers import (DTYPE_PAIRS, assert_same, dev, pair_id, rand, random_mask, reference,  # noqa: E402
@@ -27,12 +27,12 @@ H = 320
 SMALL = [(1280, 640), (1300, 700), (1535, 767), (1400, 641)]
 LARGE = [(FUSED_BELOW + 100, 3100), (FUSED_BELOW + 1000, 3300), (FUSED_BELOW + 2000, 3500)]
 LARGER = [(41000, 4200), (45000, 4600), (49000, 5000)]
-KINDS = {"host_rows": (SMALL, False, executor.HOST_ROWS), "host_rows_large": (LARGER, False, executor.HOST_ROWS),
-         "device_fused": (SMALL, True, executor.DEVICE_FUSED), "device_rows": (LARGE, True, executor.DEVICE_ROWS)}
+KINDS = {"host_rows": (SMALL, False, kernel_config.HOST_ROWS), "host_rows_large": (LARGER, False, kernel_config.HOST_ROWS),
+         "device_fused": (SMALL, True, kernel_config.DEVICE_FUSED), "device_rows": (LARGE, True, kernel_config.DEVICE_ROWS)}
 
 
 @pytest.fixture(autouse=True)
-def fresh_entries():
+def fresh_memo():
     dispatch.clear_cache()
     yield
     dispatch.clear_cache()
@@ -48,14 +48,14 @@ def _inputs(n, m, pair, on_device, seed):
 def two_launch(monkeypatch):
     """The decision for device masks made a two-launch one (the tuned table carries one-launch winners past
     FUSED_BELOW, up to FUSED_REACH times the N they were measured at)."""
-    real = lean.decide
+    real = core.decide
 
-    def decide(dst, mask, *args):
-        found = real(dst, mask, *args)
+    def decide(dst, mask, *args, **kwargs):
+        found = real(dst, mask, *args, **kwargs)
         if mask.is_cuda and found.path == "triton":
-            return found._replace(kind=executor.DEVICE_ROWS, config=KernelConfig(2, 256, 4, 1, False))
+            return found._replace(kind=kernel_config.DEVICE_ROWS, config=KernelConfig(2, 256, 4, 1, False))
         return found
-    monkeypatch.setattr(lean, "decide", decide)
+    monkeypatch.setattr(core, "decide", decide)
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "add"])
@@ -72,8 +72,8 @@ def test_hits_give_torchs_result_without_a_sync(kind, pair, accumulate, request)
         with sync_debug_error() if i else contextlib.nullcontext():  # the first call makes the entry
             mt.masked_row_scatter_(dst, mask, src, accumulate=accumulate, path="triton")
         assert_same(dst, expected, f"{kind} N={n} M={m}")
-    (entry,) = lean._entries.values()
-    assert entry.launch.kind == expected_kind and entry.launch.bound is not None
+    (entry,) = core._prepared.values()
+    assert entry.decision.kind == entry.launch.kind == expected_kind and entry.launch.bound is not None
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -83,8 +83,8 @@ def test_the_api_calls_hit_the_entry(kind, monkeypatch, request):
         request.getfixturevalue("two_launch")
     sizes, on_device, _ = KINDS[kind]
     made = []
-    real = lean._prepare
-    monkeypatch.setattr(lean, "_prepare", lambda *a: made.append(1) or real(*a))
+    real = core._prepare
+    monkeypatch.setattr(core, "_prepare", lambda *a: made.append(1) or real(*a))
     for i, (n, m) in enumerate(sizes):
         dst, mask, src = _inputs(n, m, (torch.bfloat16, torch.bfloat16), on_device, seed=i)
         expected = reference(dst, mask, src)
@@ -96,7 +96,7 @@ def test_the_api_calls_hit_the_entry(kind, monkeypatch, request):
 
 
 def test_a_device_mask_made_of_dsts_bytes_on_a_hit():
-    """The mask is read before any row is written (the general path copies it): a hit checks the addresses."""
+    """The mask is read before any row is written (core.check_call copies it): a hit checks the addresses."""
     n, m = 1300, 640
     dst, mask, src = _inputs(n, m, (torch.float32, torch.float32), True, seed=0)
     mt.masked_row_scatter_(dst, mask, src, path="triton")  # the entry (an aligned, contiguous device mask)
@@ -130,8 +130,9 @@ def test_a_count_mismatch_on_a_hit_writes_nothing():
     assert_same(dst, before)
 
 
-def test_another_current_device_takes_the_general_launch():
-    """An entry bound on one device, a call made while another is current (same signature): right result."""
+def test_another_current_device_on_a_hit():
+    """An entry bound on one device, a call made while another is current (same signature): right result (the
+    executor launches under the entry's device)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     dst, mask, src = _inputs(1300, 640, (torch.bfloat16, torch.bfloat16), True, seed=0)
