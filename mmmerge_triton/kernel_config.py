@@ -42,21 +42,37 @@ as N squared) stay small there, and it saves the row-map launch. (H100, bench/re
 at N = 512-12000 it ran 1.1-2.6x faster in loop time than the best two-launch configuration.)"""
 
 
+SHORT_ROW = 3072
+MANY_ROWS = 4096
+"""The two-launch kernel takes 4 rows per program where rows are shorter than SHORT_ROW elements and M is at
+least MANY_ROWS, else 1. On the H100, one row per program of 1024 or 2048 at M = 58982-117965 ran 1.11-1.79x the
+best tile with a CPU mask (whose row map the kernel reads from pinned host memory) and 1.00-1.19x with a device
+mask (configs/NVIDIA_H100_80GB_HBM3.json; e.g. a CPU mask, fp32->bf16, N=131072, H=1024: 1 row 443.6 µs, 4 rows
+248.1, 16 rows 247.5), and 1.43-1.49x at rows of 1536 (bf16, CPU mask, N = 40000 and 100000: regret_*.json, median
+of four runs); 4 rows per program came within 3% of the best tile wherever the device dominated. From rows of 3584
+one row per program was as fast or 1-2% faster. Below MANY_ROWS every tile measured alike (the host dominates),
+and one row per program keeps the most programs (tests/test_untuned.py checks the rule against those files)."""
+
+
 def default_config(hidden: int, m: int, n: int, mask_on_device: bool) -> KernelConfig:
     """The untuned rule, used where no tuned table fits (see dispatch.py), read off the H100 sweep
     (mmmerge_triton/configs/NVIDIA_H100_80GB_HBM3.json): a CPU mask's most frequent winner was one row per
-    program over 4096-wide column steps, 8 warps; a device mask of under 16384 rows took the one-launch
-    kernel with 8 rows per program (its prefix re-reads stay small there), a larger one the two-launch form.
-    (An earlier rule of up to 16 rows per program over 512-wide steps ran 1.05-1.12x a copy where the table's
-    choices ran 1.02-1.07x: bench/results/h100, columns "triton" and "auto".)"""
-    return default_of_kind(hidden, fused=mask_on_device and n < FUSED_BELOW)
+    program over 4096-wide column steps, 8 warps, and four rows per program for many short rows (SHORT_ROW); a
+    device mask of under 16384 rows took the one-launch kernel with 8 rows per program (its prefix re-reads stay
+    small there), a larger one the two-launch form. (An earlier rule of up to 16 rows per program over 512-wide
+    steps ran 1.05-1.12x a copy where the table's choices ran 1.02-1.07x: bench/results/h100, columns "triton"
+    and "auto".)"""
+    return default_of_kind(hidden, fused=mask_on_device and n < FUSED_BELOW, m=m)
 
 
-def default_of_kind(hidden: int, fused: bool) -> KernelConfig:
-    """The default configuration of one kind of kernel: one-launch (8 rows per program) or two-launch (1),
-    over column steps as wide as H up to 4096, 8 warps, 1 stage."""
+def default_of_kind(hidden: int, fused: bool, m: int = 0) -> KernelConfig:
+    """The default configuration of one kind of kernel for ``m`` source rows (0: not known): one-launch (8 rows
+    per program) or two-launch (4 rows per program for many short rows, SHORT_ROW; else 1), over column steps as
+    wide as H up to 4096, 8 warps, 1 stage."""
     block_h = min(next_pow2(max(hidden, 1)), 4096)
-    return KernelConfig(8, block_h, 8, 1, True) if fused else KernelConfig(1, block_h, 8, 1, False)
+    if fused:
+        return KernelConfig(8, block_h, 8, 1, True)
+    return KernelConfig(4 if hidden < SHORT_ROW and m >= MANY_ROWS else 1, block_h, 8, 1, False)
 
 
 # The kinds of launch of the Triton path (Decision.kind; executor.py runs each, and describes what it costs).
