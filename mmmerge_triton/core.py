@@ -33,6 +33,7 @@ from .inputs import CountMismatch
 from .items import ItemList, common_row_stride
 from .kernel_config import PATHS, Decision
 from .paths import RUNNERS
+from .rowmap import require_count
 
 _Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
@@ -92,7 +93,7 @@ def merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expres
     try:
         if transformed():
             _merge_by_torch(dst, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
-                            names=names, expression=expression)
+                            names=names)
             return
         key = _signature(dst, mask, src, accumulate, check_count, path) if plan is None else None
         prepared = _prepared.get(key) if key is not None else None
@@ -223,7 +224,7 @@ _TRANSFORM_REFUSAL = ("path='triton' cannot merge under a function transform (to
                       "there")
 
 
-def _merge_by_torch(dst, mask, src, *, accumulate, path, plan, check_count, names, expression=None) -> None:
+def _merge_by_torch(dst, mask, src, *, accumulate, path, plan, check_count, names) -> None:
     """merge_ under a function transform (see transformed): the checks, the count, then PyTorch's index_put_, whose
     batching rule and forward and backward formulas are PyTorch's, as are its rules for shared memory. Every path
     but "triton" (refused) runs it. Reads no address and nothing through numpy; a mask that the transform wraps
@@ -237,9 +238,7 @@ def _merge_by_torch(dst, mask, src, *, accumulate, path, plan, check_count, name
     if dst.dim() == 1:
         dst, mask = dst.unsqueeze(0), mask.reshape(1)
     if not _functorch_wrapped(mask):
-        placeholders = int(mask.count_nonzero())
-        if placeholders != m:
-            raise inputs.count_mismatch(m, placeholders, spelled(expression))
+        require_count(m, int(mask.count_nonzero()))  # merge_ words it (count_mismatch)
     RUNNERS["index_put"](dst, mask, torch.cat(src.tensors) if isinstance(src, ItemList) else src, accumulate)
 
 
