@@ -83,14 +83,17 @@ def sweep_case(case: Case, grid: list[tuple[KernelConfig, int]]) -> dict[str, di
     return median_device_us(calls)
 
 
-def sweep() -> tuple[list[dict], tuple[KernelConfig, int]]:
+def sweep(quick: bool = False) -> tuple[list[dict], tuple[KernelConfig, int]]:
     """The scan's device time per configuration at SWEEP_CASES, with the copy in the same rounds; returns the
-    records and the (config, lookback) of least geometric-mean ratio."""
+    records and the (config, lookback) of least geometric-mean ratio. ``quick``: 8 and 16 rows per program,
+    look-back 32, the first two cases."""
     records = []
     ratios: dict[tuple[KernelConfig, int], list[float]] = {}
+    rows_, lookbacks, cases = ((8, 16), (32,), SWEEP_CASES[:2]) if quick else (SWEEP_ROWS, SWEEP_LOOKBACK,
+                                                                                SWEEP_CASES)
     grid = [(scan_config(rows, tile), lookback)
-            for rows, tile, lookback in itertools.product(SWEEP_ROWS, SWEEP_TILE, SWEEP_LOOKBACK)]
-    for case in SWEEP_CASES:
+            for rows, tile, lookback in itertools.product(rows_, SWEEP_TILE, lookbacks)]
+    for case in cases:
         results = sweep_case(case, grid)
         torch.cuda.empty_cache()
         copy_us = results[FLOOR]["device_us"]
@@ -152,29 +155,36 @@ def print_table(records: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for scan_copy_<device>.json")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small sweep, and N from 32768 at densities 0.05 and 0.5 (about a minute)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("scan_copy_bench.py times device kernels: it needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    sweep_records, (cfg, lookback) = sweep()
+    sweep_records, (cfg, lookback) = sweep(args.quick)
     print(f"sweep: best {config_name(cfg, lookback)} ({time.perf_counter() - start:.0f} s)")
     records = []
-    for n, density, pattern in itertools.product(NS, DENSITIES, PATTERNS):
+    ns, densities = ((32768, 65536, 131072, 262144), (0.05, 0.5)) if args.quick else (NS, DENSITIES)
+    path = args.out / f"scan_copy_{device_name(DEV)}.json"
+    for n, density, pattern in itertools.product(ns, densities, PATTERNS):
         records.append(measure(Case(n, HIDDEN, density, pattern, mask="gpu"), cfg, lookback))
         torch.cuda.empty_cache()
+        write(path, cfg, lookback, sweep_records, records, args.quick)  # what is done survives a cut-off run
     print_table(records)
     goal = [r for r in records if r["moved_bytes"] >= GOAL_FROM_BYTES]
     met = sum(r["ratio"]["scan"] <= GOAL_RATIO for r in goal)
     print(f"\ngoal (scan <= {GOAL_RATIO}x the copy from {GOAL_FROM_BYTES / MB:.0f} MB moved): met at {met} of "
           f"{len(goal)} cases; scan {min(r['ratio']['scan'] for r in goal):.3f}-"
           f"{max(r['ratio']['scan'] for r in goal):.3f}x there ({time.perf_counter() - start:.0f} s in all)")
-    path = args.out / f"scan_copy_{device_name(DEV)}.json"
-    path.write_text(json.dumps({"environment": environment(DEV), "hidden": HIDDEN,
+    print(f"wrote {path}")
+
+
+def write(path: Path, cfg: KernelConfig, lookback: int, sweep_records: list, records: list, quick: bool) -> None:
+    path.write_text(json.dumps({"environment": environment(DEV), "hidden": HIDDEN, "quick": quick,
                                 "goal": {"ratio": GOAL_RATIO, "from_bytes": GOAL_FROM_BYTES},
                                 "scan_config": {**cfg._asdict(), "lookback": lookback},
                                 "sweep": sweep_records, "cases": records}, indent=1))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

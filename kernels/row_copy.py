@@ -2,7 +2,8 @@
 
 The row map is the inverse of the mask's exclusive prefix sum: with ``offsets = cumsum(mask) - mask``,
 ``rows[offsets[i]] = i`` for every true ``mask[i]``. Iterating over ``rows`` sizes the grid by the M rows
-that move, so no program idles on an unmasked row.
+that move, so no program idles on an unmasked row. A map the caller wrote (row positions on the device, or
+per-modality maps with unused entries) is read BOUNDED: an entry outside [0, N) is skipped.
 """
 import triton
 import triton.language as tl
@@ -15,14 +16,15 @@ ADD = 1  # dense[rows[j]] += cast(compact[j])
 GATHER = 2  # compact[j] = cast(dense[rows[j]])
 
 
-@triton.jit(do_not_specialize=["n_rows"])
+@triton.jit(do_not_specialize=["n_dense", "n_rows"])
 def row_copy_kernel(
     # pointers
     dense_ptr,  # [N, H], unit column stride
     compact_ptr,  # [M, H], unit column stride
-    rows_ptr,  # [>= M] int32: rows_ptr[j] = index of the j-th true mask row
+    rows_ptr,  # [>= M] int32 (int64 if BOUNDED): rows_ptr[j] = dense row of compact row j
     count_ptr,  # [1] int32: how many entries of rows_ptr are valid (read only if HAS_COUNT)
     # sizes
+    n_dense,  # N (read only if BOUNDED)
     n_rows,  # M
     H,
     # strides, in elements
@@ -31,17 +33,21 @@ def row_copy_kernel(
     # meta-parameters
     MODE: tl.constexpr,
     HAS_COUNT: tl.constexpr,
+    BOUNDED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """Program p moves compact rows j in [p*ROWS, p*ROWS + ROWS). Only rows j < min(n_rows, count) move,
-    so a row map with fewer (or more) valid rows than n_rows never reads or writes out of bounds."""
+    so a row map with fewer (or more) valid rows than n_rows never reads or writes out of bounds; BOUNDED,
+    only those whose entry lies in [0, n_dense)."""
     limit = n_rows
     if HAS_COUNT:
         limit = tl.minimum(tl.load(count_ptr), n_rows)
     j = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = j < limit
     dense_row = tl.load(rows_ptr + j, mask=row_ok, other=0).to(tl.int64)  # 64-bit: N*H may pass 2**31
+    if BOUNDED:
+        row_ok = row_ok & (dense_row >= 0) & (dense_row < n_dense)
     dense_rows = dense_ptr + dense_row[:, None] * stride_dense_row
     compact_rows = compact_ptr + j.to(tl.int64)[:, None] * stride_compact_row
     move_rows(dense_rows, compact_rows, row_ok, H, MODE, BLOCK_H)

@@ -30,7 +30,8 @@ def _map_checkout_kernels() -> None:
 
 _map_checkout_kernels()
 
-from .api import explain, masked_row_scatter, masked_row_scatter_, merge_multimodal_embeddings  # noqa: E402
+from .api import (explain, indexed_row_scatter, indexed_row_scatter_, masked_row_scatter,  # noqa: E402
+                  masked_row_scatter_, merge_modalities_, merge_multimodal_embeddings)
 from .deepstack import deepstack_add  # noqa: E402
 from .kernel_config import PATHS, Decision, KernelConfig  # noqa: E402
 from .plan import MergePlan  # noqa: E402
@@ -40,6 +41,9 @@ __all__ = [
     "merge_multimodal_embeddings",
     "masked_row_scatter_",
     "masked_row_scatter",
+    "indexed_row_scatter_",
+    "indexed_row_scatter",
+    "merge_modalities_",
     "MergePlan",
     "merge_requests",
     "deepstack_add",

@@ -6,10 +6,14 @@ a tensor subclass, a dispatch mode or a call that needs gradients runs the regis
 implementations run core.merge_ too (a function transform runs core.merge_, which takes PyTorch's op there)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from . import core, inputs
-from .ops import masked_row_scatter_op, masked_row_scatter_op_
+from . import core, inputs, modalities
+from .dispatch import bucket, decide_positions
+from .executor import run_modalities
+from .ops import indexed_row_scatter_op, indexed_row_scatter_op_, masked_row_scatter_op, masked_row_scatter_op_
 from .kernel_config import Decision
 from .inputs import NestedTensors
 from .items import ItemList
@@ -131,6 +135,133 @@ def masked_row_scatter(
                    check_count=check_count, names=_SCATTER_NAMES)
 
 
+_AT_NAMES = ("dst", "positions", "src")
+
+
+def _scatter_at(dst, positions, src, *, in_place: bool, accumulate, path, check) -> torch.Tensor:
+    """indexed_row_scatter_ (``in_place``) or indexed_row_scatter: the route of ``scatter``, at positions."""
+    if src is None or positions is None:
+        raise TypeError("positions and src are required")
+    inputs.check_tensor(src, "src")
+    plain = core.plain_call(dst, positions, src)
+    grad = core.needs_grad(dst, src)
+    if core.transformed() or (plain and not grad):
+        if not in_place:
+            inputs.check_dst(dst, _AT_NAMES[0])
+            dst = dst.clone(memory_format=torch.contiguous_format)
+        core.merge_(dst, positions, src, accumulate=accumulate, path=path, plan=None, check_count=check,
+                    names=_AT_NAMES, at_positions=True)
+        return dst
+    core.check_args(dst, positions, src, accumulate, path, check, _AT_NAMES, at_positions=True)
+    if in_place and grad and plain:  # against dst itself, which the out-of-place op's copy hides
+        core.unshared(src, dst, _AT_NAMES[2], _AT_NAMES[0])
+    if not in_place or grad:
+        merged = indexed_row_scatter_op(dst, positions, src, accumulate, path, check)
+        return dst.copy_(merged) if in_place else merged
+    indexed_row_scatter_op_(dst, positions, src, accumulate, path, check)
+    return dst
+
+
+def indexed_row_scatter_(
+    dst: torch.Tensor,
+    positions: torch.Tensor,
+    src: torch.Tensor,
+    *,
+    accumulate: bool = False,
+    path: str = "auto",
+    check: bool = False,
+) -> torch.Tensor:
+    """In place: rows ``positions`` of dst take src's rows, cast to dst's dtype:
+    ``dst.index_copy_(0, positions, src.to(dst.dtype))`` (``index_add_`` with ``accumulate``).
+
+    Args:
+        dst: [N, H] float32/float16/bfloat16 (float64 on the PyTorch paths), CUDA (or CPU).
+        positions: [M] int32 or int64, any order. On the CPU: checked on the host before anything is written
+            (a position outside [0, N): IndexError; a repeated one: ValueError, since the order of duplicate
+            writes is undefined), then staged without a sync. On dst's device: never synced; the Triton path
+            skips a position outside [0, N) (no out-of-bounds access, no device assert), and which of repeated
+            positions' rows lands is undefined, as with index_copy_.
+        src: [M, H] float32/float16/bfloat16 on dst's device.
+        accumulate: add src's rows (rounded to dst's dtype, added in fp32) instead of overwriting.
+        path: "auto" (the dispatcher; device positions always take the Triton path where it runs), "triton",
+            "index_copy" or "index_put".
+        check: with positions on the device, copy them to the host (one sync) and check them as CPU ones.
+
+    Returns:
+        dst. Differentiable with PyTorch's in-place rules, as masked_row_scatter_.
+    """
+    return _scatter_at(dst, positions, src, in_place=True, accumulate=accumulate, path=path, check=check)
+
+
+def indexed_row_scatter(
+    dst: torch.Tensor,
+    positions: torch.Tensor,
+    src: torch.Tensor,
+    *,
+    accumulate: bool = False,
+    path: str = "auto",
+    check: bool = False,
+) -> torch.Tensor:
+    """Out of place and differentiable in dst and src: a contiguous copy of dst [N, H] whose rows ``positions``
+    take src's rows (``+=`` with accumulate). Arguments as indexed_row_scatter_; src's gradient at a skipped
+    device position is zero."""
+    return _scatter_at(dst, positions, src, in_place=False, accumulate=accumulate, path=path, check=check)
+
+
+def merge_modalities_(dst: torch.Tensor, pairs: Sequence[modalities.Pair], *, accumulate: bool = False, path: str = "auto",
+                      check_count: bool = False) -> torch.Tensor:
+    """In place: for each ``(index, src)`` of ``pairs``, in order, the rows of dst that ``index`` names take
+    src's rows cast to dst's dtype (``+=`` with accumulate), in one launch.
+
+    Args:
+        dst: [..., H] float32/float16/bfloat16 (float64 on the PyTorch paths); [N, H] where an index is positions.
+        pairs: (index, src) per modality. index: a bool mask of dst.shape[:-1], or row positions [M_k] int32/int64;
+            every index on the CPU, or every one on dst's device. src: [M_k, H] on dst's device.
+        accumulate, path: as masked_row_scatter_ ("masked_scatter" takes masks only).
+        check_count: with indexes on the device, check them on the host (one sync): each mask's count, each
+            position's range, and rows named twice, as for CPU indexes.
+
+    Returns:
+        dst.
+
+    Raises:
+        ValueError: a CPU mask whose true rows differ from its src's rows ("pairs[k]: ..."), rows named by two
+            pairs (CPU indexes), bad shapes or devices. IndexError: a CPU position out of range. TypeError:
+            bad dtypes. Nothing is written when it raises.
+    """
+    inputs.check_flag(accumulate, "accumulate")
+    inputs.check_flag(check_count, "check_count")
+    indexes, srcs = modalities.checked(dst, pairs, path)
+    # PyTorch's rule for a source sharing dst's bytes, for every pair before any is written.
+    srcs = [core.unshared(src, dst, f"pairs[{k}] src", "dst") for k, src in enumerate(srcs)]
+    on_cpu = all(index.is_cpu for index in indexes)
+    if on_cpu or check_count:
+        host = modalities.host_map(dst, indexes, srcs)
+    dst2d = inputs.as_rows(dst)
+    # One launch, except: gradients, tracing, subclasses, transforms (the registered ops and PyTorch's formulas
+    # serve them pair by pair); a dst without a row view; accumulate with device indexes, whose overlaps the
+    # host cannot see (each pair's adds must all land, where a copy's last pair wins).
+    one_launch = (path in ("auto", "triton") and len(srcs) > 0 and dst2d is not None
+                  and not (accumulate and not on_cpu) and not core.transformed()
+                  and core.plain_call(dst, *indexes, *srcs) and not any(core.needs_grad(dst, src) for src in srcs))
+    if one_launch:
+        # A row copy through a map in hand, as at positions: decided so (only the index's device and size read).
+        decision = decide_positions(dst2d, indexes[0], srcs[0].dtype, bucket(sum(src.shape[0] for src in srcs)),
+                                    path)
+        one_launch = decision.path == "triton"
+    if not one_launch:
+        for index, src in zip(indexes, srcs):
+            if index.dtype == torch.bool:
+                masked_row_scatter_(dst, index, src, accumulate=accumulate, path=path, check_count=check_count)
+            else:
+                indexed_row_scatter_(dst, index, src, accumulate=accumulate, path=path, check=check_count)
+        return dst
+    inputs.check_writable(dst, "dst")
+    rows = host if on_cpu else modalities.device_map(dst2d.shape[0], indexes, srcs)
+    run_modalities(decision.config, dst2d, rows, srcs, accumulate)
+    return dst
+
+
 def merge_multimodal_embeddings(
     inputs_embeds: torch.Tensor,
     multimodal_embeddings: NestedTensors,
@@ -219,13 +350,20 @@ def _checked_source(dst: torch.Tensor, embeddings: NestedTensors, mask: torch.Te
 
 
 def explain(
-    inputs_embeds: torch.Tensor, multimodal_embeddings: NestedTensors, is_multimodal: torch.Tensor,
-    *, path: str = "auto", plan: MergePlan | None = None,
+    inputs_embeds: torch.Tensor, multimodal_embeddings: NestedTensors, is_multimodal: torch.Tensor | None = None,
+    *, path: str = "auto", plan: MergePlan | None = None, positions: torch.Tensor | None = None,
 ) -> Decision:
-    """What ``merge_multimodal_embeddings`` with these arguments runs: ``Decision(path, kind, config,
+    """What ``merge_multimodal_embeddings`` with these arguments runs (or, given ``positions`` instead of a mask,
+    ``indexed_row_scatter_(inputs_embeds, positions, multimodal_embeddings)``): ``Decision(path, kind, config,
     concatenate, reason)`` (kernel_config.Decision), the reason naming the tuned table entry and its measured loop
     times, or the rule: the decision of the entry that call runs (core.decision_of; tests/test_explain.py checks
     it against what ran, on first calls and memo hits). Nothing is written."""
+    if positions is not None:
+        if is_multimodal is not None or plan is not None:
+            raise ValueError("pass positions= or a mask (is_multimodal / plan=), not both")
+        inputs.check_tensor(multimodal_embeddings, "src")
+        return core.decision_of(inputs_embeds, positions, multimodal_embeddings, path, None, _AT_NAMES,
+                                at_positions=True)
     is_multimodal = _mask_of(is_multimodal, plan, "is_multimodal")
     src = _checked_source(inputs_embeds, multimodal_embeddings, is_multimodal)
     return core.decision_of(inputs_embeds, is_multimodal, src, path, plan, _MERGE_NAMES)

@@ -27,13 +27,13 @@ from __future__ import annotations
 import torch
 
 from . import inputs
-from .dispatch import bucket, decide, on_clear
+from .dispatch import POSITION_PATHS, bucket, decide, decide_positions, on_clear
 from .executor import Prepared, prepare, run
 from .inputs import CountMismatch
 from .items import ItemList, common_row_stride
 from .kernel_config import PATHS, Decision
-from .paths import RUNNERS
-from .rowmap import require_count
+from .paths import POSITION_RUNNERS, RUNNERS
+from .rowmap import host_positions, require_count
 
 _Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
@@ -82,42 +82,47 @@ def needs_grad(dst, src) -> bool:
     return getattr(dst, "requires_grad", False) or src.requires_grad
 
 
-def merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expression=None) -> None:
+def merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expression=None,
+           at_positions=False) -> None:
     """dst[mask] = src (or +=) in place, through every check, or raise before anything is written. No gradient
     is recorded (a call that needs one takes the registered out-of-place op, whose formula is ops.py's).
 
     dst: [..., H]; mask: bool of shape dst.shape[:-1] (a plan's mask with ``plan``); src: [M, H], or an ItemList
     of checked items. names: how the caller names dst, mask and src in errors; expression: the embeddings as
-    passed, spelled vLLM's way in a count error.
+    passed, spelled vLLM's way in a count error. ``at_positions``: ``mask`` is row positions [M] int32/int64 of
+    dst [N, H] instead (dst.index_copy_(0, positions, src)); check_count then asks device positions to be
+    checked on the host (one sync).
     """
     try:
         if transformed():
             _merge_by_torch(dst, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
-                            names=names)
+                            names=names, at_positions=at_positions)
             return
-        key = _signature(dst, mask, src, accumulate, check_count, path) if plan is None else None
+        key = _signature(dst, mask, src, accumulate, check_count, path, at_positions) if plan is None else None
         prepared = _prepared.get(key) if key is not None else None
         stride = None
         if prepared is None:
-            prepared, stride = _prepare(key, dst, mask, src, accumulate, path, plan, check_count, names)
+            prepared, stride = _prepare(key, dst, mask, src, accumulate, path, plan, check_count, names, at_positions)
         if dst.dim() == 1:  # one row and a 0-dim mask: every path takes them as [1, H] and [1] (index_put_ would not)
             dst, mask = dst.unsqueeze(0), mask.reshape(1)
-        mask, src = check_call(dst, mask, src, plan, names)
-        run(prepared, dst, mask, src, accumulate, sync_count=check_count, plan=plan, stride=stride)
+        mask, src = check_call(dst, mask, src, plan, names, at_positions)
+        run(prepared, dst, mask, src, accumulate, check_count, plan, stride)
     except CountMismatch as error:  # in vLLM's words, with the caller's spelling of the embeddings
         raise inputs.count_mismatch(error.num_rows, error.num_placeholders, spelled(expression)) from None
 
 
-def _signature(dst, mask, src, accumulate, check_count, path) -> tuple | None:
+def _signature(dst, mask, src, accumulate, check_count, path, at_positions=False) -> tuple | None:
     """The memo key of a call (None: the call has none, and is prepared every time). What each field stands for,
     in prepare: the types, dtypes and layouts -> inputs.check_dst/check_mask/check_src and the Triton path's
     dtypes (dispatch.triton_refusal); the devices -> the device checks and the kind of launch; the strides -> the
     row views (dst), the column-stride rule (src), a strided device mask (its bytes copied), and the strides the
     bound kernels are specialized on; h, h_src -> the hidden-size check; the addresses mod 16 -> the odd-address
-    refusal and the kernels' alignment specialization; dst's negative bit -> the refusal of a negated dst; the
+    refusal and the kernels' alignment specialization; dst's negative bit -> the refusal of a negated dst, src's ->
+    whether the launch reads src as it is (executor.prepare's ``fixed``); the
     flags and path -> check_flag/check_path and the decision; the buckets of N and M -> what dispatch.decide reads
-    of them (its 2**31-row limit starts a bucket). What no field fixes is check_call's (N against the mask, memory
-    shared with dst, inference tensors, a plan) and the executor's (the count, empty sizes)."""
+    of them (its 2**31-row limit starts a bucket); at_positions -> which checks and which decision (a mask's or
+    positions'). What no field fixes is check_call's (N against the mask, M against the positions, memory shared
+    with dst, inference tensors, a plan) and the executor's (the count, the positions' values, empty sizes)."""
     if (type(dst) is not _Tensor or type(mask) is not _Tensor or type(src) is not _Tensor or type(path) is not str
             or type(accumulate) is not bool or type(check_count) is not bool):
         return None
@@ -125,57 +130,86 @@ def _signature(dst, mask, src, accumulate, check_count, path) -> tuple | None:
         n, h = dst.shape
         m, h_src = src.shape
         (_,) = mask.shape  # its length: check_call
+        # bucket(n) and bucket(m), inline (this is the hot path of every call)
+        n_shift, m_shift = max(n.bit_length() - 3, 0), max(m.bit_length() - 3, 0)
         return (dst.dtype, src.dtype, mask.dtype, mask.layout, dst.device, src.device, mask.device, dst.stride(),
                 src.stride(), mask.is_contiguous(), h, h_src, dst.data_ptr() & 15, src.data_ptr() & 15,
-                mask.data_ptr() & 15, dst.is_neg(), accumulate, check_count, path, bucket(n), bucket(m))
+                mask.data_ptr() & 15, dst.is_neg(), src.is_neg(), accumulate, check_count, path, n >> n_shift << n_shift,
+                m >> m_shift << m_shift, at_positions)
     except (ValueError, RuntimeError):  # not [N, H] / [M, H] / [N]; a layout without strides or storage
         return None
 
 
-def _prepare(key, dst, mask, src, accumulate, path, plan, check_count, names) -> tuple[Prepared, int | None]:
+def _prepare(key, dst, mask, src, accumulate, path, plan, check_count, names,
+             at_positions=False) -> tuple[Prepared, int | None]:
     """Check every argument (raising in the caller's ``names``), decide, and prepare what runs; memoized under
     ``key`` (see _signature). Also a list's common row stride (a list has no signature)."""
-    m, src_dtype = check_args(dst, mask, src, accumulate, path, check_count, names)
+    m, src_dtype = check_args(dst, mask, src, accumulate, path, check_count, names, at_positions)
+    if at_positions:
+        if torch._debug_has_internal_overlap(dst) == 1:  # rows sharing memory (expand): index_copy_'s refusal
+            raise RuntimeError(f"{names[0]}: unsupported operation: more than one element of the written-to tensor "
+                               "refers to a single memory location. Please clone() the tensor before performing "
+                               "the operation.")
+        decision = decide_positions(dst, mask, src_dtype, m if key is None else bucket(m), path, src)
+        prepared = prepare(decision, dst.shape[0], dst, mask, src, positions=True)
+        _memoize(key, prepared)
+        return prepared, None
     if plan is not None:
         if plan.device != dst.device:
             raise ValueError(f"plan was built for {plan.device}; {names[0]} is on {dst.device}")
     if dst.dim() == 1:
         dst, mask = dst.unsqueeze(0), mask.reshape(1)
     decision, stride = decision_for(dst, mask, src, m if key is None else bucket(m), src_dtype, path, plan)
-    prepared = prepare(decision, bucket(mask.numel()), dst.device)
+    prepared = prepare(decision, bucket(mask.numel()), dst, mask, src)
+    _memoize(key, prepared)
+    return prepared, stride
+
+
+def _memoize(key, prepared: Prepared) -> None:
     if key is not None:
         if len(_prepared) >= _MAX_ENTRIES:
             _prepared.clear()
         _prepared[key] = prepared
-    return prepared, stride
 
 
-def check_call(dst, mask, src, plan, names) -> tuple:
-    """The checks no signature fixes, on every call (a memo hit or not): the mask's length, the plan's device and
-    currency, PyTorch's rule for inference tensors, and memory shared with dst (a mask sharing it is read first; a
-    src sharing it is copied in dst's dtype or refused, PyTorch's rules). Returns the mask and src to merge."""
-    dst_name, mask_name, src_name = names
-    if mask.shape != dst.shape[:-1]:
-        inputs.check_mask(mask, dst, mask_name, dst_name)
+def check_call(dst, mask, src, plan, names, at_positions=False) -> tuple:
+    """The checks no signature fixes, on every call (a memo hit or not): the mask's length (the positions' against
+    src's rows), the plan's device and currency, PyTorch's rule for inference tensors, and memory shared with dst
+    (a mask or positions sharing it are read first; a src sharing it is copied in dst's dtype or refused,
+    PyTorch's rules). Returns the mask (or positions) and src to merge."""
+    if at_positions:
+        if mask.shape[0] != src.shape[0]:
+            raise ValueError(f"{names[1]} has {mask.shape[0]} entries; {names[2]} has {src.shape[0]} rows (one "
+                             "position per row)")
+        if mask.is_neg():  # a lazily negated view: its values, not its raw bytes, are the positions
+            mask = mask.resolve_neg()
+    elif mask.shape != dst.shape[:-1]:
+        inputs.check_mask(mask, dst, names[1], names[0])
     if plan is not None:
-        plan.check_current(mask_name)
-    inputs.check_writable(dst, dst_name)
-    if mask.device == dst.device and inputs.overlaps(mask, dst):
+        plan.check_current(names[1])
+    if dst.is_inference():
+        inputs.check_writable(dst, names[0])
+    if mask.is_cpu == dst.is_cpu and inputs.overlaps(mask, dst):  # (checked: then on one device)
         mask = mask.clone()
-    if not isinstance(src, ItemList):  # a list sharing dst's memory is concatenated (decision_for)
-        src = unshared(src, dst, src_name, dst_name)
+    if type(src) is not ItemList and inputs.overlaps(src, dst):  # a list sharing dst's memory is concatenated
+        src = unshared(src, dst, names[2], names[0])
     return mask, src
 
 
-def check_args(dst, mask, src, accumulate, path, check_count, names) -> tuple[int, torch.dtype]:
-    """The argument checks of every route, in one order (flags, path, dst, mask, src) and in the caller's
-    ``names``: src's rows and dtype. src: a tensor, or an ItemList of checked items (its dtype torch.cat's)."""
+def check_args(dst, mask, src, accumulate, path, check_count, names,
+               at_positions=False) -> tuple[int, torch.dtype]:
+    """The argument checks of every route, in one order (flags, path, dst, mask or positions, src) and in the
+    caller's ``names``: src's rows and dtype. src: a tensor, or an ItemList of checked items (its dtype
+    torch.cat's)."""
     dst_name, mask_name, src_name = names
     inputs.check_flag(accumulate, "accumulate")
-    inputs.check_flag(check_count, "check_count")
-    inputs.check_path(path, PATHS)
+    inputs.check_flag(check_count, "check" if at_positions else "check_count")
+    inputs.check_path(path, POSITION_PATHS if at_positions else PATHS)
     inputs.check_dst(dst, dst_name)
-    inputs.check_mask(mask, dst, mask_name, dst_name)
+    if at_positions:
+        inputs.check_positions(mask, dst, mask_name, dst_name)
+    else:
+        inputs.check_mask(mask, dst, mask_name, dst_name)
     if isinstance(src, ItemList):
         return sum(src.rows), src.dtype
     inputs.check_src(src, dst, src_name, dst_name)
@@ -209,13 +243,13 @@ def decision_for(dst, mask, src, m: int, src_dtype, path, plan) -> tuple[Decisio
     return decision, stride
 
 
-def decision_of(dst, mask, src, path, plan, names) -> Decision:
+def decision_of(dst, mask, src, path, plan, names, at_positions=False) -> Decision:
     """What merge_ would run for these arguments (explain()): the memoized entry's decision where the call has a
     signature and it was prepared, else prepare's (memoized as merge_ would). Writes nothing."""
-    key = _signature(dst, mask, src, False, False, path) if plan is None else None
+    key = _signature(dst, mask, src, False, False, path, at_positions) if plan is None else None
     prepared = _prepared.get(key) if key is not None else None
     if prepared is None:
-        prepared, _ = _prepare(key, dst, mask, src, False, path, plan, False, names)
+        prepared, _ = _prepare(key, dst, mask, src, False, path, plan, False, names, at_positions)
     return prepared.decision
 
 
@@ -224,17 +258,26 @@ _TRANSFORM_REFUSAL = ("path='triton' cannot merge under a function transform (to
                       "there")
 
 
-def _merge_by_torch(dst, mask, src, *, accumulate, path, plan, check_count, names) -> None:
+def _merge_by_torch(dst, mask, src, *, accumulate, path, plan, check_count, names, at_positions=False) -> None:
     """merge_ under a function transform (see transformed): the checks, the count, then PyTorch's index_put_, whose
     batching rule and forward and backward formulas are PyTorch's, as are its rules for shared memory. Every path
     but "triton" (refused) runs it. Reads no address and nothing through numpy; a mask that the transform wraps
     (vmapped) is left to index_put_, which refuses what it cannot take."""
-    m, _ = check_args(dst, mask, src, accumulate, path, check_count, names)
+    m, _ = check_args(dst, mask, src, accumulate, path, check_count, names, at_positions)
     if plan is not None:
         plan.check_current(names[1])
     inputs.check_writable(dst, names[0])
     if path == "triton":
         raise ValueError(_TRANSFORM_REFUSAL)
+    if at_positions:
+        if mask.shape[0] != m:
+            raise ValueError(f"{names[1]} has {mask.shape[0]} entries; {names[2]} has {m} rows (one position per row)")
+        if not _functorch_wrapped(mask):
+            mask = mask.resolve_neg()
+            if mask.is_cpu or check_count:
+                host_positions(mask, dst.shape[0], names[1])
+        POSITION_RUNNERS["index_put"](dst, mask, src, accumulate)
+        return
     if dst.dim() == 1:
         dst, mask = dst.unsqueeze(0), mask.reshape(1)
     if not _functorch_wrapped(mask):

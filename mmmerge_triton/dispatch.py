@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .inputs import TRITON_DTYPES, as_rows
-from .kernel_config import FUSED_BELOW, PATHS, Decision, KernelConfig, default_config, launch_kind
+from .kernel_config import FUSED_BELOW, PATHS, POSITIONS, Decision, KernelConfig, default_config, launch_kind
 from .rowmap import MAX_ROWS
 from .scatter import supports
 
@@ -223,6 +223,46 @@ def decide(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype, m: int
                          f"path='triton' asked for by name; the untuned rule's configuration ({found.reason})")
     in_place = items > 1 and items_readable and items_in_place_pays(items, m, mask.numel(), dst, src_dtype)
     return found._replace(kind=launch_kind(found.config, mask, plan, in_place), concatenate=items > 1 and not in_place)
+
+
+POSITION_PATHS = ("triton", "index_put", "index_copy")
+"""The paths of a merge at row positions (masked_scatter takes a mask)."""
+
+
+def decide_positions(dst: torch.Tensor, positions: torch.Tensor, src_dtype: torch.dtype, m: int,
+                     path: str = "auto", src: torch.Tensor | None = None) -> Decision:
+    """The decision for merging ``m`` rows of ``src_dtype`` into ``dst`` [N, H] at ``positions`` by ``path``.
+    The Triton path runs the row copy of a CPU mask's map with the map given: the table's CPU-mask entry of
+    (N, H, M) decides it. Device positions take the Triton path wherever it can run, whatever the entry's
+    winner: it alone skips a position out of range without a sync or a device assert."""
+    if path not in ("auto", "triton"):
+        return _pytorch(path, f"path={path!r} asked for by name")
+    n = dst.shape[0]
+    refusal = triton_refusal(dst, positions, src_dtype, src)
+    if refusal is None and positions.is_cpu and n > MAX_ROWS:
+        refusal = f"CPU positions are staged as int32: at most {MAX_ROWS} rows (got {n})"
+    if refusal:
+        if path == "triton":
+            raise ValueError(f"path='triton' cannot merge these inputs: {refusal}. path='auto' takes index_copy there")
+        return _pytorch("index_copy", f"the Triton path cannot merge these inputs: {refusal}")
+    found = _positions_choice(dst, src_dtype, bucket(n), bucket(m))
+    if found.path != "triton":
+        if path == "auto" and positions.is_cpu:
+            return found._replace(path="index_copy" if found.path == "masked_scatter" else found.path)
+        found = Decision("triton", None, default_config(dst.shape[-1], bucket(m), n, False), False,
+                         f"the untuned rule's configuration ({found.reason}), since "
+                         + ("path='triton' was asked for by name" if path == "triton" else
+                            "device positions are read in place, out-of-range ones skipped"))
+    return found._replace(kind=POSITIONS)
+
+
+def _positions_choice(dst: torch.Tensor, src_dtype: torch.dtype, n: int, m: int) -> Decision:
+    """The table's CPU-mask decision of (N, M) buckets, cached as ``choose`` caches a mask's."""
+    key = (dst.get_device(), dst.dtype, src_dtype, dst.shape[-1], n, m, POSITIONS)
+    found = _decisions.get(key)
+    if found is None:
+        found = _decisions[key] = _table_decision(dst, False, src_dtype, n, m)
+    return found
 
 
 # Lists of items, read in place or concatenated first. Loop-time model of the two ways to merge a list (µs, bytes per µs), fit to the H100 host of bench/results/h100

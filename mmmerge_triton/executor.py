@@ -12,6 +12,8 @@ Kinds of the Triton path (kernel_config.Decision.kind), by where the row map com
 - DEVICE_ROWS: a device mask otherwise: mask_to_rows into a fresh buffer (4 bytes per source row), row_copy.
 - PLAN_ROWS: a MergePlan's row map, already on the device: one row_copy.
 - ITEMS: a list of items read in place (items.merge_items): its item table and row map staged, one launch.
+- POSITIONS: row positions given by the caller (indexed_row_scatter_): CPU ones checked on the host and staged
+  as a CPU mask's map is; device ones read in place by one bounded row_copy (a position out of range skipped).
 (Under TRITON_INTERPRET=1 masks are CPU tensors: HOST_ROWS, the map read from host memory.)
 A CPU mask's count is checked on the host before anything is queued (CountMismatch), and a CUDA graph being
 captured is refused where anything is staged per call (rowmap.refuse_capture). Extra device memory: none for a
@@ -23,16 +25,17 @@ that later calls launch through the bound C entry with addresses as ints.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .inputs import as_rows
-from .items import ItemList, merge_items
+from .items import ItemList, common_row_stride, merge_items
 from .kernel_config import (DEVICE_FUSED, DEVICE_ROWS, HOST_ROWS, ITEMS, PLAN_ROWS, Decision, KernelConfig, cdiv,
                             launch_kind, row_map_config)
 from .kernels.request_rows import request_row_copy_kernel, request_rows_kernel
 from .launch import FastKernel
-from .paths import RUNNERS, rows_view
-from .rowmap import RowMap, check_count, check_fits, cpu_rows, host_rows, stage_rows
+from .paths import POSITION_RUNNERS, RUNNERS, rows_view
+from .rowmap import RowMap, check_count, check_fits, cpu_rows, host_positions, host_rows, refuse_capture, stage_rows
 from .scatter import (ADD, COPY, GATHER, PREFIX_CHUNK, device_rows, mask_bytes, mask_row_copy, mask_to_rows,
                       row_copy, scan_block, supports)
 from .staging import RawPointer, arena
@@ -60,60 +63,94 @@ class Launch:
 
 
 class Prepared:
-    """A decided merge, ready to run: the ``decision`` (what explain() returns) and, for HOST_ROWS,
-    DEVICE_FUSED and DEVICE_ROWS, its ``launch``."""
+    """A decided merge, ready to run: the ``decision`` (what explain() returns), for HOST_ROWS, DEVICE_FUSED
+    and DEVICE_ROWS its ``launch``, whether it merges at row ``positions`` rather than at a mask, and ``fixed``:
+    (H, dst row stride, src row stride) where the launch reads dst, src and the mask as they are (the layout
+    facts of prepare's inputs, which the signature of a memoized entry fixes), else None."""
 
-    __slots__ = ("decision", "launch")
+    __slots__ = ("decision", "launch", "positions", "fixed")
 
-    def __init__(self, decision: Decision, launch: Launch | None):
-        self.decision, self.launch = decision, launch
-
-
-def prepare(decision: Decision, n: int, device: torch.device) -> Prepared:
-    """What runs ``decision`` for N = n mask rows on ``device`` (core.py memoizes it per input signature)."""
-    launch = Launch(decision.kind, decision.config, n, device) if decision.kind in _LAUNCHED else None
-    return Prepared(decision, launch)
+    def __init__(self, decision: Decision, launch: Launch | None, positions: bool = False,
+                 fixed: tuple | None = None):
+        self.decision, self.launch, self.positions, self.fixed = decision, launch, positions, fixed
 
 
-def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumulate: bool, *,
-        sync_count: bool = False, plan=None, rowmap: RowMap | None = None, stride: int | None = None) -> None:
+def prepare(decision: Decision, n: int, dst: torch.Tensor, mask: torch.Tensor, src, positions: bool = False) -> Prepared:
+    """What runs ``decision`` for N = n rows of ``dst``, ``mask`` and ``src`` (core.py memoizes it per input
+    signature: only the facts of the signature are read here)."""
+    launch = fixed = None
+    if decision.kind in _LAUNCHED:
+        launch = Launch(decision.kind, decision.config, n, dst.device)
+        if (type(src) is torch.Tensor and dst.dim() == 2 and dst.stride(1) == 1 and not src.is_neg()
+                and (src.stride(1) == 1 or src.shape[1] == 1) and (mask.is_cpu or mask.dim() == 1 and
+                                                                   mask.is_contiguous())):
+            fixed = (dst.shape[1], dst.stride(0), src.stride(0))
+    return Prepared(decision, launch, positions, fixed)
+
+
+def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumulate: bool, sync_count: bool = False,
+        plan=None, stride: int | None = None, *, rowmap: RowMap | None = None) -> None:
     """dst[mask] = src (or +=) in place, as ``prepared`` says. Inputs checked and free of shared memory (core.py).
 
     dst: [..., H]; mask: bool of shape dst.shape[:-1]; src: [M, H], or for kind ITEMS an ItemList sharing the row
     ``stride``. plan: the MergePlan of the mask (PLAN_ROWS reads its row map). rowmap: a row map in hand instead
     (merge_triton), whose device count bounds the rows that move. Raises CountMismatch before anything is written
     where the count is known without a sync (a CPU mask, a plan of one) or asked for (``sync_count``)."""
+    fixed = prepared.fixed
+    if fixed is not None and plan is None and rowmap is None:  # the common call: straight to the launch
+        m = src.shape[0]
+        if sync_count or m == 0 or fixed[0] == 0:
+            check_count(mask, m, None, sync_count)
+            if m == 0 or fixed[0] == 0:
+                return
+        launch = prepared.launch
+        at = (mask.data_ptr(), dst.data_ptr(), src.data_ptr(), dst.shape[0], m, *fixed)
+        if launch.device >= 0 and launch.device != _current_device():
+            with torch.cuda.device(launch.device):
+                _launch(launch, dst, mask, src, accumulate, at)
+        else:
+            _launch(launch, dst, mask, src, accumulate, at)
+        if not dst.is_inference():
+            _bump(dst)
+        return
+    if prepared.positions:
+        _run_at(prepared.decision, dst, mask, src, accumulate, sync_count)
+        return
     decision = prepared.decision
     kind = decision.kind
-    m = sum(src.rows) if isinstance(src, ItemList) else src.shape[0]
+    listed = type(src) is ItemList
+    m = sum(src.rows) if listed else src.shape[0]
     empty = m == 0 or dst.shape[-1] == 0
-    if rowmap is None and (empty or plan is not None or kind not in _COUNTED_BY_MAP or not mask.is_cpu):
+    cpu_mask = mask.is_cpu
+    # The count: known without a sync (a CPU mask, a plan of one) or asked for; a CPU mask's staged map counts
+    # itself (cpu_rows). A device mask otherwise moves min(K, M) rows.
+    if rowmap is None and (cpu_mask or plan is not None or sync_count) and (
+            empty or plan is not None or kind not in _COUNTED_BY_MAP or not cpu_mask):
         check_count(mask, m, plan, sync_count)
-    if plan is not None:
-        rowmap = plan.rowmap
     if empty:
         return
     if kind is None:  # a PyTorch path
-        RUNNERS[decision.path](dst, mask, torch.cat(src.tensors) if isinstance(src, ItemList) else src, accumulate)
+        RUNNERS[decision.path](dst, mask, torch.cat(src.tensors) if listed else src, accumulate)
         return
     dst2d = dst if dst.dim() == 2 and dst.stride(1) == 1 else rows_view(dst, "triton")
     config = decision.config
+    if plan is not None:
+        rowmap = plan.rowmap
     if kind == ITEMS:
         if rowmap is None and mask.is_cuda:
             rowmap = device_rows(mask, m)
         merge_items(dst2d, mask, src, stride, accumulate, config, rowmap)
     else:
-        if isinstance(src, ItemList):  # decided concatenated
+        if listed:  # decided concatenated
             src = torch.cat(src.tensors)
-        if src.is_neg():  # the kernels read memory raw (a negated destination is refused by dispatch.decide)
-            src = src.resolve_neg()
-        if src.stride(1) != 1 and src.shape[1] != 1:
-            src = src.contiguous()
+        if src.is_neg() or (src.stride(1) != 1 and src.shape[1] != 1):
+            src = _readable(src)
         if kind == PLAN_ROWS:
             row_copy(dst2d, src, rowmap.rows, rowmap.count, ADD if accumulate else COPY, config)
         else:
             launch = prepared.launch
-            flat = mask_bytes(mask) if mask.is_cuda else mask  # alive until the launches are queued
+            # A device mask's bytes as the kernels read them (a copy only if strided), alive until queued.
+            flat = mask if cpu_mask or (mask.dim() == 1 and mask.is_contiguous()) else mask_bytes(mask)
             at = (flat.data_ptr(), dst2d.data_ptr(), src.data_ptr(), dst2d.shape[0], m, dst2d.shape[1],
                   dst2d.stride(0), src.stride(0))
             if launch.device >= 0 and launch.device != _current_device():
@@ -123,6 +160,75 @@ def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumula
                 _launch(launch, dst2d, flat, src, accumulate, at)
     if not dst.is_inference():
         _bump(dst)  # the kernels write behind autograd's back, as any in-place op bumps it
+
+
+def _readable(src: torch.Tensor) -> torch.Tensor:
+    """src as the kernels read it: raw memory (a negative bit resolved; a negated destination is refused by
+    dispatch), unit column stride."""
+    if src.is_neg():
+        src = src.resolve_neg()
+    if src.stride(1) != 1 and src.shape[1] != 1:
+        src = src.contiguous()
+    return src
+
+
+_CPU_POSITIONS = ("CPU positions cannot be captured in a CUDA graph: they are checked and staged per call. Capture "
+                  "with positions on the GPU.")
+
+
+def _run_at(decision: Decision, dst: torch.Tensor, positions: torch.Tensor, src: torch.Tensor, accumulate: bool,
+            check: bool) -> None:
+    """dst[positions] = src (or +=): dst [N, H], positions [M] (checked against src's M by core.check_call).
+    CPU positions (and device ones with ``check``: one sync) are checked on the host before anything is written
+    (rowmap.check_positions); device ones are read in place by the kernel, which skips those out of range."""
+    n, h = dst.shape
+    host = host_positions(positions, n) if positions.is_cpu or check else None
+    if src.shape[0] == 0 or h == 0:
+        return
+    if decision.kind is None:
+        POSITION_RUNNERS[decision.path](dst, positions, src, accumulate)
+        return
+    src, mode, config = _readable(src), ADD if accumulate else COPY, decision.config
+    if not positions.is_cpu:
+        row_copy(dst, src, positions if positions.is_contiguous() else positions.contiguous(), None, mode, config,
+                 bounded=True)
+    elif dst.device.type != "cuda":  # the interpreter reads host memory
+        row_copy(dst, src, torch.from_numpy(host.astype(np.int32)), None, mode, config)
+    else:
+        refuse_capture(dst.device, _CPU_POSITIONS)
+        with arena(dst.device.index) as ring:  # the reservation and the launch that reads it: one session
+            row_copy(dst, src, ring.put_int32(host), None, mode, config)
+    if not dst.is_inference():
+        _bump(dst)
+
+
+def run_modalities(config: KernelConfig, dst2d: torch.Tensor, rows, srcs: list[torch.Tensor],
+                   accumulate: bool) -> None:
+    """dst2d [N, H] rows ``rows[j]`` = the j-th row of the concatenated ``srcs`` (or +=), in one launch
+    (modalities.py). rows: a checked host map [M] int32 (staged), or a device map [M] int32 whose entries outside
+    [0, N) are skipped. The sources are read in place as a list's items where they share a row layout, else
+    concatenated first."""
+    m = sum(src.shape[0] for src in srcs)
+    if m == 0 or dst2d.shape[1] == 0:
+        return
+    host = rows if isinstance(rows, np.ndarray) else None
+    stride = common_row_stride(srcs)
+    mode = ADD if accumulate else COPY
+    if stride is not None and not any(map(torch.Tensor.is_neg, srcs)):
+        merge_items(dst2d, None, ItemList.of(srcs), stride, accumulate, config,
+                    rowmap=None if host is not None else RowMap(rows, None), host=host, bounded=host is None)
+    else:
+        src = _readable(torch.cat(srcs) if len(srcs) > 1 else srcs[0])
+        if host is None:
+            row_copy(dst2d, src, rows, None, mode, config, bounded=True)
+        elif dst2d.device.type != "cuda":
+            row_copy(dst2d, src, torch.from_numpy(host), None, mode, config)
+        else:
+            refuse_capture(dst2d.device)
+            with arena(dst2d.device.index) as ring:
+                row_copy(dst2d, src, ring.put_int32(host), None, mode, config)
+    if not dst2d.is_inference():
+        _bump(dst2d)
 
 
 def merge_triton(dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, accumulate: bool,
@@ -137,7 +243,7 @@ def merge_triton(dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, accum
     check_fits(mask.numel(), "path='triton'")
     kind = launch_kind(config, mask, rowmap is not None, False)
     decision = Decision("triton", kind, config, False, "an explicit configuration")
-    run(prepare(decision, mask.numel(), dst.device), dst, mask, src, accumulate, rowmap=rowmap)
+    run(prepare(decision, mask.numel(), dst, mask, src), dst, mask, src, accumulate, rowmap=rowmap)
 
 
 def _launch(launch: Launch, dst, mask, src, accumulate, at) -> None:
@@ -157,7 +263,7 @@ def _launch(launch: Launch, dst, mask, src, accumulate, at) -> None:
                 launch.bound = row_copy(dst, src, staged, None, mode, config)
             else:
                 rows_ptr = staged.ptr
-                bound(cdiv(m, config.rows), _raw_stream(device), dst_ptr, src_ptr, rows_ptr, rows_ptr, m, h,
+                bound(cdiv(m, config.rows), _raw_stream(device), dst_ptr, src_ptr, rows_ptr, rows_ptr, n, m, h,
                       dst_stride, src_stride)
     elif kind == DEVICE_FUSED:
         if bound is None:
@@ -178,7 +284,7 @@ def _launch(launch: Launch, dst, mask, src, accumulate, at) -> None:
             return
         stream = _raw_stream(device)
         launch.bound_rows(cdiv(n, launch.block), stream, mask_ptr, rows, count, n, m)
-        bound(cdiv(m, config.rows), stream, dst_ptr, src_ptr, rows, count, m, h, dst_stride, src_stride)
+        bound(cdiv(m, config.rows), stream, dst_ptr, src_ptr, rows, count, n, m, h, dst_stride, src_stride)
 
 
 def gather(dense: torch.Tensor, mask: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:

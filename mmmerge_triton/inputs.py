@@ -189,6 +189,23 @@ def check_mask(mask, dst: torch.Tensor, mask_name: str, dst_name: str) -> None:
         raise ValueError(f"{mask_name} is on {mask.device}; it must be on the CPU or on {dst_name}'s device ({dst.device})")
 
 
+POSITION_DTYPES = (torch.int32, torch.int64)
+
+
+def check_positions(positions, dst: torch.Tensor, name: str, dst_name: str) -> None:
+    """positions: [M] int32/int64 on the CPU or on dst's device; dst must be [N, H] (a position is a row)."""
+    check_tensor(positions, name)
+    if positions.dtype not in POSITION_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor of row indices, got {positions.dtype}")
+    if positions.dim() != 1:
+        raise ValueError(f"{name} must have shape [M], got {tuple(positions.shape)}")
+    if dst.dim() != 2:
+        raise ValueError(f"{dst_name} must have shape [N, H] to be merged at row positions, got {tuple(dst.shape)}")
+    if positions.device != dst.device and positions.device.type != "cpu":
+        raise ValueError(f"{name} is on {positions.device}; it must be on the CPU or on {dst_name}'s device "
+                         f"({dst.device})")
+
+
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     """[first, last + 1) byte addresses that ``t`` may touch."""
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))

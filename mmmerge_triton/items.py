@@ -85,12 +85,15 @@ def _host_tensors(parts: list[np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(part)) for part in parts]
 
 
-def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: ItemList, stride: int, accumulate: bool,
-                cfg: KernelConfig, rowmap: RowMap | None = None) -> None:
+def merge_items(dst2d: torch.Tensor, mask: torch.Tensor | None, items: ItemList, stride: int, accumulate: bool,
+                cfg: KernelConfig, rowmap: RowMap | None = None, host: np.ndarray | None = None,
+                bounded: bool = False) -> None:
     """dst2d[mask] = cat(items) (or +=), without the cat. items: 2-D, one dtype, unit column stride, sharing
     row ``stride`` (common_row_stride). Raises CountMismatch for a CPU mask whose count differs, and a
     ValueError past MAX_ROWS mask rows. Items at addresses that are not a multiple of their element size are
-    concatenated first (the one case that pays for the cat)."""
+    concatenated first (the one case that pays for the cat). The row map: the CPU mask's, or given: ``rowmap``
+    on the device, or ``host`` [M] (checked by the caller) to stage; ``bounded``: entries outside [0, N)
+    are skipped (modalities.py's device maps)."""
     if 0 in items.rows:  # an empty item has no rows to address (nor, maybe, storage)
         kept = [(t, r) for t, r in zip(items.tensors, items.rows) if r]
         if not kept:
@@ -110,33 +113,36 @@ def merge_items(dst2d: torch.Tensor, mask: torch.Tensor, items: ItemList, stride
     device = dst2d.device
     refuse_capture(device, "a list of items cannot be merged inside a CUDA graph capture: its item table is staged "
                            "per call. Concatenate the items first, or merge outside the graph.")
-    host = None if rowmap is not None else cpu_rows(mask, n_rows, device)  # a device mask's map: the caller's
+    if host is None and rowmap is None:  # a CPU mask's map (a device mask's is the caller's: rowmap)
+        host = cpu_rows(mask, n_rows, device)
     parts = [starts, offsets] + ([host] if host is not None else [])
     common = (dst2d, first, stride, n_rows, len(offsets), accumulate, cfg, align)
     if device.type != "cuda":
         starts_host, offsets_host, *rest = _host_tensors(parts)
         rows, count = (rest[0], None) if host is not None else rowmap
-        _launch(*common, offsets_host, starts_host, rows, count)
+        _launch(*common, offsets_host, starts_host, rows, count, bounded)
         return
     with arena(device.index) as ring:  # staging, the table's copy and the launch that reads both: one session
         base, at = ring.put_device(parts)
         rows, count = (RawPointer(base + at[2], torch.int32), None) if host is not None else rowmap
-        _launch(*common, RawPointer(base + at[1], torch.int64), RawPointer(base + at[0], torch.int32), rows, count)
+        _launch(*common, RawPointer(base + at[1], torch.int64), RawPointer(base + at[0], torch.int32), rows, count,
+                bounded)
 
 
-def _launch(dst2d, first, stride, n_rows, n_items, accumulate, cfg, align, offsets, starts, rows, count) -> None:
+def _launch(dst2d, first, stride, n_rows, n_items, accumulate, cfg, align, offsets, starts, rows, count,
+            bounded=False) -> None:
     """multi_row_copy_kernel over the staged tables (tensors or RawPointers readable by the kernel)."""
     hidden = dst2d.shape[1]
     has_count = count is not None
     steps = max(1, (n_items - 1).bit_length())
     key = (dst2d.device.index, dst2d.dtype, first.dtype, dst2d.data_ptr() % 16, first.data_ptr() % 16, hidden,
-           dst2d.stride(0), stride, accumulate, has_count, steps, align, cfg)
+           dst2d.stride(0), stride, accumulate, has_count, bounded, steps, align, cfg)
     _multi_row_copy.launch(
         key,
         (cdiv(n_rows, cfg.rows), 1),
-        (dst2d, first, offsets, starts, rows, count if has_count else rows, n_rows, n_items, hidden,
+        (dst2d, first, offsets, starts, rows, count if has_count else rows, dst2d.shape[0], n_rows, n_items, hidden,
          dst2d.stride(0), stride),
-        (1 if accumulate else 0, has_count, cfg.rows, cfg.block_h, steps, align),
+        (1 if accumulate else 0, has_count, bounded, cfg.rows, cfg.block_h, steps, align),
         (cfg.num_warps, cfg.num_stages),
         dst2d.device.index,
     )

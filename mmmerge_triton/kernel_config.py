@@ -77,14 +77,15 @@ def default_of_kind(hidden: int, fused: bool, m: int = 0) -> KernelConfig:
 
 # The kinds of launch of the Triton path (Decision.kind; executor.py runs each, and describes what it costs).
 HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, PLAN_ROWS, ITEMS = "host_rows", "device_fused", "device_rows", "plan_rows", "items"
-KINDS = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, PLAN_ROWS, ITEMS)
+POSITIONS = "positions"  # row positions given by the caller (indexed_row_scatter_), not a mask
+KINDS = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, PLAN_ROWS, ITEMS, POSITIONS)
 
 
 class Decision(NamedTuple):
     """What a merge runs, all of it (explain() returns it; the call runs it).
 
     path: "triton" or a PyTorch path (paths.RUNNERS). kind: how the Triton path launches (KINDS: host_rows,
-    device_fused, device_rows, plan_rows, items; executor.py runs them); None for a PyTorch path. config: the Triton
+    device_fused, device_rows, plan_rows, items, positions; executor.py runs them); None for a PyTorch path. config: the Triton
     configuration, never None on the Triton path (None on a PyTorch path). concatenate: a list of items is
     concatenated first (torch.cat) rather than read in place (kind items); False for a tensor. reason: why.
     """

@@ -154,3 +154,85 @@ def _gather_backward(ctx, grad):
 
 
 masked_row_gather_op.register_autograd(_gather_backward, setup_context=_setup_gather)
+
+
+# Row positions: the same ops with ``positions`` [M] int32/int64 in the mask's place (indexed_row_scatter).
+_AT_NAMES = ("dst", "positions", "src")
+
+
+@torch.library.custom_op("mmmerge_triton::indexed_row_scatter_", mutates_args=("dst",))
+def indexed_row_scatter_op_(
+    dst: torch.Tensor, positions: torch.Tensor, src: torch.Tensor, accumulate: bool, path: str, check: bool
+) -> None:
+    """In place: dst.index_copy_(0, positions, src) (index_add_ to accumulate). See
+    mmmerge_triton.indexed_row_scatter_."""
+    core.merge_(dst, positions, src, accumulate=accumulate, path=path, plan=None, check_count=check,
+                names=_AT_NAMES, at_positions=True)
+
+
+@indexed_row_scatter_op_.register_fake
+def _(dst, positions, src, accumulate, path, check):
+    return None
+
+
+def _in_place_at_autograd(dst, positions, src, accumulate, path, check):
+    """As _in_place_autograd, for the in-place positions op."""
+    if torch.is_grad_enabled() and (dst.requires_grad or src.requires_grad):
+        raise RuntimeError(
+            "torch.ops.mmmerge_triton.indexed_row_scatter_ has no autograd formula (it mutates dst): with inputs "
+            "that require grad, call mmmerge_triton.indexed_row_scatter_ (it routes gradients through the "
+            "out-of-place op) or torch.ops.mmmerge_triton.indexed_row_scatter"
+        )
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.mmmerge_triton.indexed_row_scatter_(dst, positions, src, accumulate, path, check)
+
+
+_lib.impl("indexed_row_scatter_", _in_place_at_autograd, "Autograd", allow_override=True)
+
+
+@torch.library.custom_op("mmmerge_triton::indexed_row_scatter", mutates_args=())
+def indexed_row_scatter_op(
+    dst: torch.Tensor, positions: torch.Tensor, src: torch.Tensor, accumulate: bool, path: str, check: bool
+) -> torch.Tensor:
+    """Out of place: a contiguous copy of dst with rows ``positions`` = src (or +=). See
+    mmmerge_triton.indexed_row_scatter."""
+    inputs.check_dst(dst, "dst")
+    out = dst.clone(memory_format=torch.contiguous_format)
+    core.merge_(out, positions, src, accumulate=accumulate, path=path, plan=None, check_count=check,
+                names=_AT_NAMES, at_positions=True)
+    return out
+
+
+@indexed_row_scatter_op.register_fake
+def _(dst, positions, src, accumulate, path, check):
+    return torch.empty_like(dst, memory_format=torch.contiguous_format)
+
+
+def _setup_at(ctx, inputs, output):
+    dst, positions, src, accumulate, path, _ = inputs
+    ctx.save_for_backward(positions)
+    ctx.accumulate, ctx.src_dtype, ctx.path = accumulate, src.dtype, path
+
+
+def _at_backward(ctx, grad):
+    """grad_src[j] = grad[positions[j]] (zero where a device position was out of range, and so skipped);
+    grad_dst = grad with the written rows zeroed (grad itself with accumulate). PyTorch's ops and this one:
+    differentiable again, no sync, no device assert."""
+    (positions,) = ctx.saved_tensors
+    grad_dst = grad_src = None
+    if ctx.needs_input_grad[2]:
+        index = positions.to(grad.device, torch.long, non_blocking=True)
+        n = grad.shape[0]
+        inside = (index >= 0) & (index < n)
+        picked = (grad.index_select(0, torch.where(inside, index, 0)) if n
+                  else grad.new_zeros(index.shape[0], grad.shape[-1]))
+        grad_src = torch.where(inside[:, None], picked, 0).to(ctx.src_dtype)
+    if ctx.needs_input_grad[0]:
+        grad_dst = grad
+        if not ctx.accumulate:
+            zeros = grad.new_zeros(positions.shape[0], grad.shape[-1])
+            grad_dst = indexed_row_scatter_op(grad, positions, zeros, False, ctx.path, False)
+    return grad_dst, None, grad_src, None, None, None
+
+
+indexed_row_scatter_op.register_autograd(_at_backward, setup_context=_setup_at)

@@ -70,6 +70,24 @@ def merge_index_copy(dst, mask, src, accumulate):
         dst2d.index_copy_(0, index, values)
 
 
+def at_index_put(dst, positions, src, accumulate):
+    """``dst.index_put_((positions,), src.to(dst.dtype))``: row positions (on dst's device) by index_put."""
+    dst.index_put_((positions.to(dst.device, torch.long, non_blocking=True),), src.to(dst.dtype),
+                   accumulate=accumulate)
+
+
+def at_index_copy(dst, positions, src, accumulate):
+    """``dst.index_copy_(0, positions, src.to(dst.dtype))`` (``index_add_`` to accumulate)."""
+    index = positions.to(dst.device, torch.long, non_blocking=True)  # index_copy_ takes int64 alone
+    if accumulate:
+        dst.index_add_(0, index, src.to(dst.dtype))
+    else:
+        dst.index_copy_(0, index, src.to(dst.dtype))
+
+
+POSITION_RUNNERS = {"index_put": at_index_put, "index_copy": at_index_copy}
+"""The PyTorch runners of a merge at row positions: ``run(dst [N, H], positions [M], src, accumulate)``."""
+
 RUNNERS = {
     "index_put": merge_index_put,
     "masked_scatter": merge_masked_scatter,

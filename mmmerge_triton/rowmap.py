@@ -85,6 +85,33 @@ def check_count(mask: torch.Tensor, m: int, plan=None, sync: bool = False) -> No
         require_count(m, int(mask.count_nonzero().item()))
 
 
+def check_positions(positions: np.ndarray, n: int, name: str = "positions") -> None:
+    """Row positions checked on the host: each in [0, n) (IndexError) and none repeated (ValueError), in
+    O(M) for increasing positions (what engines build), else O(M log M). Repeats are refused, not left to the
+    kernel: concurrent programs would write one row in an undefined order (PyTorch's index_copy_ leaves the
+    order of duplicate writes undefined too), and accumulate would lose updates."""
+    if positions.size == 0:
+        return
+    ordered = positions if positions.size < 2 or bool(np.all(positions[1:] > positions[:-1])) else np.sort(positions)
+    if ordered[0] < 0 or ordered[-1] >= n:
+        j = int(np.flatnonzero((positions < 0) | (positions >= n))[0])
+        raise IndexError(f"{name}[{j}] = {int(positions[j])} is out of range for {n} rows (positions index "
+                         f"dst's rows: 0 <= p < {n})")
+    if ordered is not positions:
+        repeated = np.flatnonzero(ordered[1:] == ordered[:-1])
+        if repeated.size:
+            raise ValueError(f"{name} repeats row {int(ordered[repeated[0]])}: each row may be written once "
+                             "(duplicate writes would land in an undefined order)")
+
+
+def host_positions(positions: torch.Tensor, n: int, name: str = "positions") -> np.ndarray:
+    """Row positions as a checked host array (check_positions): a CPU tensor's own memory, a device tensor's
+    copy (one sync: check=True)."""
+    host = positions.numpy() if positions.is_cpu else positions.cpu().numpy()
+    check_positions(host, n, name)
+    return host
+
+
 def cpu_rows(mask: torch.Tensor, m: int, device: torch.device) -> np.ndarray:
     """The row map of a CPU mask for a launch on ``device`` that stages it per call: raises CountMismatch
     unless the mask has exactly ``m`` true rows (a staged map is count-less, read up to m), and refuses

@@ -31,14 +31,15 @@ def mask_bytes(mask: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
-def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> Bound | None:
+def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig, bounded: bool = False) -> Bound | None:
     """Move rows between ``dense`` [N, H] and ``compact`` [M, H] (unit column strides) through a row map.
 
-    rows: [>= M] int32 (a tensor, or a RawPointer into pinned memory), 16-byte aligned.
+    rows: [>= M] int32 (a tensor, or a RawPointer into pinned memory), 16-byte aligned; with ``bounded``, int32
+    or int64 entries of any value, those outside [0, N) skipped (a map the caller wrote: row positions).
     count: [1] int32 on the device, the valid entries of rows (only j < min(count, M) move); None: all M.
     mode: COPY or ADD write dense rows, GATHER writes compact rows.
     Returns the kernel as bound for this launch (None under the interpreter, or if nothing moved): a later
-    launch of the same layout calls it with (grid_x, stream, dense, compact, rows, count or rows, M, H,
+    launch of the same layout calls it with (grid_x, stream, dense, compact, rows, count or rows, N, M, H,
     dense row stride, compact row stride).
     """
     n_rows, hidden = compact.shape
@@ -48,13 +49,13 @@ def row_copy(dense, compact, rows, count, mode: int, cfg: KernelConfig) -> Bound
     sd, sc = dense.stride(0), compact.stride(0)
     has_count = count is not None
     # Raw sizes in the key, not their classes: they are stable per model, and this is the hot path.
-    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, hidden, sd, sc,
-           n_rows > 0x7FFFFFFF, mode, has_count, cfg)
+    key = (device, dense.dtype, compact.dtype, rows.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, hidden,
+           sd, sc, n_rows > 0x7FFFFFFF, dense.shape[0] > 0x7FFFFFFF, mode, has_count, bounded, cfg)
     return _row_copy.launch(
         key,
         (cdiv(n_rows, cfg.rows), 1),
-        (dense, compact, rows, count if has_count else rows, n_rows, hidden, sd, sc),
-        (mode, has_count, cfg.rows, cfg.block_h),
+        (dense, compact, rows, count if has_count else rows, dense.shape[0], n_rows, hidden, sd, sc),
+        (mode, has_count, bounded, cfg.rows, cfg.block_h),
         (cfg.num_warps, cfg.num_stages),
         device,
     )

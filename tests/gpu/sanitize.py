@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from mmmerge_triton.scatter import device_rows  # noqa: E402
+
 RAN = 0
 FAILURES = []
 
@@ -332,8 +334,9 @@ def main() -> int:
                 dst = rand((2 * m + 1, 33), torch.float16, seed=51)
                 expected = reference(dst, mask, flat, True)
                 stride = mm_items.common_row_stride([t for t in items if t.shape[0]])
-                mm_items.merge_items(dst, mask if mask_kind == "cpu" else mask.to(DEV), mm_items.ItemList.of(items),
-                                     stride, True, CFG)
+                on = mask if mask_kind == "cpu" else mask.to(DEV)  # a device mask's map: the caller's (executor.run)
+                rowmap = None if mask_kind == "cpu" else device_rows(on, m)
+                mm_items.merge_items(dst, on, mm_items.ItemList.of(items), stride, True, CFG, rowmap)
                 assert_same(dst, expected)
             case(f"L items {layout} accumulate {mask_kind}", run)
 
@@ -456,6 +459,41 @@ def main() -> int:
                     executor.merge_triton(dst, mask, src, False, config=CFG_FUSED if kind == "fused" else CFG)
                 assert_same(dst, expected)
             case(f"K {mask_layout} device mask {kind}", run)
+
+    # P. row positions: device positions out of range both ways (skipped by the bounded row copy, never read or
+    # written), int32 and int64, huge values; CPU positions staged; several modalities with overlapping device
+    # masks and a device mask whose count differs from its src (the -1 entries of the concatenated map)
+    for dtype in (torch.int32, torch.int64):
+        for where in ("gpu", "cpu"):
+            def run(dtype=dtype, where=where):
+                n, h = 257, 33
+                dst = rand((n, h), torch.bfloat16, seed=61)
+                wild = [0, n - 1, 7, 100] + ([-1, n, -(2**31), 2**31 - 1] if where == "gpu" else [])
+                positions = torch.tensor(wild, dtype=dtype)
+                src = rand((len(wild), h), torch.float32, seed=62)
+                inside = (positions >= 0) & (positions < n)
+                expected = dst.clone()
+                expected.index_copy_(0, positions[inside].long().to(DEV), src[inside].to(dst.dtype))
+                mt.indexed_row_scatter_(dst, positions.to(DEV) if where == "gpu" else positions, src)
+                assert_same(dst, expected)
+            case(f"P positions {dtype} {where}", run)
+    for layout in ("disjoint", "overlap", "short"):
+        def run(layout=layout):
+            n, h = 301, 40
+            host = [random_mask((n,), 60, seed=63 + k) for k in range(3)]
+            if layout == "disjoint":
+                host[1] &= ~host[0]
+                host[2] &= ~(host[0] | host[1])
+            srcs = [rand((int(mk.sum()) + (5 if layout == "short" and k == 1 else 0), h), torch.float16, seed=70 + k)
+                    for k, mk in enumerate(host)]
+            dst = rand((n, h), torch.float16, seed=69)
+            expected = dst.clone()
+            for mk, src in zip(host, srcs):
+                k_rows = int(mk.sum())
+                expected[mk.to(DEV)] = src[:k_rows]
+            mt.merge_modalities_(dst, [(mk.to(DEV), src) for mk, src in zip(host, srcs)])
+            assert_same(dst, expected)
+        case(f"P modalities {layout} device masks", run)
 
     summary = f"sanitize: {RAN} cases run"
     if FAILURES:

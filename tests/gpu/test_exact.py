@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 import mmmerge_triton as mt  # noqa: E402
 from mmmerge_triton import executor  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
+from mmmerge_triton.scatter import device_rows  # noqa: E402
 
 from gpu_helpers import (  # noqa: E402
     DTYPE_PAIRS, assert_same, dev, first_true, pair_id, rand, random_mask, reference, special_matrix,
@@ -584,5 +585,7 @@ def test_merge_items_accumulate(pair, mask_on_gpu):
     expected = reference(dst, mask, flat, True)
     stride = mm_items.common_row_stride(items)
     assert stride == h + 16
-    mm_items.merge_items(dst, mask, mm_items.ItemList.of(items), stride, True, default_config(h, m, n, mask_on_gpu))
+    rowmap = device_rows(mask, m) if mask_on_gpu else None  # a device mask's map: the caller's (executor.run)
+    mm_items.merge_items(dst, mask, mm_items.ItemList.of(items), stride, True, default_config(h, m, n, mask_on_gpu),
+                         rowmap)
     assert_same(dst, expected)
