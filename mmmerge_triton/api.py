@@ -240,8 +240,10 @@ def merge_modalities_(dst: torch.Tensor, pairs: Sequence[modalities.Pair], *, ac
     dst2d = inputs.as_rows(dst)
     # One launch, except: gradients, tracing, subclasses, transforms (the registered ops and PyTorch's formulas
     # serve them pair by pair); a dst without a row view; accumulate with device indexes, whose overlaps the
-    # host cannot see (each pair's adds must all land, where a copy's last pair wins).
-    one_launch = (path in ("auto", "triton") and len(srcs) > 0 and dst2d is not None
+    # host cannot see (each pair's adds must all land, where a copy's last pair wins); and device indexes under
+    # path="auto": their map, built by a few PyTorch ops per pair, made one launch 1.54-2.06x a copy where a
+    # masked_row_scatter_ per pair took 1.24-1.35x (H100, bench/results/h100/2026-12-06-s3/positions.log).
+    one_launch = (len(srcs) > 0 and dst2d is not None and (path == "triton" or path == "auto" and on_cpu)
                   and not (accumulate and not on_cpu) and not core.transformed()
                   and core.plain_call(dst, *indexes, *srcs) and not any(core.needs_grad(dst, src) for src in srcs))
     if one_launch:

@@ -30,8 +30,8 @@ import torch
 
 from .inputs import as_rows
 from .items import ItemList, common_row_stride, merge_items
-from .kernel_config import (DEVICE_FUSED, DEVICE_ROWS, HOST_ROWS, ITEMS, PLAN_ROWS, Decision, KernelConfig, cdiv,
-                            launch_kind, row_map_config)
+from .kernel_config import (DEVICE_FUSED, DEVICE_ROWS, HOST_ROWS, ITEMS, PLAN_ROWS, POSITIONS, Decision,
+                            KernelConfig, cdiv, launch_kind, row_map_config)
 from .kernels.request_rows import request_row_copy_kernel, request_rows_kernel
 from .launch import FastKernel
 from .paths import POSITION_RUNNERS, RUNNERS, rows_view
@@ -40,7 +40,7 @@ from .scatter import (ADD, COPY, GATHER, PREFIX_CHUNK, device_rows, mask_bytes, 
                       row_copy, scan_block, supports)
 from .staging import RawPointer, arena
 
-_LAUNCHED = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS)  # the kinds a Launch binds
+_LAUNCHED = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, POSITIONS)  # the kinds a Launch binds
 _COUNTED_BY_MAP = (HOST_ROWS, ITEMS)  # with a CPU mask and no plan, these count from the row map they stage
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU-only builds
@@ -96,6 +96,9 @@ def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumula
     ``stride``. plan: the MergePlan of the mask (PLAN_ROWS reads its row map). rowmap: a row map in hand instead
     (merge_triton), whose device count bounds the rows that move. Raises CountMismatch before anything is written
     where the count is known without a sync (a CPU mask, a plan of one) or asked for (``sync_count``)."""
+    if prepared.positions:
+        _run_at(prepared, dst, mask, src, accumulate, sync_count)
+        return
     fixed = prepared.fixed
     if fixed is not None and plan is None and rowmap is None:  # the common call: straight to the launch
         m = src.shape[0]
@@ -112,9 +115,6 @@ def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumula
             _launch(launch, dst, mask, src, accumulate, at)
         if not dst.is_inference():
             _bump(dst)
-        return
-    if prepared.positions:
-        _run_at(prepared.decision, dst, mask, src, accumulate, sync_count)
         return
     decision = prepared.decision
     kind = decision.kind
@@ -172,34 +172,66 @@ def _readable(src: torch.Tensor) -> torch.Tensor:
     return src
 
 
-_CPU_POSITIONS = ("CPU positions cannot be captured in a CUDA graph: they are checked and staged per call. Capture "
-                  "with positions on the GPU.")
-
-
-def _run_at(decision: Decision, dst: torch.Tensor, positions: torch.Tensor, src: torch.Tensor, accumulate: bool,
+def _run_at(prepared: Prepared, dst: torch.Tensor, positions: torch.Tensor, src: torch.Tensor, accumulate: bool,
             check: bool) -> None:
     """dst[positions] = src (or +=): dst [N, H], positions [M] (checked against src's M by core.check_call).
     CPU positions (and device ones with ``check``: one sync) are checked on the host before anything is written
-    (rowmap.check_positions); device ones are read in place by the kernel, which skips those out of range."""
+    (rowmap.check_positions) and staged; device ones are read in place by the kernel, which skips those out of
+    range. Where the signature fixes the layout (``prepared.fixed``) a later call launches the kernel bound on the
+    first, with addresses as ints."""
+    decision = prepared.decision
     n, h = dst.shape
     host = host_positions(positions, n) if positions.is_cpu or check else None
-    if src.shape[0] == 0 or h == 0:
+    m = src.shape[0]
+    if m == 0 or h == 0:
         return
     if decision.kind is None:
         POSITION_RUNNERS[decision.path](dst, positions, src, accumulate)
         return
-    src, mode, config = _readable(src), ADD if accumulate else COPY, decision.config
-    if not positions.is_cpu:
-        row_copy(dst, src, positions if positions.is_contiguous() else positions.contiguous(), None, mode, config,
-                 bounded=True)
-    elif dst.device.type != "cuda":  # the interpreter reads host memory
-        row_copy(dst, src, torch.from_numpy(host.astype(np.int32)), None, mode, config)
+    launch, fixed, config = prepared.launch, prepared.fixed, decision.config
+    if fixed is None:
+        src = _readable(src)
+    mode = ADD if accumulate else COPY
+    if not positions.is_cpu and not positions.is_contiguous():
+        positions = positions.contiguous()
+    if launch.device >= 0 and launch.device != _current_device():
+        with torch.cuda.device(launch.device):
+            _launch_at(launch, fixed, dst, positions, host, src, mode, config)
     else:
-        refuse_capture(dst.device, _CPU_POSITIONS)
-        with arena(dst.device.index) as ring:  # the reservation and the launch that reads it: one session
-            row_copy(dst, src, ring.put_int32(host), None, mode, config)
+        _launch_at(launch, fixed, dst, positions, host, src, mode, config)
     if not dst.is_inference():
         _bump(dst)
+
+
+_CPU_POSITIONS = ("CPU positions cannot be captured in a CUDA graph: they are checked and staged per call. Capture "
+                  "with positions on the GPU.")
+
+
+def _launch_at(launch: Launch, fixed, dst, positions, host, src, mode: int, config: KernelConfig) -> None:
+    """The POSITIONS launch: device positions read in place (bounded), or the checked host ones staged."""
+    if host is not None and launch.device < 0:  # the interpreter reads host memory
+        row_copy(dst, src, torch.from_numpy(host.astype(np.int32)), None, mode, config)
+        return
+    if positions.is_cpu:
+        refuse_capture(dst.device, _CPU_POSITIONS)
+        with arena(launch.device) as ring:  # the reservation and the launch that reads it: one session
+            rows = ring.put_int32(host)
+            _bound_row_copy(launch, fixed, dst, rows, rows.ptr, src, mode, config, False)
+    else:
+        _bound_row_copy(launch, fixed, dst, positions, positions.data_ptr(), src, mode, config, True)
+
+
+def _bound_row_copy(launch: Launch, fixed, dst, rows, rows_ptr: int, src, mode: int, config: KernelConfig,
+                    bounded: bool) -> None:
+    """row_copy through ``rows``: the kernel bound on the entry's first call where the layout is fixed."""
+    if launch.bound is None or fixed is None:
+        bound = row_copy(dst, src, rows, None, mode, config, bounded)
+        if fixed is not None:
+            launch.bound = bound
+        return
+    m = src.shape[0]
+    launch.bound(cdiv(m, config.rows), _raw_stream(launch.device), dst.data_ptr(), src.data_ptr(), rows_ptr,
+                 rows_ptr, dst.shape[0], m, *fixed)
 
 
 def run_modalities(config: KernelConfig, dst2d: torch.Tensor, rows, srcs: list[torch.Tensor],

@@ -14,8 +14,8 @@ which the bounded kernel skips. Their source rows are then unused, as are a devi
 true rows (a count mismatch moves the first min(K, M) rows, as masked_row_scatter_ does).
 
 Calls the one launch cannot serve (gradients, torch.compile, subclasses, function transforms, a PyTorch path by
-name, inputs the Triton path refuses, accumulate with device indexes, whose overlapping adds must all land) run
-the pairs one after another through masked_row_scatter_ /
+name, inputs the Triton path refuses, accumulate with device indexes, whose overlapping adds must all land), and
+device indexes under path="auto" (their map costs more than the launches it saves), run the pairs one after another through masked_row_scatter_ /
 indexed_row_scatter_, which give the same result there (the overlap check of CPU indexes comes first either way).
 """
 from __future__ import annotations

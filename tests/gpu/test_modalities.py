@@ -249,6 +249,18 @@ def _cuda_kernels(run) -> list[str]:
 
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu_indexes", "gpu_indexes"])
+def test_auto_takes_one_launch_for_cpu_indexes_and_pairs_for_device_ones(on_gpu, spy):
+    """path="auto": one launch for CPU indexes; pair by pair for device ones (their map cost more than the launches
+    it saves: bench/results/h100/2026-12-06-s3/positions.log). The same result either way."""
+    dst, pairs, _ = _layout("audio_in_video_chunks", DEV if on_gpu else "cpu")
+    assert_same(merged_twice(dst, pairs, spy), chain(dst, pairs), "auto")
+    if on_gpu:
+        assert len(spy.per_pair) == len(pairs) and spy.items == [], "device indexes under auto: pair by pair"
+    else:
+        assert spy.per_pair == [] and spy.launches() == 1, "CPU indexes under auto: one launch"
+
+
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu_indexes", "gpu_indexes"])
 def test_three_modalities_one_copy_kernel(on_gpu, spy):
     dst, pairs, _ = _layout("audio_in_video_chunks", DEV if on_gpu else "cpu")
     mt.merge_modalities_(dst.clone(), pairs, path="triton")  # compiles
@@ -346,8 +358,9 @@ NO_SYNC = ["three_masks", "masks_and_positions", "overlapping_masks", "mask_fewe
 
 
 def _no_sync_case(name: str):
-    """(pairs, the pairs as the chain sees them, path): device indexes by path="auto" (which takes the Triton path
-    for them); CPU masks by path="triton" (their staged map)."""
+    """(pairs, the pairs as the chain sees them, path): device indexes by path="triton" (the one launch and its
+    device map; path="auto" merges them pair by pair) and by "auto" for the count cases; CPU masks by
+    path="triton" (their staged map)."""
     if name == "three_masks":
         pairs = pairs_of(masks_of(audio_in_video_labels()))
     elif name == "masks_and_positions":
@@ -360,8 +373,7 @@ def _no_sync_case(name: str):
         pairs = _layout("mixed_src_dtypes", DEV)[1]
     else:
         pairs = _layout("audio_in_video_chunks", "cpu")[1]
-        return pairs, pairs, "triton"
-    return pairs, pairs, "auto"
+    return pairs, pairs, "triton"
 
 
 @pytest.mark.parametrize("name", NO_SYNC)
@@ -456,7 +468,7 @@ def test_check_count_with_good_device_indexes():
 @pytest.mark.parametrize("path,on_gpu", [
     pytest.param("triton", False, id="triton-cpu_indexes"),
     pytest.param("triton", True, id="triton-gpu_indexes"),
-    pytest.param("auto", True, id="auto-gpu_indexes"),  # device indexes: auto always takes the Triton path
+    pytest.param("auto", True, id="auto-gpu_indexes"),  # device indexes: auto merges pair by pair
 ])
 def test_dst_whose_rows_do_not_flatten(path, on_gpu):
     labels = audio_in_video_labels(n=N, chunks=12)
