@@ -47,33 +47,35 @@ def _scatter_args(mask, plan, src) -> torch.Tensor:
 
 
 _SCATTER_NAMES = ("dst", "mask", "src")
+_OPS = {False: (masked_row_scatter_op, masked_row_scatter_op_), True: (indexed_row_scatter_op, indexed_row_scatter_op_)}
+"""The registered (out-of-place, in-place) ops of a merge at a mask (False) or at row positions (True)."""
 
 
-def scatter(dst, mask, src, *, in_place: bool, accumulate, path, plan, check_count, names) -> torch.Tensor:
-    """masked_row_scatter_ (``in_place``) or masked_row_scatter, once mask (or plan's) and src are known;
-    ``names`` name dst, mask and src in errors (deepstack_add has its own)."""
+def scatter(dst, mask, src, *, in_place: bool, accumulate, path, plan, check_count, names,
+            at_positions: bool = False) -> torch.Tensor:
+    """masked_row_scatter_ (``in_place``) or masked_row_scatter, once mask (or plan's) and src are known, or with
+    ``at_positions`` indexed_row_scatter(_) (``mask`` the positions, ``check_count`` their check); ``names`` name
+    dst, mask and src in errors (deepstack_add has its own)."""
     plain = core.plain_call(dst, mask, src)
     grad = core.needs_grad(dst, src)
     if core.transformed() or (plain and not grad):
-        if in_place:
-            core.merge_(dst, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
-                        names=names)
-            return dst
-        inputs.check_dst(dst, names[0])
-        out = dst.clone(memory_format=torch.contiguous_format)
-        core.merge_(out, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
-                    names=names)
-        return out
+        if not in_place:
+            inputs.check_dst(dst, names[0])
+            dst = dst.clone(memory_format=torch.contiguous_format)
+        core.merge_(dst, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
+                    names=names, at_positions=at_positions)
+        return dst
     # The registered ops, checked first in the caller's names (theirs are dst, mask, src).
-    core.check_args(dst, mask, src, accumulate, path, check_count, names)
+    core.check_args(dst, mask, src, accumulate, path, check_count, names, at_positions)
     if plan is not None:
         plan.check_current()
     if in_place and grad and plain:  # against dst itself, which the out-of-place op's copy hides
         core.unshared(src, dst, names[2], names[0])
+    op, op_ = _OPS[at_positions]
     if not in_place or grad:
-        merged = masked_row_scatter_op(dst, mask, src, accumulate, path, check_count)
+        merged = op(dst, mask, src, accumulate, path, check_count)
         return dst.copy_(merged) if in_place else merged
-    masked_row_scatter_op_(dst, mask, src, accumulate, path, check_count)
+    op_(dst, mask, src, accumulate, path, check_count)
     return dst
 
 
@@ -139,27 +141,12 @@ _AT_NAMES = ("dst", "positions", "src")
 
 
 def _scatter_at(dst, positions, src, *, in_place: bool, accumulate, path, check) -> torch.Tensor:
-    """indexed_row_scatter_ (``in_place``) or indexed_row_scatter: the route of ``scatter``, at positions."""
+    """indexed_row_scatter_ (``in_place``) or indexed_row_scatter: ``scatter`` at positions."""
     if src is None or positions is None:
         raise TypeError("positions and src are required")
     inputs.check_tensor(src, "src")
-    plain = core.plain_call(dst, positions, src)
-    grad = core.needs_grad(dst, src)
-    if core.transformed() or (plain and not grad):
-        if not in_place:
-            inputs.check_dst(dst, _AT_NAMES[0])
-            dst = dst.clone(memory_format=torch.contiguous_format)
-        core.merge_(dst, positions, src, accumulate=accumulate, path=path, plan=None, check_count=check,
-                    names=_AT_NAMES, at_positions=True)
-        return dst
-    core.check_args(dst, positions, src, accumulate, path, check, _AT_NAMES, at_positions=True)
-    if in_place and grad and plain:  # against dst itself, which the out-of-place op's copy hides
-        core.unshared(src, dst, _AT_NAMES[2], _AT_NAMES[0])
-    if not in_place or grad:
-        merged = indexed_row_scatter_op(dst, positions, src, accumulate, path, check)
-        return dst.copy_(merged) if in_place else merged
-    indexed_row_scatter_op_(dst, positions, src, accumulate, path, check)
-    return dst
+    return scatter(dst, positions, src, in_place=in_place, accumulate=accumulate, path=path, plan=None,
+                   check_count=check, names=_AT_NAMES, at_positions=True)
 
 
 def indexed_row_scatter_(

@@ -36,21 +36,26 @@ def _(dst, mask, src, accumulate, path, check_count):
 _lib = torch.library.Library("mmmerge_triton", "IMPL")
 
 
-def _in_place_autograd(dst, mask, src, accumulate, path, check_count):
-    """The in-place op's autograd kernel: no formula, so a call that needs gradients is refused before it
-    writes (without this, PyTorch would run it and drop src's gradient silently)."""
-    if torch.is_grad_enabled() and (dst.requires_grad or src.requires_grad):
-        raise RuntimeError(
-            "torch.ops.mmmerge_triton.masked_row_scatter_ has no autograd formula (it mutates dst): with inputs "
-            "that require grad, call mmmerge_triton.masked_row_scatter_ (it routes gradients through the "
-            "out-of-place op) or torch.ops.mmmerge_triton.masked_row_scatter"
-        )
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.mmmerge_triton.masked_row_scatter_(dst, mask, src, accumulate, path, check_count)
+def _refusing_autograd(name: str):
+    """The autograd kernel of the in-place op ``name``: no formula, so a call that needs gradients is refused
+    before it writes (without this, PyTorch would run it and drop src's gradient silently)."""
+    op = getattr(torch.ops.mmmerge_triton, name)
+
+    def autograd_kernel(dst, index, src, accumulate, path, check):
+        if torch.is_grad_enabled() and (dst.requires_grad or src.requires_grad):
+            raise RuntimeError(
+                f"torch.ops.mmmerge_triton.{name} has no autograd formula (it mutates dst): with inputs that require "
+                f"grad, call mmmerge_triton.{name} (it routes gradients through the out-of-place op) or "
+                f"torch.ops.mmmerge_triton.{name[:-1]}"
+            )
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(dst, index, src, accumulate, path, check)
+
+    # custom_op registered an autograd kernel of its own, which runs the op and drops src's gradient: override it.
+    _lib.impl(name, autograd_kernel, "Autograd", allow_override=True)
 
 
-# custom_op registered an autograd kernel of its own, which runs the op and drops src's gradient: override it.
-_lib.impl("masked_row_scatter_", _in_place_autograd, "Autograd", allow_override=True)
+_refusing_autograd("masked_row_scatter_")
 
 
 @torch.library.custom_op("mmmerge_triton::masked_row_scatter", mutates_args=())
@@ -175,19 +180,7 @@ def _(dst, positions, src, accumulate, path, check):
     return None
 
 
-def _in_place_at_autograd(dst, positions, src, accumulate, path, check):
-    """As _in_place_autograd, for the in-place positions op."""
-    if torch.is_grad_enabled() and (dst.requires_grad or src.requires_grad):
-        raise RuntimeError(
-            "torch.ops.mmmerge_triton.indexed_row_scatter_ has no autograd formula (it mutates dst): with inputs "
-            "that require grad, call mmmerge_triton.indexed_row_scatter_ (it routes gradients through the "
-            "out-of-place op) or torch.ops.mmmerge_triton.indexed_row_scatter"
-        )
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.mmmerge_triton.indexed_row_scatter_(dst, positions, src, accumulate, path, check)
-
-
-_lib.impl("indexed_row_scatter_", _in_place_at_autograd, "Autograd", allow_override=True)
+_refusing_autograd("indexed_row_scatter_")
 
 
 @torch.library.custom_op("mmmerge_triton::indexed_row_scatter", mutates_args=())
