@@ -135,3 +135,20 @@ def gpu_sleep(cycles: int) -> bool:
         return False
     fn(int(cycles))
     return True
+
+
+def capture(fn, before_capture=lambda: None) -> torch.cuda.CUDAGraph:
+    """PyTorch's recipe: warm up on a side stream (compiles, allocates, stages what a first call stages), run
+    ``before_capture``, then capture ``fn`` into a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    before_capture()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g

@@ -12,26 +12,11 @@ import mmmerge_triton as mt  # noqa: E402
 from mmmerge_triton import executor  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 
-from gpu_helpers import assert_same, dev, first_true, rand, random_mask, reference  # noqa: E402
+from gpu_helpers import assert_same, capture, dev, first_true, rand, random_mask, reference  # noqa: E402
 
 DEV = dev()
 N, H, M = 3000, 256, 700
 DST_DT, SRC_DT = torch.bfloat16, torch.float32
-
-
-def capture(fn):
-    """Warm up on a side stream (compiles, allocates), then capture ``fn`` into a CUDA graph (PyTorch docs)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
 
 
 class Static:

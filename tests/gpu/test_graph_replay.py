@@ -18,9 +18,8 @@ if not torch.cuda.is_available():
 import mmmerge_triton as mt  # noqa: E402
 from mmmerge_triton.kernel_config import FUSED_BELOW  # noqa: E402
 
-from gpu_helpers import (DTYPE_PAIRS, assert_same, dev, pair_id, rand, random_mask, reference,  # noqa: E402
+from gpu_helpers import (DTYPE_PAIRS, assert_same, capture, dev, pair_id, rand, random_mask, reference,  # noqa: E402
                          sync_debug_error)
-from test_cuda_graph import capture  # noqa: E402
 
 DEV = dev()
 H = 256

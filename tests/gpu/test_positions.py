@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 import mmmerge_triton as mt  # noqa: E402
 
-from gpu_helpers import DTYPE_PAIRS, assert_same, dev, pair_id, rand, sync_debug_error  # noqa: E402
+from gpu_helpers import DTYPE_PAIRS, assert_same, capture, dev, pair_id, rand, sync_debug_error  # noqa: E402
 
 DEV = dev()
 GIB = 1 << 30
@@ -478,20 +478,6 @@ def test_rows_past_2_31_elements(_release, form, accumulate):
 
 
 # ---- CUDA graphs ----------------------------------------------------------------------------------------------------
-
-def capture(fn):
-    """Warm up on a side stream (compiles, allocates), then capture ``fn`` into a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "add"])

@@ -18,7 +18,7 @@ from mmmerge_triton import inputs  # noqa: E402
 from mmmerge_triton import requests as rq  # noqa: E402
 
 from gpu_helpers import (  # noqa: E402
-    DTYPE_PAIRS, assert_same, dev, pair_id, rand, reference, special_matrix, sync_debug_error,
+    DTYPE_PAIRS, assert_same, capture, dev, pair_id, rand, reference, special_matrix, sync_debug_error,
 )
 
 merge_requests = getattr(mt, "merge_requests", rq.merge_requests)  # exported from the package by the lead
@@ -313,20 +313,6 @@ def test_same_layout_on_two_streams():
 
 
 # ---- CUDA graphs ----------------------------------------------------------------------------------------------
-
-def capture(fn):
-    """Warm up on a side stream (compiles, stages the request tables), then capture ``fn`` (PyTorch docs)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
 
 
 GRAPH_LENGTHS = (300, 0, 517, 64, 1000, 129, 1, 777)

@@ -13,7 +13,7 @@ from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 from mmmerge_triton.kernels.mask_scan_copy import DONE, GEN, TICKET  # noqa: E402
 from mmmerge_triton.scatter import ADD, COPY, GATHER  # noqa: E402
 
-from gpu_helpers import (DTYPE_PAIRS, assert_same, dev, first_true, pair_id, rand, reference,  # noqa: E402
+from gpu_helpers import (DTYPE_PAIRS, assert_same, capture, dev, first_true, pair_id, rand, reference,  # noqa: E402
                          sync_debug_error)
 
 DEV = dev()
@@ -167,23 +167,6 @@ def test_two_streams_at_once_use_their_own_workspaces():
     for s, gen in zip(streams, gens):
         with torch.cuda.stream(s):
             assert header() == [0, 0, gen + 10]
-
-
-def capture(fn, before_capture=lambda: None) -> torch.cuda.CUDAGraph:
-    """Warm up on a side stream (compiles, makes the eager workspace and the capture reserve), then capture
-    ``fn`` into a CUDA graph (PyTorch's recipe)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    before_capture()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
 
 
 class Static:
