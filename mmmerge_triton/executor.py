@@ -143,8 +143,7 @@ def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumula
     else:
         if listed:  # decided concatenated
             src = torch.cat(src.tensors)
-        if src.is_neg() or (src.stride(1) != 1 and src.shape[1] != 1):
-            src = _readable(src)
+        src = _readable(src)
         if kind == PLAN_ROWS:
             row_copy(dst2d, src, rowmap.rows, rowmap.count, ADD if accumulate else COPY, config)
         else:
