@@ -8,6 +8,11 @@
 #   bash bench/run_gpu.sh host OUT       # host cost per stage, loop time, idle-GPU time, held-out auto (bench/host_path.py)
 #   bash bench/run_gpu.sh matters OUT    # headroom, stalls, deepstack, share of a step (bench/matters/)
 #   bash bench/run_gpu.sh twogpu OUT     # the 2-GPU tests and the stress run over both GPUs (needs 2 GPUs)
+#   bash bench/run_gpu.sh positions OUT  # row positions and modalities against index_copy_/index_put_/per-modality calls
+#   bash bench/run_gpu.sh scan OUT       # the one-launch device-mask scan against a copy and the shipped kernels (--quick)
+#   bash bench/run_gpu.sh untuned OUT    # path="auto" with the tuned table hidden, on the held-out grid
+#   bash bench/run_gpu.sh compare OUT    # loop and idle time against an earlier package in BEFORE (default .before;
+#                                        # make it with: git archive REV mmmerge_triton kernels | tar -x -C .before)
 # The real-engine hook tests need the engines' Python files: bench/engines/make_engine_env.sh bundle, then carry
 # .engine_bundle and run bash .engine_bundle/run_tests.sh.
 # Install first: pip install -e . (offline: python -m pip install --no-deps --no-build-isolation -e .).
@@ -37,7 +42,8 @@ for stage in ${1//,/ }; do
     > "$out/environment.txt"
   case $stage in
     tests)
-      python -m pytest tests/gpu tests/models tests/test_engine_hooks.py tests/test_requests.py -q -rs \
+      python -m pytest tests/gpu tests/models tests/test_engine_hooks.py tests/test_requests.py \
+        tests/test_sglang_positions.py -q -rs \
         -p no:cacheprovider --junitxml="$out/gpu_junit.xml" > "$out/gpu_tests.log" 2>&1
       tail -n 3 "$out/gpu_tests.log"
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
@@ -67,6 +73,22 @@ for stage in ${1//,/ }; do
     matters)
       bash bench/matters/run.sh "$out/matters" > "$out/matters.log" 2>&1
       tail -n 3 "$out/matters.log"
+      ;;
+    positions)
+      python bench/positions_bench.py --out "$out" --seconds 150 > "$out/positions.log" 2>&1
+      tail -n 3 "$out/positions.log"
+      ;;
+    scan)
+      python bench/scan_copy_bench.py --out "$out" --quick > "$out/scan_copy_quick.log" 2>&1
+      tail -n 3 "$out/scan_copy_quick.log"
+      ;;
+    untuned)
+      python bench/untuned.py --out "$out" > "$out/untuned.log" 2>&1
+      tail -n 12 "$out/untuned.log"
+      ;;
+    compare)
+      python bench/compare_host_path.py --before "${BEFORE:-.before}" --out "$out" --rounds 2 > "$out/compare_host_path.log" 2>&1
+      tail -n 40 "$out/compare_host_path.log"
       ;;
     twogpu)
       python -m pytest tests/gpu/test_threads.py tests/gpu/test_streams.py tests/gpu/test_tensor_parallel.py -q -rs \
