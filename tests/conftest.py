@@ -195,3 +195,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if Path(item.path).parent == here and Path(item.path).name in INTERPRETER_MODULES:
             item.add_marker(skip)
+
+
+def make_auto_choose_triton(monkeypatch) -> None:
+    """path="auto" then chooses the Triton path wherever it can run (as the tables do on a GPU): the table's
+    decision, made to say "triton" with the untuned rule's configuration."""
+    from mmmerge_triton import dispatch
+    from mmmerge_triton.kernel_config import default_config
+    table_decision = dispatch._table_decision
+
+    def triton_decision(dst, on_device, src_dtype, n, rows):
+        found = table_decision(dst, on_device, src_dtype, n, rows)
+        return found._replace(path="triton", config=default_config(dst.shape[-1], rows, n, on_device), reason="test")
+
+    monkeypatch.setattr(dispatch, "_table_decision", triton_decision)
+
+
+@pytest.fixture
+def route(monkeypatch):
+    """use(path) -> the path to pass: ``auto_triton`` is path="auto" made to choose the Triton path
+    (make_auto_choose_triton). Fresh decisions and memo entries before the first call, and after the test."""
+    from mmmerge_triton import dispatch
+
+    def use(path: str) -> str:
+        if path == "auto_triton":
+            make_auto_choose_triton(monkeypatch)
+        dispatch.clear_cache()
+        return "auto" if path == "auto_triton" else path
+
+    yield use
+    dispatch.clear_cache()

@@ -22,9 +22,8 @@ import pytest
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import dispatch, executor, items, modalities
+from mmmerge_triton import executor, items, modalities
 from mmmerge_triton.dispatch import bucket, decide_positions
-from mmmerge_triton.kernel_config import default_config
 
 from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, INTERPRETED, assert_bits_equal, truncate_to_bf16
 
@@ -227,26 +226,6 @@ def spy(monkeypatch) -> Spy:
     wrap(caller, "masked_row_scatter_", seen.per_pair)
     wrap(caller, "indexed_row_scatter_", seen.per_pair)
     return seen
-
-
-@pytest.fixture
-def route(monkeypatch):
-    """use(path) -> the path to pass; ``auto_triton`` makes path="auto" choose the Triton path (as test_twice.py
-    does). Fresh decisions before the first call and after the test."""
-    table_decision = dispatch._table_decision
-
-    def triton_decision(dst, on_device, src_dtype, n, rows):
-        found = table_decision(dst, on_device, src_dtype, n, rows)
-        return found._replace(path="triton", config=default_config(dst.shape[-1], rows, n, on_device), reason="test")
-
-    def use(path: str) -> str:
-        if path == "auto_triton":
-            monkeypatch.setattr(dispatch, "_table_decision", triton_decision)
-        dispatch.clear_cache()
-        return "auto" if path == "auto_triton" else path
-
-    yield use
-    dispatch.clear_cache()
 
 
 def run_twice(dst: torch.Tensor, pairs, spy: Spy | None = None, **kwargs) -> list[torch.Tensor]:

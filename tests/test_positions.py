@@ -22,7 +22,6 @@ import torch.autograd.forward_ad as fwAD
 
 import mmmerge_triton as mm
 from mmmerge_triton import core, dispatch
-from mmmerge_triton.kernel_config import default_config
 
 from .conftest import assert_bits_equal, assert_close_ulps, merge_tolerance, truncate_to_bf16
 
@@ -112,27 +111,6 @@ def one_intra_op_thread():
 
 def scatter(entry: str, dst, positions, src, **kwargs):
     return SCATTERS[entry](dst, positions, src, **kwargs)
-
-
-@pytest.fixture
-def route(monkeypatch):
-    """use(path) -> the path to pass: ``auto_triton`` makes path="auto" choose the Triton path (the tables'
-    CPU-mask entry, which path="auto" follows for CPU positions, made to say "triton"). Fresh decisions and memo
-    entries before the first call, and after the test."""
-    table_decision = dispatch._table_decision
-
-    def triton_decision(dst, on_device, src_dtype, n, rows):
-        found = table_decision(dst, on_device, src_dtype, n, rows)
-        return found._replace(path="triton", config=default_config(dst.shape[-1], rows, n, on_device), reason="test")
-
-    def use(path: str) -> str:
-        if path == "auto_triton":
-            monkeypatch.setattr(dispatch, "_table_decision", triton_decision)
-        dispatch.clear_cache()
-        return "auto" if path == "auto_triton" else path
-
-    yield use
-    dispatch.clear_cache()
 
 
 # ---- every dtype pair, both position dtypes, both modes -------------------------------------------------------

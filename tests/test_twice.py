@@ -23,9 +23,8 @@ import torch.autograd.forward_ad as fwAD
 
 import mmmerge_triton as mm
 from mmmerge_triton import core, dispatch
-from mmmerge_triton.kernel_config import default_config
 
-from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal
+from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal, make_auto_choose_triton
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # make_dual's
 
@@ -496,15 +495,9 @@ def route(monkeypatch):
     """use(path) -> the path to pass: ``auto_triton`` makes path="auto" choose the Triton path for every input it
     can take (as the tables do on a GPU), and lists read in place. Fresh decisions and entries before the first
     call, and after the test."""
-    table_decision = dispatch._table_decision
-
-    def triton_decision(dst, on_device, src_dtype, n, rows):
-        found = table_decision(dst, on_device, src_dtype, n, rows)
-        return found._replace(path="triton", config=default_config(dst.shape[-1], rows, n, on_device), reason="test")
-
     def use(path: str) -> str:
         if path == "auto_triton":
-            monkeypatch.setattr(dispatch, "_table_decision", triton_decision)
+            make_auto_choose_triton(monkeypatch)
         if path in TRITON_PATHS:
             monkeypatch.setattr(dispatch, "items_in_place_pays", lambda *args: True)
         dispatch.clear_cache()
