@@ -56,9 +56,10 @@ def scatter(dst, mask, src, *, in_place: bool, accumulate, path, plan, check_cou
     """masked_row_scatter_ (``in_place``) or masked_row_scatter, once mask (or plan's) and src are known, or with
     ``at_positions`` indexed_row_scatter(_) (``mask`` the positions, ``check_count`` their check); ``names`` name
     dst, mask and src in errors (deepstack_add has its own)."""
-    plain = core.plain_call(dst, mask, src)
-    grad = core.needs_grad(dst, src)
-    if core.transformed() or (plain and not grad):
+    eager = core.eager(dst, mask, src)
+    plain = eager or core.plain_call(dst, mask, src)
+    grad = not eager and core.needs_grad(dst, src)
+    if (plain and not grad) or core.transformed():
         if not in_place:
             inputs.check_dst(dst, names[0])
             dst = dst.clone(memory_format=torch.contiguous_format)
@@ -279,9 +280,8 @@ def merge_multimodal_embeddings(
         ValueError: "Attempted to assign {expr} = {M} multimodal tokens to {K} placeholders" (vLLM's text),
             or a shape/device error naming the argument. TypeError: bad dtypes. Nothing is written then.
     """
-    if (plan is None and type(multimodal_embeddings) is _Tensor and multimodal_embeddings.dim() == 2
-            and is_multimodal is not None and core.plain_call(inputs_embeds, is_multimodal)
-            and not core.needs_grad(inputs_embeds, multimodal_embeddings)):
+    if (plan is None and core.eager(inputs_embeds, is_multimodal, multimodal_embeddings)
+            and multimodal_embeddings.dim() == 2):
         # The serving call (a tensor of embeddings), with nothing to normalize first.
         core.merge_(inputs_embeds, is_multimodal, multimodal_embeddings, accumulate=False, path=path, plan=None,
                     check_count=check_count, names=_MERGE_NAMES, expression=multimodal_embeddings)
@@ -290,7 +290,7 @@ def merge_multimodal_embeddings(
     src = _checked_source(inputs_embeds, multimodal_embeddings, is_multimodal)
     plain = core.plain_call(inputs_embeds, is_multimodal) and (type(src) is ItemList or core.plain_call(src))
     grad = core.needs_grad(inputs_embeds, src)
-    if core.transformed() or (plain and not grad):
+    if (plain and not grad) or core.transformed():
         core.merge_(inputs_embeds, is_multimodal, src, accumulate=False, path=path, plan=plan,
                     check_count=check_count, names=_MERGE_NAMES, expression=multimodal_embeddings)
         return inputs_embeds

@@ -61,6 +61,14 @@ def plain_call(*tensors) -> bool:
     return True
 
 
+def eager(dst, mask, src) -> bool:
+    """The serving call's gate: three tensors of exactly torch.Tensor, no tracing, no dispatch mode, no gradient
+    to record; what ``plain_call(dst, mask, src) and not needs_grad(dst, src)`` says of them, in one read each
+    (a call it turns down is asked those two)."""
+    return (type(dst) is _Tensor and type(mask) is _Tensor and type(src) is _Tensor and not _is_compiling()
+            and not _dispatch_modes() and not (_grad_enabled() and (dst.requires_grad or src.requires_grad)))
+
+
 def transformed() -> bool:
     """Whether a function transform is on: torch.func's vmap, grad or jvp (whose tensors are wrappers without
     storage, and under which a host read such as ``.numpy()`` fails), or forward-mode AD (a dual level: tangents
@@ -98,44 +106,59 @@ def merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expres
             _merge_by_torch(dst, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
                             names=names, at_positions=at_positions)
             return
-        key = _signature(dst, mask, src, accumulate, check_count, path, at_positions) if plan is None else None
-        prepared = _prepared.get(key) if key is not None else None
-        stride = None
-        if prepared is None:
-            prepared, stride = _prepare(key, dst, mask, src, accumulate, path, plan, check_count, names, at_positions)
-        if dst.dim() == 1:  # one row and a 0-dim mask: every path takes them as [1, H] and [1] (index_put_ would not)
-            dst, mask = dst.unsqueeze(0), mask.reshape(1)
-        mask, src = check_call(dst, mask, src, plan, names, at_positions)
-        run(prepared, dst, mask, src, accumulate, check_count, plan, stride)
+        signed = _signature(dst, mask, src, accumulate, check_count, path, at_positions) if plan is None else None
+        if signed is not None:
+            key, at = signed
+            prepared, stride = _prepared.get(key), None
+            if prepared is None:
+                prepared, stride = _prepare(key, dst, mask, src, accumulate, path, plan, check_count, names,
+                                            at_positions)
+        else:
+            at = None
+            prepared, stride = _prepare(None, dst, mask, src, accumulate, path, plan, check_count, names,
+                                        at_positions)
+            if dst.dim() == 1:  # one row, a 0-dim mask: every path takes them as [1, H] and [1] (not index_put_)
+                dst, mask = dst.unsqueeze(0), mask.reshape(1)
+        checked_mask, checked_src = check_call(prepared, dst, mask, src, plan, names, at)
+        if checked_mask is not mask or checked_src is not src:  # a copy: other addresses
+            mask, src, at = checked_mask, checked_src, None
+        run(prepared, dst, mask, src, accumulate, check_count, plan, stride, at=at)
     except CountMismatch as error:  # in vLLM's words, with the caller's spelling of the embeddings
         raise inputs.count_mismatch(error.num_rows, error.num_placeholders, spelled(expression)) from None
 
 
-def _signature(dst, mask, src, accumulate, check_count, path, at_positions=False) -> tuple | None:
-    """The memo key of a call (None: the call has none, and is prepared every time). What each field stands for,
-    in prepare: the types, dtypes and layouts -> inputs.check_dst/check_mask/check_src and the Triton path's
-    dtypes (dispatch.triton_refusal); the devices -> the device checks and the kind of launch; the strides -> the
-    row views (dst), the column-stride rule (src), a strided device mask (its bytes copied), and the strides the
-    bound kernels are specialized on; h, h_src -> the hidden-size check; the addresses mod 16 -> the odd-address
-    refusal and the kernels' alignment specialization; dst's negative bit -> the refusal of a negated dst, src's ->
-    whether the launch reads src as it is (executor.prepare's ``fixed``); the
-    flags and path -> check_flag/check_path and the decision; the buckets of N and M -> what dispatch.decide reads
-    of them (its 2**31-row limit starts a bucket); at_positions -> which checks and which decision (a mask's or
-    positions'). What no field fixes is check_call's (N against the mask, M against the positions, memory shared
-    with dst, inference tensors, a plan) and the executor's (the count, the positions' values, empty sizes)."""
+def _signature(dst, mask, src, accumulate, check_count, path, at_positions=False) -> tuple[tuple, tuple] | None:
+    """(key, at) of a call, or None: it has no signature and is prepared every time. ``at``: (mask address, dst
+    address, src address, N, M), what check_call and the launch read per call, read once here.
+
+    The key is the memo's. What each field stands for, in prepare: the types, dtypes and layouts ->
+    inputs.check_dst/check_mask/check_src and the Triton path's dtypes (dispatch.triton_refusal); the devices ->
+    the device checks, the kind of launch and whether the mask's bytes may be dst's; the strides -> the row views
+    (dst), the column-stride rule (src), a strided device mask (its bytes copied), the strides the bound kernels
+    are specialized on and the spans of check_call's shared-memory test (a stride read also refuses a layout
+    without strides); h, h_src -> the hidden-size check; the mask's length against N (positions': against M)
+    -> inputs.check_mask (check_args), so a call of the wrong length has a key no entry is kept under; the
+    addresses mod 16 -> the odd-address refusal and the kernels' alignment specialization; dst's negative bit ->
+    the refusal of a negated dst, src's -> whether the launch reads src as it is (executor.prepare's ``fixed``);
+    the flags and path -> check_flag/check_path and the decision; the buckets of N and M -> what dispatch.decide
+    reads of them (its 2**31-row limit starts a bucket); at_positions -> which checks and which decision (a
+    mask's or positions'). What no field fixes is check_call's (memory shared with dst, inference tensors, a
+    plan, a negated positions view) and the executor's (the count, the positions' values, empty sizes)."""
     if (type(dst) is not _Tensor or type(mask) is not _Tensor or type(src) is not _Tensor or type(path) is not str
             or type(accumulate) is not bool or type(check_count) is not bool):
         return None
     try:
         n, h = dst.shape
         m, h_src = src.shape
-        (_,) = mask.shape  # its length: check_call
+        (length,) = mask.shape
+        at = (mask.data_ptr(), dst.data_ptr(), src.data_ptr(), n, m)
         # bucket(n) and bucket(m), inline (this is the hot path of every call)
         n_shift, m_shift = max(n.bit_length() - 3, 0), max(m.bit_length() - 3, 0)
-        return (dst.dtype, src.dtype, mask.dtype, mask.layout, dst.device, src.device, mask.device, dst.stride(),
-                src.stride(), mask.is_contiguous(), h, h_src, dst.data_ptr() & 15, src.data_ptr() & 15,
-                mask.data_ptr() & 15, dst.is_neg(), src.is_neg(), accumulate, check_count, path, n >> n_shift << n_shift,
-                m >> m_shift << m_shift, at_positions)
+        key = (dst.dtype, src.dtype, mask.dtype, dst.device, src.device, mask.device, dst.stride(), src.stride(),
+               mask.stride(), h, h_src, length == (m if at_positions else n), at[1] & 15, at[2] & 15, at[0] & 15,
+               dst.is_neg(), src.is_neg(), accumulate, check_count, path, n >> n_shift << n_shift,
+               m >> m_shift << m_shift, at_positions)
+        return key, at
     except (ValueError, RuntimeError):  # not [N, H] / [M, H] / [N]; a layout without strides or storage
         return None
 
@@ -172,27 +195,27 @@ def _memoize(key, prepared: Prepared) -> None:
         _prepared[key] = prepared
 
 
-def check_call(dst, mask, src, plan, names, at_positions=False) -> tuple:
-    """The checks no signature fixes, on every call (a memo hit or not): the mask's length (the positions' against
-    src's rows), the plan's device and currency, PyTorch's rule for inference tensors, and memory shared with dst
-    (a mask or positions sharing it are read first; a src sharing it is copied in dst's dtype or refused,
-    PyTorch's rules). Returns the mask (or positions) and src to merge."""
-    if at_positions:
-        if mask.shape[0] != src.shape[0]:
-            raise ValueError(f"{names[1]} has {mask.shape[0]} entries; {names[2]} has {src.shape[0]} rows (one "
-                             "position per row)")
-        if mask.is_neg():  # a lazily negated view: its values, not its raw bytes, are the positions
-            mask = mask.resolve_neg()
-    elif mask.shape != dst.shape[:-1]:
-        inputs.check_mask(mask, dst, names[1], names[0])
+def check_call(prepared: Prepared, dst, mask, src, plan, names, at: tuple | None = None) -> tuple:
+    """The checks no signature fixes, on every call (a memo hit or not): the plan's currency, PyTorch's rule for
+    inference tensors, memory shared with dst (a mask or positions sharing it are read first; a src sharing it is
+    copied in dst's dtype or refused, PyTorch's rules), and a lazily negated positions view (its values, not its
+    raw bytes, are the positions). ``at``: the call's addresses and sizes (``_signature``) where the entry fixes
+    the layout, for an exact-where-disjoint span test that leaves only a possible share to inputs.overlaps.
+    Returns the mask (or positions) and src to merge."""
     if plan is not None:
         plan.check_current(names[1])
     if dst.is_inference():
         inputs.check_writable(dst, names[0])
-    if mask.is_cpu == dst.is_cpu and inputs.overlaps(mask, dst):  # (checked: then on one device)
+    if at is not None and prepared.spans is not None:
+        mask_may_share, src_may_share = prepared.may_share(at)
+    else:
+        mask_may_share, src_may_share = mask.is_cpu == dst.is_cpu, type(src) is not ItemList
+    if mask_may_share and inputs.overlaps(mask, dst):  # (then on one device: checked)
         mask = mask.clone()
-    if type(src) is not ItemList and inputs.overlaps(src, dst):  # a list sharing dst's memory is concatenated
+    if src_may_share:  # a list sharing dst's memory is concatenated (decision_for)
         src = unshared(src, dst, names[2], names[0])
+    if prepared.positions and mask.is_neg():
+        mask = mask.resolve_neg()
     return mask, src
 
 
@@ -213,6 +236,9 @@ def check_args(dst, mask, src, accumulate, path, check_count, names,
     if isinstance(src, ItemList):
         return sum(src.rows), src.dtype
     inputs.check_src(src, dst, src_name, dst_name)
+    if at_positions and mask.shape[0] != src.shape[0]:
+        raise ValueError(f"{mask_name} has {mask.shape[0]} entries; {src_name} has {src.shape[0]} rows (one "
+                         "position per row)")
     return src.shape[0], src.dtype
 
 
@@ -246,7 +272,8 @@ def decision_for(dst, mask, src, m: int, src_dtype, path, plan) -> tuple[Decisio
 def decision_of(dst, mask, src, path, plan, names, at_positions=False) -> Decision:
     """What merge_ would run for these arguments (explain()): the memoized entry's decision where the call has a
     signature and it was prepared, else prepare's (memoized as merge_ would). Writes nothing."""
-    key = _signature(dst, mask, src, False, False, path, at_positions) if plan is None else None
+    signed = _signature(dst, mask, src, False, False, path, at_positions) if plan is None else None
+    key = signed[0] if signed is not None else None
     prepared = _prepared.get(key) if key is not None else None
     if prepared is None:
         prepared, _ = _prepare(key, dst, mask, src, False, path, plan, False, names, at_positions)
@@ -270,8 +297,6 @@ def _merge_by_torch(dst, mask, src, *, accumulate, path, plan, check_count, name
     if path == "triton":
         raise ValueError(_TRANSFORM_REFUSAL)
     if at_positions:
-        if mask.shape[0] != m:
-            raise ValueError(f"{names[1]} has {mask.shape[0]} entries; {names[2]} has {m} rows (one position per row)")
         if not _functorch_wrapped(mask):
             mask = mask.resolve_neg()
             if mask.is_cpu or check_count:

@@ -45,7 +45,8 @@ _COUNTED_BY_MAP = (HOST_ROWS, ITEMS)  # with a CPU mask and no plan, these count
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU-only builds
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
-_bump = torch.autograd.graph.increment_version
+_bump = torch._C._increment_version  # of a tuple of tensors (autograd.graph.increment_version's call); an
+# inference tensor, which has no version counter, is skipped
 
 
 class Launch:
@@ -63,33 +64,49 @@ class Launch:
 
 
 class Prepared:
-    """A decided merge, ready to run: the ``decision`` (what explain() returns), for HOST_ROWS, DEVICE_FUSED
-    and DEVICE_ROWS its ``launch``, whether it merges at row ``positions`` rather than at a mask, and ``fixed``:
-    (H, dst row stride, src row stride) where the launch reads dst, src and the mask as they are (the layout
-    facts of prepare's inputs, which the signature of a memoized entry fixes), else None."""
+    """A decided merge, ready to run: the ``decision`` (what explain() returns), for HOST_ROWS, DEVICE_FUSED,
+    DEVICE_ROWS and POSITIONS its ``launch``, whether it merges at row ``positions`` rather than at a mask, and
+    where the launch reads dst, src and the mask as they are (the layout facts of prepare's inputs, which the
+    signature of a memoized entry fixes): ``fixed`` = (H, dst row stride, src row stride), what the bound
+    kernels take, and ``spans`` = (dst's, src's element size, the mask's where it is on dst's device, else 0),
+    what ``may_share`` reads; else both None."""
 
-    __slots__ = ("decision", "launch", "positions", "fixed")
+    __slots__ = ("decision", "launch", "positions", "fixed", "spans")
 
     def __init__(self, decision: Decision, launch: Launch | None, positions: bool = False,
-                 fixed: tuple | None = None):
-        self.decision, self.launch, self.positions, self.fixed = decision, launch, positions, fixed
+                 fixed: tuple | None = None, spans: tuple | None = None):
+        self.decision, self.launch, self.positions, self.fixed, self.spans = decision, launch, positions, fixed, spans
+
+    def may_share(self, at: tuple) -> tuple[bool, bool]:
+        """Whether the mask (or positions), and src, of a call with addresses and sizes ``at`` (core._signature)
+        may share dst's bytes: whether the address spans they can touch meet (unit column strides, strides >= 0:
+        no span, no share). A mask is N bytes, positions M entries."""
+        mask_ptr, dst_ptr, src_ptr, n, m = at
+        h, dst_row, src_row = self.fixed
+        dst_size, src_size, mask_size = self.spans
+        dst_end = dst_ptr + ((n - 1) * dst_row + h) * dst_size
+        mask_end = mask_ptr + (m if self.positions else n) * mask_size
+        return (mask_size != 0 and mask_ptr < dst_end and dst_ptr < mask_end,
+                src_ptr < dst_end and dst_ptr < src_ptr + ((m - 1) * src_row + h) * src_size)
 
 
 def prepare(decision: Decision, n: int, dst: torch.Tensor, mask: torch.Tensor, src, positions: bool = False) -> Prepared:
     """What runs ``decision`` for N = n rows of ``dst``, ``mask`` and ``src`` (core.py memoizes it per input
     signature: only the facts of the signature are read here)."""
-    launch = fixed = None
+    launch = fixed = spans = None
     if decision.kind in _LAUNCHED:
         launch = Launch(decision.kind, decision.config, n, dst.device)
+        mask_near = mask.device == dst.device
         if (type(src) is torch.Tensor and dst.dim() == 2 and dst.stride(1) == 1 and not src.is_neg()
-                and (src.stride(1) == 1 or src.shape[1] == 1) and (mask.is_cpu or mask.dim() == 1 and
-                                                                   mask.is_contiguous())):
+                and (src.stride(1) == 1 or src.shape[1] == 1) and mask.dim() == 1
+                and (not mask_near or mask.is_contiguous())):
             fixed = (dst.shape[1], dst.stride(0), src.stride(0))
-    return Prepared(decision, launch, positions, fixed)
+            spans = (dst.element_size(), src.element_size(), mask.element_size() if mask_near else 0)
+    return Prepared(decision, launch, positions, fixed, spans)
 
 
 def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumulate: bool, sync_count: bool = False,
-        plan=None, stride: int | None = None, *, rowmap: RowMap | None = None) -> None:
+        plan=None, stride: int | None = None, *, rowmap: RowMap | None = None, at: tuple | None = None) -> None:
     """dst[mask] = src (or +=) in place, as ``prepared`` says. Inputs checked and free of shared memory (core.py).
 
     dst: [..., H]; mask: bool of shape dst.shape[:-1]; src: [M, H], or for kind ITEMS an ItemList sharing the row
@@ -101,20 +118,20 @@ def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumula
         return
     fixed = prepared.fixed
     if fixed is not None and plan is None and rowmap is None:  # the common call: straight to the launch
-        m = src.shape[0]
+        if at is None:
+            at = (mask.data_ptr(), dst.data_ptr(), src.data_ptr(), dst.shape[0], src.shape[0])
+        m = at[4]
         if sync_count or m == 0 or fixed[0] == 0:
             check_count(mask, m, None, sync_count)
             if m == 0 or fixed[0] == 0:
                 return
         launch = prepared.launch
-        at = (mask.data_ptr(), dst.data_ptr(), src.data_ptr(), dst.shape[0], m, *fixed)
         if launch.device >= 0 and launch.device != _current_device():
             with torch.cuda.device(launch.device):
-                _launch(launch, dst, mask, src, accumulate, at)
+                _launch(launch, dst, mask, src, accumulate, at, fixed)
         else:
-            _launch(launch, dst, mask, src, accumulate, at)
-        if not dst.is_inference():
-            _bump(dst)
+            _launch(launch, dst, mask, src, accumulate, at, fixed)
+        _bump((dst,))
         return
     decision = prepared.decision
     kind = decision.kind
@@ -150,15 +167,14 @@ def run(prepared: Prepared, dst: torch.Tensor, mask: torch.Tensor, src, accumula
             launch = prepared.launch
             # A device mask's bytes as the kernels read them (a copy only if strided), alive until queued.
             flat = mask if cpu_mask or (mask.dim() == 1 and mask.is_contiguous()) else mask_bytes(mask)
-            at = (flat.data_ptr(), dst2d.data_ptr(), src.data_ptr(), dst2d.shape[0], m, dst2d.shape[1],
-                  dst2d.stride(0), src.stride(0))
+            at = (flat.data_ptr(), dst2d.data_ptr(), src.data_ptr(), dst2d.shape[0], m)
+            layout = (dst2d.shape[1], dst2d.stride(0), src.stride(0))
             if launch.device >= 0 and launch.device != _current_device():
                 with torch.cuda.device(launch.device):
-                    _launch(launch, dst2d, flat, src, accumulate, at)
+                    _launch(launch, dst2d, flat, src, accumulate, at, layout)
             else:
-                _launch(launch, dst2d, flat, src, accumulate, at)
-    if not dst.is_inference():
-        _bump(dst)  # the kernels write behind autograd's back, as any in-place op bumps it
+                _launch(launch, dst2d, flat, src, accumulate, at, layout)
+    _bump((dst,))  # the kernels write behind autograd's back, as any in-place op bumps it
 
 
 def _readable(src: torch.Tensor) -> torch.Tensor:
@@ -198,8 +214,7 @@ def _run_at(prepared: Prepared, dst: torch.Tensor, positions: torch.Tensor, src:
             _launch_at(launch, fixed, dst, positions, host, src, mode, config)
     else:
         _launch_at(launch, fixed, dst, positions, host, src, mode, config)
-    if not dst.is_inference():
-        _bump(dst)
+    _bump((dst,))
 
 
 _CPU_POSITIONS = ("CPU positions cannot be captured in a CUDA graph: they are checked and staged per call. Capture "
@@ -258,8 +273,7 @@ def run_modalities(config: KernelConfig, dst2d: torch.Tensor, rows, srcs: list[t
             refuse_capture(dst2d.device)
             with arena(dst2d.device.index) as ring:
                 row_copy(dst2d, src, ring.put_int32(host), None, mode, config)
-    if not dst2d.is_inference():
-        _bump(dst2d)
+    _bump((dst2d,))
 
 
 def merge_triton(dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, accumulate: bool,
@@ -277,11 +291,12 @@ def merge_triton(dst: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, accum
     run(prepare(decision, mask.numel(), dst, mask, src), dst, mask, src, accumulate, rowmap=rowmap)
 
 
-def _launch(launch: Launch, dst, mask, src, accumulate, at) -> None:
-    """HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS. ``at``: (mask address, dst address, src address, N, M, H, dst row
-    stride, src row stride), as the bound kernels take them."""
+def _launch(launch: Launch, dst, mask, src, accumulate, at, layout) -> None:
+    """HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS. ``at``: (mask address, dst address, src address, N, M); ``layout``:
+    (H, dst row stride, src row stride); as the bound kernels take them."""
     kind, device, bound, config = launch.kind, launch.device, launch.bound, launch.config
-    mask_ptr, dst_ptr, src_ptr, n, m, h, dst_stride, src_stride = at
+    mask_ptr, dst_ptr, src_ptr, n, m = at
+    h, dst_stride, src_stride = layout
     mode = ADD if accumulate else COPY
     if kind == HOST_ROWS:
         rows = cpu_rows(mask, m, dst.device)  # the count check and capture refusal of a staged map
@@ -362,7 +377,6 @@ def run_requests(dst: torch.Tensor, mask: torch.Tensor, tables: tuple, n_request
     _request_row_copy.launch(key, (cdiv(m, cfg.rows), 1),
                              (dst, first, item_offsets, item_starts, rows, m, n_items, hidden, dst.stride(0), stride),
                              (cfg.rows, cfg.block_h, steps, align), (cfg.num_warps, cfg.num_stages), index)
-    if not dst.is_inference():
-        _bump(dst)
+    _bump((dst,))
     return status
 

@@ -569,7 +569,7 @@ PAIRS = {
 # the signature (M's bucket, the mask's dtype, src's strides, either negative bit, the path), have none (a flag
 # that is not a bool) or merge under a function transform (forward-mode AD): prepared afresh, as the first call.
 HIT_BY_THE_BAD_CALL = {
-    "count_one_short", "mask_one_short", "src_is_dsts_rows", "src_is_dsts_bytes_as_bf16",
+    "count_one_short", "src_is_dsts_rows", "src_is_dsts_bytes_as_bf16",
     "src_straddles_dsts_columns", "column_halves_of_one_buffer", "every_other_row_of_one_buffer",
     "mask_of_dsts_bytes", "mask_of_dsts_bytes_strided", "dst_leaf_requires_grad",
     "dst_view_and_src_require_grad", "src_requires_grad", "inference_outside_inference_mode",
