@@ -152,12 +152,13 @@ def _signature(dst, mask, src, accumulate, check_count, path, at_positions=False
         m, h_src = src.shape
         (length,) = mask.shape
         at = (mask.data_ptr(), dst.data_ptr(), src.data_ptr(), n, m)
-        # bucket(n) and bucket(m), inline (this is the hot path of every call)
-        n_shift, m_shift = max(n.bit_length() - 3, 0), max(m.bit_length() - 3, 0)
+        # bucket(n) and bucket(m), inline (this is the hot path of every call): their top three bits
+        n_shift, m_shift = n.bit_length() - 3, m.bit_length() - 3
         key = (dst.dtype, src.dtype, mask.dtype, dst.device, src.device, mask.device, dst.stride(), src.stride(),
                mask.stride(), h, h_src, length == (m if at_positions else n), at[1] & 15, at[2] & 15, at[0] & 15,
-               dst.is_neg(), src.is_neg(), accumulate, check_count, path, n >> n_shift << n_shift,
-               m >> m_shift << m_shift, at_positions)
+               dst.is_neg(), src.is_neg(), accumulate, check_count, path,
+               n >> n_shift << n_shift if n_shift > 0 else n, m >> m_shift << m_shift if m_shift > 0 else m,
+               at_positions)
         return key, at
     except (ValueError, RuntimeError):  # not [N, H] / [M, H] / [N]; a layout without strides or storage
         return None
