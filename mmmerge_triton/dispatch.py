@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 from .inputs import TRITON_DTYPES, as_rows
-from .kernel_config import FUSED_BELOW, PATHS, POSITIONS, Decision, KernelConfig, default_config, launch_kind
+from .kernel_config import (FUSED_BELOW, FUSED_REACH, PATHS, POSITIONS, Decision, KernelConfig, default_config,
+                            launch_kind)
 from .rowmap import MAX_ROWS
 from .scatter import supports
 
 TABLE_VERSION = 1
-FUSED_REACH = 1.5  # a fused (one-launch) winner serves N up to this multiple of its entry's N (or FUSED_BELOW)
 _NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _NAME_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 

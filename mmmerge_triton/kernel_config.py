@@ -42,6 +42,19 @@ as N squared) stay small there, and it saves the row-map launch. (H100, bench/re
 at N = 512-12000 it ran 1.1-2.6x faster in loop time than the best two-launch configuration.)"""
 
 
+FUSED_REACH = 1.5
+"""A one-launch winner serves N up to this multiple of the N it was measured at (dispatch: a table entry's N;
+the untuned rule: the N below which it won, see default_config)."""
+FUSED_SHORT_ROW, FUSED_BELOW_SHORT = 2048, 65536
+FUSED_FEW = 0.25
+"""Past FUSED_BELOW the untuned rule keeps the one-launch kernel for rows of at most FUSED_SHORT_ROW elements up
+to FUSED_REACH x FUSED_BELOW_SHORT rows, and where under FUSED_FEW of the rows are placeholders up to FUSED_REACH x
+FUSED_BELOW. In the H100 table's sweep (configs/NVIDIA_H100_80GB_HBM3.json, the fastest configuration of each
+kind) the one-launch kernel was as fast or faster (within 5%) in every entry of H <= 2048 up to N = 65536, and at
+10% of the rows at N = 16384 at every H; the two-launch one won at N = 131072 with 10% of the rows, and from
+H = 4096 at N = 65536. tests/test_untuned.py checks the rule against the sweep."""
+
+
 SHORT_ROW = 3072
 MANY_ROWS = 4096
 """The two-launch kernel takes 4 rows per program where rows are shorter than SHORT_ROW elements and M is at
@@ -59,10 +72,13 @@ def default_config(hidden: int, m: int, n: int, mask_on_device: bool) -> KernelC
     (mmmerge_triton/configs/NVIDIA_H100_80GB_HBM3.json): a CPU mask's most frequent winner was one row per
     program over 4096-wide column steps, 8 warps, and four rows per program for many short rows (SHORT_ROW); a
     device mask of under 16384 rows took the one-launch kernel with 8 rows per program (its prefix re-reads stay
-    small there), a larger one the two-launch form. (An earlier rule of up to 16 rows per program over 512-wide
-    steps ran 1.05-1.12x a copy where the table's choices ran 1.02-1.07x: bench/results/h100, columns "triton"
-    and "auto".)"""
-    return default_of_kind(hidden, fused=mask_on_device and n < FUSED_BELOW, m=m)
+    small there), and past it where rows are short or few are placeholders (FUSED_SHORT_ROW, FUSED_FEW), else the
+    two-launch form. (An earlier rule of up to 16 rows per program over 512-wide steps ran 1.05-1.12x a copy
+    where the table's choices ran 1.02-1.07x: bench/results/h100, columns "triton" and "auto"; the two-launch
+    form at N = 20000, H = 2048 ran 1.19x the table's one-launch choice: 2026-12-06-s3/untuned.log.)"""
+    fused = mask_on_device and (n < FUSED_BELOW or (hidden <= FUSED_SHORT_ROW and n < FUSED_REACH * FUSED_BELOW_SHORT)
+                                or (m < FUSED_FEW * n and n < FUSED_REACH * FUSED_BELOW))
+    return default_of_kind(hidden, fused=fused, m=m)
 
 
 def default_of_kind(hidden: int, fused: bool, m: int = 0) -> KernelConfig:

@@ -130,3 +130,34 @@ def test_the_untuned_rule_gives_a_valid_configuration(hidden, m, on_device):
         assert isinstance(config, KernelConfig)
         assert config.rows >= 1 and config.rows & (config.rows - 1) == 0
         assert config.block_h == min(1 << (hidden - 1).bit_length(), 4096)
+
+
+def test_the_rules_kind_for_a_device_mask_wins_or_ties_wherever_the_sweep_measured_both():
+    """The one-launch or the two-launch kernel, as the untuned rule picks for a device mask (FUSED_BELOW,
+    FUSED_SHORT_ROW, FUSED_FEW), against the fastest configuration of each kind in every device-mask entry of the
+    shipped table: wherever one kind beat the other by over 5%, the rule takes it."""
+    checked = 0
+    for entry in json.loads(SHIPPED.read_text())["entries"]:
+        key = entry["key"]
+        if key["mask"] != "gpu":
+            continue
+        times = entry["triton_configs"]
+        fused = min(us for name, us in times.items() if name.endswith("_fused"))
+        two_launch = min(us for name, us in times.items() if not name.endswith("_fused"))
+        if max(fused, two_launch) <= 1.05 * min(fused, two_launch):
+            continue  # a tie
+        checked += 1
+        rule = default_config(key["hidden"], key["rows"], key["n"], True)
+        assert rule.fused == (fused < two_launch), (key, f"one launch {fused:.1f} µs, two {two_launch:.1f} µs")
+    assert checked >= 60
+
+
+def test_the_held_out_point_the_two_launch_form_lost_takes_one_launch():
+    """N = 20000, H = 2048, 30% of the rows on a device mask: the untuned rule's two-launch form ran 1.19x the
+    table's one-launch choice in device time (bench/results/h100/2026-12-06-s3/untuned.log); past the short-row
+    reach, and for long rows with many placeholders, the two-launch form stays."""
+    assert default_config(2048, 6000, 20000, True).fused
+    assert default_config(5120, 1000, 20000, True).fused  # few placeholders
+    assert not default_config(3584, 6000, 20000, True).fused  # the table's two-launch choice there
+    assert not default_config(2048, 60000, 100000, True).fused
+    assert not default_config(2048, 6000, 20000, False).fused  # a CPU mask has no one-launch kernel
