@@ -11,6 +11,8 @@
 #   bash bench/run_gpu.sh positions OUT  # row positions and modalities against index_copy_/index_put_/per-modality calls
 #   bash bench/run_gpu.sh scan OUT       # the one-launch device-mask scan against a copy and the shipped kernels (--quick)
 #   bash bench/run_gpu.sh untuned OUT    # path="auto" with the tuned table hidden, on the held-out grid
+#   bash bench/run_gpu.sh chained OUT    # the transformers switch on an omni model's K merges, chained or not
+#   bash bench/run_gpu.sh profile OUT    # a device mask's two launches split into kernels by the profiler
 #   bash bench/run_gpu.sh compare OUT    # loop and idle time against an earlier package in BEFORE (default .before;
 #                                        # make it with: git archive REV mmmerge_triton kernels | tar -x -C .before)
 # The real-engine hook tests need the engines' Python files: bench/engines/make_engine_env.sh bundle, then carry
@@ -85,6 +87,14 @@ for stage in ${1//,/ }; do
     untuned)
       python bench/untuned.py --out "$out" > "$out/untuned.log" 2>&1
       tail -n 12 "$out/untuned.log"
+      ;;
+    chained)
+      python bench/chained_merges.py --out "$out" > "$out/chained_merges.log" 2>&1
+      tail -n 13 "$out/chained_merges.log"
+      ;;
+    profile)
+      python bench/device_mask_profile.py --out "$out" > "$out/device_mask_profile.log" 2>&1
+      tail -n 7 "$out/device_mask_profile.log"
       ;;
     compare)
       python bench/compare_host_path.py --before "${BEFORE:-.before}" --out "$out" --rounds 2 > "$out/compare_host_path.log" 2>&1

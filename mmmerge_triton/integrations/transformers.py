@@ -11,10 +11,19 @@ Qwen3-VL's deepstack add (``_deepstack_process``) becomes one accumulate launch 
 map built once per forward, instead of a clone plus two bool-mask index ops (two host syncs) per layer; traced,
 HF's own runs. It stays out of place, as HF's own is: callers may hold the layer's output. The switch is
 thread-safe, and a method looked up while enabled keeps working after ``disable()``.
+
+Several modalities: Qwen2.5-Omni and Qwen3-Omni merge audio, image and video, Qwen2-VL, Qwen2.5-VL and Qwen3-VL
+image and video, each by an out-of-place ``inputs_embeds = inputs_embeds.masked_scatter(mask, features)``, the
+result of one the input of the next: K modalities, K copies of the N x H embeddings. Their forwards run inside
+``chained_merges()`` while enabled: the first merge copies, the later ones write into that copy in place, one
+copy in all (each merge still runs at once, so whatever HF reads between them, such as a placeholder mask
+computed from the embeddings, is what it reads without the switch). This is what ``merge_modalities_`` runs for
+masks on the GPU, where one launch for all modalities measured slower than one per modality (bench/results).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import threading
 from typing import Callable
@@ -44,6 +53,16 @@ def _writes_in_place(stock: Callable) -> bool:
     hidden = torch.zeros(2, 1)
     out = stock(None, hidden, torch.tensor([True, False]), torch.ones(1, 1))
     return out is hidden or bool(hidden[0, 0] != 0)
+# The forwards that merge one modality after another, each result rebinding inputs_embeds and read by nothing
+# else (audited in transformers 4.57 and 5.x): run inside chained_merges() while enabled.
+_CHAINED_FORWARDS = (
+    ("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", "Qwen2_5OmniThinkerModel"),
+    ("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe", "Qwen3OmniMoeThinkerModel"),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel"),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel"),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLModel"),
+    ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeModel"),
+)
 _INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, functional: tracers
 _toggle = threading.Lock()
 _replaced: dict = {}  # what enable() replaced, for disable(); empty while off
@@ -124,12 +143,68 @@ def _short_source_error() -> Exception:
     raise AssertionError("PyTorch's masked_scatter took a source shorter than its mask")
 
 
+class _Chain(threading.local):
+    """A thread's chained_merges() block: whether one is open, and the tensor its last out-of-place row merge
+    returned (``head``) with the version it had then (None: an inference tensor, which has none)."""
+
+    open = False
+    head: torch.Tensor | None = None
+    version: int | None = None
+
+
+_chain = _Chain()
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    return None if tensor.is_inference() else tensor._version
+
+
+@contextlib.contextmanager
+def chained_merges():
+    """``with chained_merges(): ...``: while the switch is enabled, an out-of-place ``masked_scatter`` call in
+    the block whose tensor is what the block's previous row merge returned, unchanged since (its version), writes
+    into it in place and returns it: K merges that each take the last one's result make one copy of the
+    embeddings, not K. The caller promises that no one else holds those intermediate results (HF's forwards
+    rebind ``inputs_embeds``; enable() runs the audited ones in a block). A call that records a gradient, or that
+    PyTorch would refuse in place, merges out of place as without the block. Per thread; blocks nest."""
+    saved = (_chain.open, _chain.head, _chain.version)
+    _chain.open, _chain.head, _chain.version = True, None, None
+    try:
+        yield
+    finally:
+        _chain.open, _chain.head, _chain.version = saved
+
+
 def _masked_scatter(self: torch.Tensor, mask, source) -> torch.Tensor:
-    """``torch.Tensor.masked_scatter`` while enabled: a row scatter where it equals PyTorch's, else PyTorch's."""
+    """``torch.Tensor.masked_scatter`` while enabled: a row scatter where it equals PyTorch's, else PyTorch's;
+    in a chained_merges() block, into the block's last result where it is this call's tensor."""
     merge = _row_merge(self, mask, source, in_place=False)
     if merge is None:
         return _STOCK_MASKED_SCATTER(self, mask, source)
-    return masked_row_scatter(self, merge[0], merge[1])  # contiguous, whatever self's layout, as PyTorch's
+    if not _chain.open:
+        return masked_row_scatter(self, merge[0], merge[1])  # contiguous, whatever self's layout, as PyTorch's
+    if (self is _chain.head and _version(self) == _chain.version
+            and not (torch.is_grad_enabled() and (self.requires_grad or source.requires_grad))
+            and not _refused_in_place(self, mask, source)):
+        merged = masked_row_scatter_(self, merge[0], merge[1])
+    else:
+        merged = masked_row_scatter(self, merge[0], merge[1])
+    _chain.head, _chain.version = merged, _version(merged)
+    return merged
+
+
+def _chained_forward(stock: Callable) -> Callable:
+    """HF's ``forward`` run inside chained_merges() (traced: HF's own, which a compiled graph sees whole)."""
+
+    @functools.wraps(stock)
+    def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return stock(self, *args, **kwargs)
+        with chained_merges():
+            return stock(self, *args, **kwargs)
+
+    forward._mmmerge_stock = stock
+    return forward
 
 
 def _masked_scatter_(self: torch.Tensor, mask, source) -> torch.Tensor:
@@ -171,7 +246,8 @@ def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
 
 
 def enable() -> None:
-    """Route row-broadcast masked_scatter calls, and Qwen3-VL's deepstack add, through mmmerge_triton."""
+    """Route row-broadcast masked_scatter calls, and Qwen3-VL's deepstack add, through mmmerge_triton; run the
+    forwards of _CHAINED_FORWARDS in chained_merges()."""
     with _toggle:
         if _replaced:
             return
@@ -179,14 +255,27 @@ def enable() -> None:
         _replaced["masked_scatter_"] = torch.Tensor.masked_scatter_
         torch.Tensor.masked_scatter = _masked_scatter
         torch.Tensor.masked_scatter_ = _masked_scatter_
-        for module_name, class_name in _DEEPSTACK_CLASSES:
-            try:
-                cls = getattr(importlib.import_module(module_name), class_name)
-            except (ImportError, AttributeError):  # an older transformers without this model
-                continue
-            _replaced[cls] = cls._deepstack_process
+        for cls in _classes(_DEEPSTACK_CLASSES):
+            _replaced[cls, "_deepstack_process"] = cls._deepstack_process
             _STOCK_DEEPSTACK.setdefault(cls, cls._deepstack_process)
             cls._deepstack_process = _deepstack_process
+        for cls in _classes(_CHAINED_FORWARDS):
+            stock = cls.__dict__.get("forward")
+            if stock is None:  # inherited: not the audited code
+                continue
+            _replaced[cls, "forward"] = stock
+            cls.forward = _chained_forward(getattr(stock, "_mmmerge_stock", stock))
+
+
+def _classes(names) -> list[type]:
+    """The classes of (module, class) names that the installed transformers has."""
+    found = []
+    for module_name, class_name in names:
+        try:
+            found.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):  # an older transformers without this model
+            continue
+    return found
 
 
 def disable() -> None:
@@ -196,8 +285,8 @@ def disable() -> None:
             return
         torch.Tensor.masked_scatter = _replaced.pop("masked_scatter")
         torch.Tensor.masked_scatter_ = _replaced.pop("masked_scatter_")
-        for cls, method in _replaced.items():
-            cls._deepstack_process = method
+        for (cls, name), method in _replaced.items():
+            setattr(cls, name, method)
         _replaced.clear()
 
 

@@ -1,0 +1,91 @@
+"""Where a device mask's merge spends its GPU time: the two-launch kind (scatter.mask_to_rows, then
+scatter.row_copy) split into its kernels by the profiler, against a copy of the same bytes.
+
+    python bench/device_mask_profile.py --out DIR
+
+Per case (H = 4096, bf16, a GPU mask, N in NS, DENSITIES, scattered rows): CUDA kernel time of the row-map scan
+and of the row copy, their sum, the CUDA-event time of the two launches back to back with the GPU kept busy
+(timing.device_time_us: the sum plus the gap between the launches), and the copy's kernel and event times; each
+the median over REPS profiled calls, L2 flushed before each. Printed and written to DIR/device_mask_profile_*.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mmmerge_triton import scatter
+from mmmerge_triton.kernel_config import default_of_kind
+from mmmerge_triton.scatter import COPY
+from mmmerge_triton.tools import timing
+from mmmerge_triton.tools.bench import device_name, environment
+from mmmerge_triton.tools.cases import Case, make_inputs
+
+DEV = torch.device("cuda", 0)
+HIDDEN = 4096
+NS = (32768, 131072, 262144)
+DENSITIES = (0.05, 0.5)
+REPS = 7
+
+
+def kernel_us(fn, flush: torch.Tensor) -> dict[str, float]:
+    """{kernel name: median µs per call} over REPS profiled calls of ``fn`` (the flush's own kernel left out)."""
+    per_call: dict[str, list[float]] = {}
+    for _ in range(REPS):
+        flush.zero_()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA and "fill" not in event.name.lower():
+                per_call.setdefault(event.name, []).append(event.device_time)
+    return {name: statistics.median(times) for name, times in per_call.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    flush = torch.empty(64 * 2**20, dtype=torch.uint8, device=DEV)  # 64 MB: past the H100's 50 MB L2
+    cfg = default_of_kind(HIDDEN, fused=False)
+    rows = []
+    for n in NS:
+        for density in DENSITIES:
+            dst, mask, src = make_inputs(Case(n, HIDDEN, density, "scattered", mask="gpu"), DEV)
+            flat, m = scatter.mask_bytes(mask), src.shape[0]
+            row_map = torch.empty(max(m, 1), dtype=torch.int32, device=DEV)
+            count = torch.empty(1, dtype=torch.int32, device=DEV)
+            floor = torch.empty(src.shape, dtype=dst.dtype, device=DEV)
+
+            def two_launch():
+                scatter.mask_to_rows(flat, row_map, count, m)
+                scatter.row_copy(dst, src, row_map, count, COPY, cfg)
+
+            two_launch()
+            kernels = kernel_us(two_launch, flush)
+            copy_kernels = kernel_us(lambda: floor.copy_(src), flush)
+            event = {name: timing.device_time_us(fn, DEV, reps=REPS)
+                     for name, fn in (("two_launch", two_launch), ("copy", lambda: floor.copy_(src)))}
+            copy_kernel = sum(copy_kernels.values())
+            row = {"n": n, "density": density, "m": m, "kernels_us": kernels, "copy_kernels_us": copy_kernels,
+                   "event_us": event, "kernel_sum_us": sum(kernels.values()), "copy_kernel_us": copy_kernel}
+            rows.append(row)
+            print(f"N={n} {density:.0%}: " + ", ".join(f"{k.split('(')[0][:28]} {v:.1f}" for k, v in kernels.items())
+                  + f" | sum {row['kernel_sum_us']:.1f} ({row['kernel_sum_us'] / copy_kernel:.3f}x the copy's "
+                  f"{copy_kernel:.1f}) | events: two launches {event['two_launch']:.1f}, copy {event['copy']:.1f} "
+                  f"({event['two_launch'] / event['copy']:.3f}x)", flush=True)
+            torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"device_mask_profile_{device_name(DEV)}.json"
+    path.write_text(json.dumps({"environment": environment(DEV), "hidden": HIDDEN, "config": str(cfg),
+                                "cases": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
