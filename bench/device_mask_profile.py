@@ -6,7 +6,9 @@ scatter.row_copy) split into its kernels by the profiler, against a copy of the 
 Per case (H = 4096, bf16, a GPU mask, N in NS, DENSITIES, scattered rows): CUDA kernel time of the row-map scan
 and of the row copy, their sum, the CUDA-event time of the two launches back to back with the GPU kept busy
 (timing.device_time_us: the sum plus the gap between the launches), and the copy's kernel and event times; each
-the median over REPS profiled calls, L2 flushed before each. Printed and written to DIR/device_mask_profile_*.json.
+the median over REPS profiled calls, L2 flushed before each. Then the row-map scan alone at each N with
+PREFIX_CHUNKS mask bytes per step of its prefix count (scatter.PREFIX_CHUNK is the shipped one): the prefix loop
+of the last program grows with N. Printed and written to DIR/device_mask_profile_*.json.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import triton
+
 from mmmerge_triton import scatter
+from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
 from mmmerge_triton.kernel_config import default_of_kind
 from mmmerge_triton.scatter import COPY
 from mmmerge_triton.tools import timing
@@ -30,6 +35,7 @@ HIDDEN = 4096
 NS = (32768, 131072, 262144)
 DENSITIES = (0.05, 0.5)
 REPS = 7
+PREFIX_CHUNKS = (4096, 8192, 16384, 32768)
 
 
 def kernel_us(fn, flush: torch.Tensor) -> dict[str, float]:
@@ -80,10 +86,30 @@ def main() -> None:
                   f"{copy_kernel:.1f}) | events: two launches {event['two_launch']:.1f}, copy {event['copy']:.1f} "
                   f"({event['two_launch'] / event['copy']:.3f}x)", flush=True)
             torch.cuda.empty_cache()
+    chunks = []
+    for n in NS:
+        dst, mask, src = make_inputs(Case(n, HIDDEN, 0.05, "scattered", mask="gpu"), DEV)
+        flat, m = scatter.mask_bytes(mask), src.shape[0]
+        row_map = torch.empty(max(m, 1), dtype=torch.int32, device=DEV)
+        count = torch.empty(1, dtype=torch.int32, device=DEV)
+        block = scatter.scan_block(n)
+        times = {}
+        for chunk in PREFIX_CHUNKS:
+            def scan(chunk=chunk):
+                mask_to_rows_kernel[(triton.cdiv(n, block),)](flat, row_map, count, n, m, BLOCK=block,
+                                                               PREFIX_CHUNK=chunk, num_warps=8, num_stages=1)
+            scan()
+            expected = torch.nonzero(mask).flatten().to(torch.int32)
+            if not torch.equal(row_map[:m], expected) or int(count) != m:
+                raise SystemExit(f"the scan's row map is wrong at N={n}, chunk {chunk}")
+            times[chunk] = sum(kernel_us(scan, flush).values())
+        chunks.append({"n": n, "block": block, "scan_us": times})
+        print(f"scan alone N={n} (block {block}): " + ", ".join(f"chunk {c} {t:.1f} µs" for c, t in times.items()),
+              flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"device_mask_profile_{device_name(DEV)}.json"
     path.write_text(json.dumps({"environment": environment(DEV), "hidden": HIDDEN, "config": str(cfg),
-                                "cases": rows}, indent=1))
+                                "cases": rows, "prefix_chunks": chunks}, indent=1))
     print(f"wrote {path}")
 
 
