@@ -19,6 +19,8 @@ result of one the input of the next: K modalities, K copies of the N x H embeddi
 copy in all (each merge still runs at once, so whatever HF reads between them, such as a placeholder mask
 computed from the embeddings, is what it reads without the switch). This is what ``merge_modalities_`` runs for
 masks on the GPU, where one launch for all modalities measured slower than one per modality (bench/results).
+The block spans the whole forward: an out-of-place masked_scatter of the last merge's result made there by a
+caller's hook would be written in place too (the audited HF code makes no other).
 """
 from __future__ import annotations
 
@@ -175,12 +177,21 @@ def chained_merges():
         _chain.open, _chain.head, _chain.version = saved
 
 
+def _stock(method: Callable, op, self: torch.Tensor, mask, source) -> torch.Tensor:
+    """PyTorch's masked_scatter(_): its Tensor method, or under torch.compile its aten op. (Dynamo lists the
+    Tensor methods it knows once per process, from the class: when that first happens while the switch is on,
+    the stock method is not on its list and a fullgraph compile refuses it as a skipped function.)"""
+    if torch.compiler.is_compiling():
+        return op(self, mask, source)
+    return method(self, mask, source)
+
+
 def _masked_scatter(self: torch.Tensor, mask, source) -> torch.Tensor:
     """``torch.Tensor.masked_scatter`` while enabled: a row scatter where it equals PyTorch's, else PyTorch's;
     in a chained_merges() block, into the block's last result where it is this call's tensor."""
     merge = _row_merge(self, mask, source, in_place=False)
     if merge is None:
-        return _STOCK_MASKED_SCATTER(self, mask, source)
+        return _stock(_STOCK_MASKED_SCATTER, torch.ops.aten.masked_scatter, self, mask, source)
     if not _chain.open:
         return masked_row_scatter(self, merge[0], merge[1])  # contiguous, whatever self's layout, as PyTorch's
     if (self is _chain.head and _version(self) == _chain.version
@@ -198,7 +209,7 @@ def _chained_forward(stock: Callable) -> Callable:
 
     @functools.wraps(stock)
     def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # the merges take PyTorch's op there: no chain, no thread state traced
             return stock(self, *args, **kwargs)
         with chained_merges():
             return stock(self, *args, **kwargs)
@@ -211,7 +222,7 @@ def _masked_scatter_(self: torch.Tensor, mask, source) -> torch.Tensor:
     """``torch.Tensor.masked_scatter_`` while enabled: a row scatter where it equals PyTorch's, else PyTorch's."""
     merge = _row_merge(self, mask, source, in_place=True)
     if merge is None:
-        return _STOCK_MASKED_SCATTER_(self, mask, source)
+        return _stock(_STOCK_MASKED_SCATTER_, torch.ops.aten.masked_scatter_, self, mask, source)
     return masked_row_scatter_(self, merge[0], merge[1])
 
 

@@ -573,6 +573,31 @@ def test_torch_compile_fullgraph_as_stock(in_place):
     torch._dynamo.reset()
 
 
+_FIRST_COMPILE_WHILE_ENABLED = """
+import torch
+from mmmerge_triton.integrations import transformers as hf
+x, m = torch.randn(2, 6, 8), torch.rand(2, 6, 1) < 0.5
+s = torch.randn(int(m.sum()), 8)
+def merge(x, m, s):
+    return x.{method}(m, s) * 2
+with hf.enabled():
+    out = torch.compile(merge, fullgraph=True, backend="eager")(x.clone(), m, s)
+print(torch.equal(out, merge(x.clone(), m, s)))
+"""
+
+
+@pytest.mark.parametrize("method", ["masked_scatter", "masked_scatter_"])
+def test_the_first_compile_of_a_process_while_enabled_traces_whole(method):
+    """Dynamo lists the Tensor methods it knows once per process, when it first compiles: if that is while the
+    switch is on, PyTorch's masked_scatter is not on the list, and a fullgraph compile of a merge (which the
+    switch hands to PyTorch under tracing) must still trace it, not refuse it as a skipped function. In a fresh
+    process, so that no earlier compile made the list."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", _FIRST_COMPILE_WHILE_ENABLED.format(method=method)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
+
+
 def _run_transformed(transform: str) -> torch.Tensor:
     """HF's inline merge under a torch.func transform, or traced by torch.jit.trace, and run."""
     emb, mask, features = _merge_inputs()
