@@ -7,7 +7,7 @@ Per case (H = 4096, bf16, a GPU mask, N in NS, DENSITIES, scattered rows): CUDA 
 and of the row copy, their sum, the CUDA-event time of the two launches back to back with the GPU kept busy
 (timing.device_time_us: the sum plus the gap between the launches), and the copy's kernel and event times; each
 the median over REPS profiled calls, L2 flushed before each. Then the row-map scan alone at each N with
-PREFIX_CHUNKS mask bytes per step of its prefix count (scatter.PREFIX_CHUNK is the shipped one): the prefix loop
+PREFIX_CHUNKS mask bytes per step of its prefix count (scatter.SCAN_PREFIX_CHUNK is the shipped one): the prefix loop
 of the last program grows with N. Printed and written to DIR/device_mask_profile_*.json.
 """
 from __future__ import annotations

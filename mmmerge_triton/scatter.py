@@ -15,6 +15,11 @@ _mask_row_copy = FastKernel(mask_row_copy_kernel)
 _mask_to_rows = FastKernel(mask_to_rows_kernel)
 
 PREFIX_CHUNK = 4096  # mask bytes per step when a program counts the true rows before its block
+SCAN_PREFIX_CHUNK = 32768
+"""The same for mask_to_rows (the row map of a device mask): its last program counts N - BLOCK bytes step by
+step, a latency-bound loop that set the map's time. The scan alone on an H100 (N = 262144, 64 programs, 8 warps;
+bench/results/h100/2026-12-06-s4/device_mask_profile.log): 32.6 µs at 4096 bytes per step, 20.9 at 8192, 32.6
+at 16384, 15.3 at 32768 (at N = 131072: 16.9, 10.9, 17.1, 8.6)."""
 
 
 def supports(device: torch.device) -> bool:
@@ -104,7 +109,7 @@ def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None,
     device = rows.device.index if isinstance(rows, torch.Tensor) else torch.cuda.current_device()
     key = (device, mask_bytes.data_ptr() % 16 == 0, block)
     return _mask_to_rows.launch(key, (cdiv(n, block), 1), (mask_bytes, rows, count, n, capacity),
-                                (block, PREFIX_CHUNK), (8, 1), device)
+                                (block, SCAN_PREFIX_CHUNK), (8, 1), device)
 
 
 def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig,

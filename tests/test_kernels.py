@@ -160,7 +160,7 @@ def test_mask_row_copy_counts_a_prefix_longer_than_one_chunk(mode):
 # ---- the device row map -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("capacity_vs_k", ["equal", "smaller", "larger"])
-@pytest.mark.parametrize("n", [1, 33, 1025, scatter.PREFIX_CHUNK + 905])
+@pytest.mark.parametrize("n", [1, 33, 1025, scatter.PREFIX_CHUNK + 905, scatter.SCAN_PREFIX_CHUNK + 2 * 1024 + 905])
 def test_device_rows_builds_the_row_map_and_count(n, capacity_vs_k):
     mask = make_mask("random50", (n,), seed=n) if n > 1 else torch.ones(1, dtype=torch.bool)
     true_rows = np.flatnonzero(mask.numpy())
@@ -209,7 +209,7 @@ def odd_bytes_mask(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return raw.view(torch.bool), raw != 0
 
 
-@pytest.mark.parametrize("n", [37, scatter.PREFIX_CHUNK + 905])
+@pytest.mark.parametrize("n", [37, scatter.PREFIX_CHUNK + 905, scatter.SCAN_PREFIX_CHUNK + 2 * 1024 + 905])
 def test_mask_kernels_read_any_nonzero_byte_as_true(n):
     odd, clean = odd_bytes_mask(n, seed=n)
     true_rows = np.flatnonzero(clean.numpy())
