@@ -135,7 +135,20 @@ def build(name: str, seed: int = 0):
     return model, make_inputs(model, torch.Generator().manual_seed(seed + 1))
 
 
-ENCODERS = ("visual", "audio_tower")  # attributes of model.model whose output the merges consume
+ENCODERS = ("visual", "audio_tower")  # attributes of the merging module whose output the merges consume
+
+
+def merging_module(model):
+    """The module whose forward merges and holds the encoders: the inner model (``model.model``, which has a
+    ``language_model``: transformers 5.25, and Qwen2-VL in every 5.x), or the model itself (the omni thinkers
+    of transformers 5.17, whose ``model`` is the text model)."""
+    return model.model if hasattr(model.model, "language_model") else model
+
+
+def text_model(model):
+    """The text model the merged ``inputs_embeds`` go to."""
+    merging = merging_module(model)
+    return merging.language_model if merging is not model else model.model
 
 
 def forward_backward(model, forward: Callable[[], torch.Tensor], seed: int = 1234) -> tiny_vlms.Run:
@@ -153,8 +166,8 @@ def forward_backward(model, forward: Callable[[], torch.Tensor], seed: int = 123
             features.retain_grad()
             seen.append(features)
 
-    handles = [getattr(model.model, name).register_forward_hook(hook)
-               for name in ENCODERS if hasattr(model.model, name)]
+    merging = merging_module(model)
+    handles = [getattr(merging, name).register_forward_hook(hook) for name in ENCODERS if hasattr(merging, name)]
     try:
         logits = forward()
     finally:

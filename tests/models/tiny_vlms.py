@@ -169,7 +169,8 @@ def qwen_position_ids(model, inputs: dict, inputs_embeds: torch.Tensor) -> torch
     return inner.compute_3d_position_ids(**{k: v for k, v in wanted.items() if k in params})
 
 
-VISION_PREFIXES = ("model.visual.", "model.vision_tower.", "model.multi_modal_projector.")  # parameter names
+VISION_PREFIXES = ("model.visual.", "model.vision_tower.", "model.multi_modal_projector.",
+                   "visual.")  # parameter names ("visual.": an omni thinker of transformers 5.17)
 
 
 def feature_module(model) -> torch.nn.Module:
