@@ -44,15 +44,15 @@ at N = 512-12000 it ran 1.1-2.6x faster in loop time than the best two-launch co
 
 FUSED_REACH = 1.5
 """A one-launch winner serves N up to this multiple of the N it was measured at (dispatch: a table entry's N;
-the untuned rule: the N below which it won, see default_config)."""
-FUSED_SHORT_ROW, FUSED_BELOW_SHORT = 2048, 65536
-FUSED_FEW = 0.25
-"""Past FUSED_BELOW the untuned rule keeps the one-launch kernel for rows of at most FUSED_SHORT_ROW elements up
-to FUSED_REACH x FUSED_BELOW_SHORT rows, and where under FUSED_FEW of the rows are placeholders up to FUSED_REACH x
-FUSED_BELOW. In the H100 table's sweep (configs/NVIDIA_H100_80GB_HBM3.json, the fastest configuration of each
-kind) the one-launch kernel was as fast or faster (within 5%) in every entry of H <= 2048 up to N = 65536, and at
-10% of the rows at N = 16384 at every H; the two-launch one won at N = 131072 with 10% of the rows, and from
-H = 4096 at N = 65536. tests/test_untuned.py checks the rule against the sweep."""
+the untuned rule: FUSED_BELOW, see default_config)."""
+FUSED_SHORT_ROW, FUSED_FEW = 2048, 0.25
+"""Past FUSED_BELOW, up to FUSED_REACH x FUSED_BELOW rows, the untuned rule keeps the one-launch kernel where H is at
+most FUSED_SHORT_ROW or under FUSED_FEW of the rows are placeholders. In the H100 table's sweep
+(configs/NVIDIA_H100_80GB_HBM3.json) the one-launch default ran within 5% of the two-launch default, or faster, in
+every such entry at N = 16384; at N = 65536 it lost by 15-37% at H = 2048 with 10% of the rows (its prefix
+re-reads grow as N squared over its 8 rows per program), and a held-out point there (N = 70000, H = 2048, 5%)
+ran 2.0x the table's choice when the rule reached that far (bench/results/h100/2026-12-06-s4/untuned.log).
+tests/test_untuned.py checks the rule against the sweep."""
 
 
 SHORT_ROW = 3072
@@ -76,8 +76,8 @@ def default_config(hidden: int, m: int, n: int, mask_on_device: bool) -> KernelC
     two-launch form. (An earlier rule of up to 16 rows per program over 512-wide steps ran 1.05-1.12x a copy
     where the table's choices ran 1.02-1.07x: bench/results/h100, columns "triton" and "auto"; the two-launch
     form at N = 20000, H = 2048 ran 1.19x the table's one-launch choice: 2026-12-06-s3/untuned.log.)"""
-    fused = mask_on_device and (n < FUSED_BELOW or (hidden <= FUSED_SHORT_ROW and n < FUSED_REACH * FUSED_BELOW_SHORT)
-                                or (m < FUSED_FEW * n and n < FUSED_REACH * FUSED_BELOW))
+    fused = mask_on_device and (n < FUSED_BELOW or (n < FUSED_REACH * FUSED_BELOW and (
+        hidden <= FUSED_SHORT_ROW or m < FUSED_FEW * n)))
     return default_of_kind(hidden, fused=fused, m=m)
 
 
