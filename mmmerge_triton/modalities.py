@@ -74,17 +74,21 @@ def host_map(dst, indexes, srcs) -> np.ndarray:
     pair's count and the union checked: a mask with other than M_k true rows, a position out of range or
     repeated, or a row named by two pairs raises."""
     n = math.prod(dst.shape[:-1])
-    parts = []
+    parts, masks = [], []
     for k, (index, src) in enumerate(zip(indexes, srcs)):
         if index.dtype == torch.bool:
-            rows = host_rows(index if index.is_cpu else index.cpu())
+            masks.append(index if index.is_cpu else index.cpu())
+            rows = host_rows(masks[-1])
             if rows.size != src.shape[0]:
                 raise ValueError(f"pairs[{k}]: {inputs.count_mismatch(src.shape[0], rows.size)}")
         else:
             rows = host_positions(index, n, f"pairs[{k}] positions").astype(np.int32)
         parts.append(rows)
     rows = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    try:
+    if masks and len(masks) == len(parts):  # masks only: the union's count says it, O(N T)
+        if np.count_nonzero(np.logical_or.reduce([mask.numpy().reshape(-1) for mask in masks])) == rows.size:
+            return rows
+    try:  # (which row two pairs name, for the error; or positions among the indexes)
         check_positions(rows, n)
     except ValueError as error:  # each part is unique on its own: a repeat is a row two pairs name
         raise ValueError(f"pairs overlap: {error.args[0].split(':')[0].replace('positions repeats', 'they name')} "
