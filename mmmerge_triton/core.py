@@ -107,6 +107,10 @@ def merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expres
                             names=names, at_positions=at_positions)
             return
         signed = _signature(dst, mask, src, accumulate, check_count, path, at_positions) if plan is None else None
+        if signed is None and plan is None and not at_positions:
+            flat = _flat(dst, mask)
+            if flat is not None and (signed := _signature(*flat, src, accumulate, check_count, path)) is not None:
+                dst, mask = flat
         if signed is not None:
             key, at = signed
             prepared, stride = _prepared.get(key), None
@@ -162,6 +166,16 @@ def _signature(dst, mask, src, accumulate, check_count, path, at_positions=False
         return key, at
     except (ValueError, RuntimeError):  # not [N, H] / [M, H] / [N]; a layout without strides or storage
         return None
+
+
+def _flat(dst, mask) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A contiguous dst [..., H] of three or more dims and its mask [...] as the [N, H] and [N] views of the same
+    rows in the same order (a batched [B, S, H] merge, HF's layout): then the call has a signature. None for any
+    other call (a mask of another shape keeps its own, for the error that names it)."""
+    if (type(dst) is _Tensor and type(mask) is _Tensor and dst.dim() > 2 and mask.shape == dst.shape[:-1]
+            and dst.is_contiguous()):
+        return dst.view(-1, dst.shape[-1]), mask.reshape(-1)
+    return None
 
 
 def _prepare(key, dst, mask, src, accumulate, path, plan, check_count, names,
@@ -274,6 +288,10 @@ def decision_of(dst, mask, src, path, plan, names, at_positions=False) -> Decisi
     """What merge_ would run for these arguments (explain()): the memoized entry's decision where the call has a
     signature and it was prepared, else prepare's (memoized as merge_ would). Writes nothing."""
     signed = _signature(dst, mask, src, False, False, path, at_positions) if plan is None else None
+    if signed is None and plan is None and not at_positions:
+        flat = _flat(dst, mask)
+        if flat is not None and (signed := _signature(*flat, src, False, False, path)) is not None:
+            dst, mask = flat
     key = signed[0] if signed is not None else None
     prepared = _prepared.get(key) if key is not None else None
     if prepared is None:

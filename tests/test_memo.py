@@ -262,8 +262,15 @@ def test_a_negated_dst_does_not_hit_the_entry_of_its_plain_twin():
     assert torch.equal(dst, before) and len(core._prepared) == 1
 
 
+def strided_3d(dst: torch.Tensor) -> torch.Tensor:
+    """dst's values in a 3-D view that is not contiguous (its rows padded), which therefore has no [N, H] view."""
+    padded = torch.zeros(dst.shape[0], dst.shape[1] + 3, dtype=dst.dtype)
+    padded[:, :dst.shape[1]] = dst
+    return padded[:, :dst.shape[1]][None]
+
+
 UNSIGNED = {
-    "3-D dst": lambda dst, mask, src: mm.masked_row_scatter_(dst[None], mask[None], src, path="triton"),
+    "strided 3-D dst": lambda dst, mask, src: mm.masked_row_scatter_(strided_3d(dst), mask[None], src, path="triton"),
     "list of items": lambda dst, mask, src: mm.merge_multimodal_embeddings(dst, [src[:40], src[40:]], mask,
                                                                            path="triton"),
     "plan": lambda dst, mask, src: mm.masked_row_scatter_(dst, src=src, plan=mm.MergePlan(mask), path="triton"),
@@ -272,13 +279,36 @@ UNSIGNED = {
 
 @pytest.mark.parametrize("form", list(UNSIGNED))
 def test_a_call_without_a_signature_is_prepared_every_time(prepared, form):
-    """A 3-D dst, a list of items, a plan: no signature, so every call is prepared and none is kept."""
+    """A strided 3-D dst, a list of items, a plan: no signature, so every call is prepared and none is kept."""
     for seed in range(2):
         dst, mask, src = inputs(170, 90, seed=seed)
         before = dst.clone()
-        UNSIGNED[form](dst, mask, src)
+        if form == "strided 3-D dst":
+            view = strided_3d(dst)
+            mm.masked_row_scatter_(view, mask[None], src, path="triton")
+            dst = view[0]
+        else:
+            UNSIGNED[form](dst, mask, src)
         assert_merged(dst, before, mask, src, accumulate=False, path="triton")
     assert prepared == [None, None] and not core._prepared
+
+
+@pytest.mark.parametrize("entry", ["masked_row_scatter_", "merge_multimodal_embeddings", "masked_row_scatter"])
+def test_a_contiguous_batched_dst_is_signed_as_its_rows(prepared, entry):
+    """A contiguous dst [B, S, H] with its mask [B, S] merges as the [B*S, H] and [B*S] views of the same rows:
+    prepared on its first call under the rows' signature, a memo hit after, PyTorch's result each time."""
+    for seed in range(3):
+        dst, mask, src = inputs(170, 90, seed=seed)
+        before = dst.clone()
+        batched, batched_mask = dst.view(2, 85, H), mask.view(2, 85)
+        if entry == "masked_row_scatter_":
+            mm.masked_row_scatter_(batched, batched_mask, src, path="triton")
+        elif entry == "merge_multimodal_embeddings":
+            mm.merge_multimodal_embeddings(batched, src, batched_mask, path="triton")
+        else:
+            batched.copy_(mm.masked_row_scatter(batched, batched_mask, src, path="triton"))
+        assert_merged(dst, before, mask, src, accumulate=False, path="triton")
+    assert len(prepared) == 1 and prepared[0] is not None and list(core._prepared) == prepared
 
 
 def test_the_signature_is_none_where_a_call_has_none():

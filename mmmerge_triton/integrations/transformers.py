@@ -56,8 +56,8 @@ def _writes_in_place(stock: Callable) -> bool:
     out = stock(None, hidden, torch.tensor([True, False]), torch.ones(1, 1))
     return out is hidden or bool(hidden[0, 0] != 0)
 # The forwards that merge one modality after another, each result rebinding inputs_embeds and read by nothing
-# else (audited in transformers 5.17 and 5.25): run inside chained_merges() while enabled. The omni thinkers
-# merge in their ForConditionalGeneration forward up to 5.17, in their inner model's since (whose caller's
+# else (audited in transformers 4.57.1, 5.17 and 5.25): run inside chained_merges() while enabled. The omni thinkers
+# merge in their ForConditionalGeneration forward up to 5.17, in their inner model's after it (whose caller's
 # block then holds nothing but that call and the head).
 _CHAINED_FORWARDS = (
     ("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", "Qwen2_5OmniThinkerForConditionalGeneration"),

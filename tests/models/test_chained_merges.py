@@ -225,6 +225,9 @@ def test_placeholder_masks_see_in_place_merges(models, merges, monkeypatch, devi
 
     def image_features(*args, **kwargs):
         output = stock_image_features(*args, **kwargs)
+        if isinstance(output, torch.Tensor):  # transformers 4.57: the features themselves
+            video_token = embed(torch.tensor(tiny_omni.VIDEO, device=output.device))
+            return torch.cat([video_token[None], output[1:]])
         first, *rest = output.pooler_output
         video_token = embed(torch.tensor(tiny_omni.VIDEO, device=first.device))
         output.pooler_output = (torch.cat([video_token[None], first[1:]]), *rest)
