@@ -13,8 +13,9 @@ buckets (the values dispatch's rules read). ``prepare`` is then a function of th
 is kept under it and a later call of the signature skips it: no argument check, decision or Launch is rebuilt,
 and the Launch's kernels, bound on its first run, launch through their C entry. Each field of the key stands for
 the checks that read it (see ``_signature``); whatever no field fixes is checked on every call, first or not, by
-``check_call`` (and by the executor: the count). A call without a signature (a list of items, a plan, a 1-D or
-N-D dst, a subclass) is prepared on every call, by the same function. tests/test_twice.py runs every adversarial
+``check_call`` (and by the executor: the count). A contiguous [B, S, H] dst with its [B, S] mask is signed as its
+[N, H] rows (``_flat``). A call without a signature (a list of items, a plan, a 1-D dst, a strided N-D one, a
+subclass) is prepared on every call, by the same function. tests/test_twice.py runs every adversarial
 input twice, the second time as a memo hit, and requires identical outcomes.
 
 Gradients: api.py sends a call that needs them to the registered out-of-place op (ops.py: its autograd formula
