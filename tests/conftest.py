@@ -225,3 +225,25 @@ def route(monkeypatch):
 
     yield use
     dispatch.clear_cache()
+
+
+@pytest.fixture
+def memo_spy(monkeypatch) -> tuple[list, list]:
+    """(signatures, prepared): the keys core._signature returned and the keys core._prepare was called with, in
+    order, from now on (a call whose key is never prepared is a memo hit)."""
+    from mmmerge_triton import core
+    signatures, prepared = [], []
+    signature, prepare = core._signature, core._prepare
+
+    def spied_signature(*args):
+        signed = signature(*args)  # (key, addresses) or None
+        signatures.append(None if signed is None else signed[0])
+        return signed
+
+    def spied_prepare(key, *args):
+        prepared.append(key)
+        return prepare(key, *args)
+
+    monkeypatch.setattr(core, "_signature", spied_signature)
+    monkeypatch.setattr(core, "_prepare", spied_prepare)
+    return signatures, prepared

@@ -246,32 +246,12 @@ def test_transforms_refuse_path_triton_and_count_mismatches(entry):
 
 # An entry keeps only what its key decides (item 12).
 
-def spy_on_the_memo(monkeypatch) -> tuple[list, list]:
-    """(signatures, prepared): the keys core._signature returned and the keys core._prepare was called with, in
-    order, from now on (a call whose key is never prepared is a memo hit)."""
-    signatures, prepared = [], []
-    signature, prepare = core._signature, core._prepare
-
-    def spied_signature(*args):
-        signed = signature(*args)  # (key, addresses) or None
-        signatures.append(None if signed is None else signed[0])
-        return signed
-
-    def spied_prepare(key, *args):
-        prepared.append(key)
-        return prepare(key, *args)
-
-    monkeypatch.setattr(core, "_signature", spied_signature)
-    monkeypatch.setattr(core, "_prepare", spied_prepare)
-    return signatures, prepared
-
-
 @pytest.mark.parametrize("path", ["auto", "triton"])
-def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(monkeypatch, path):
+def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(memo_spy, path):
     """The mask's length against N is a field of the key (core._signature): a first call with a mask one row
     short has a key of its own, raises in prepare and memoizes nothing; the good call after it prepares its own
     key once and merges PyTorch's result, and the call after that is a memo hit."""
-    signatures, prepared = spy_on_the_memo(monkeypatch)
+    signatures, prepared = memo_spy
     dst, mask, src = make()
     with pytest.raises(ValueError, match="is_multimodal has shape"):
         mm.merge_multimodal_embeddings(dst, src, mask[1:].clone(), path=path)  # aligned as mask

@@ -174,31 +174,11 @@ def test_vmap_grad_and_jvp_give_pytorchs_results(entry, mask_kind):
 
 # An entry keeps only what its key decides (item 12).
 
-def spy_on_the_memo(monkeypatch) -> tuple[list, list]:
-    """(signatures, prepared): the keys core._signature returned and the keys core._prepare was called with, in
-    order, from now on (a call whose key is never prepared is a memo hit)."""
-    signatures, prepared = [], []
-    signature, prepare = core._signature, core._prepare
-
-    def spied_signature(*args):
-        signed = signature(*args)  # (key, addresses) or None
-        signatures.append(None if signed is None else signed[0])
-        return signed
-
-    def spied_prepare(key, *args):
-        prepared.append(key)
-        return prepare(key, *args)
-
-    monkeypatch.setattr(core, "_signature", spied_signature)
-    monkeypatch.setattr(core, "_prepare", spied_prepare)
-    return signatures, prepared
-
-
 @pytest.mark.parametrize("mask_kind", MASKS)
-def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(mask_kind, monkeypatch):
+def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(mask_kind, memo_spy):
     """A first call with a mask one row short has a key of its own (the length is a field), raises and memoizes
     nothing; the good call after it prepares its key once and merges PyTorch's result; the next is a memo hit."""
-    signatures, prepared = spy_on_the_memo(monkeypatch)
+    signatures, prepared = memo_spy
     dst, mask, src = make(mask_kind)
     with pytest.raises(ValueError, match="is_multimodal has shape"):
         mt.merge_multimodal_embeddings(dst, src, mask[1:].clone(), path="triton")  # aligned as mask
