@@ -55,6 +55,8 @@ def _writes_in_place(stock: Callable) -> bool:
     hidden = torch.zeros(2, 1)
     out = stock(None, hidden, torch.tensor([True, False]), torch.ones(1, 1))
     return out is hidden or bool(hidden[0, 0] != 0)
+
+
 # The forwards that merge one modality after another, each result rebinding inputs_embeds and read by nothing
 # else (audited in transformers 4.57.1, 5.17 and 5.25): run inside chained_merges() while enabled. The omni thinkers
 # merge in their ForConditionalGeneration forward up to 5.17, in their inner model's after it (whose caller's
@@ -69,6 +71,7 @@ _CHAINED_FORWARDS = (
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLModel"),
     ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeModel"),
 )
+
 _INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, functional: tracers
 _toggle = threading.Lock()
 _replaced: dict = {}  # what enable() replaced, for disable(); empty while off
