@@ -25,10 +25,10 @@ import triton
 from mmmerge_triton import scatter
 from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
 from mmmerge_triton.kernel_config import default_of_kind
-from mmmerge_triton.scatter import COPY
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
+from scan_copy_bench import two_launch_and_copy  # bench/ is the script's folder
 
 DEV = torch.device("cuda", 0)
 HIDDEN = 4096
@@ -63,20 +63,13 @@ def main() -> None:
     for n in NS:
         for density in DENSITIES:
             dst, mask, src = make_inputs(Case(n, HIDDEN, density, "scattered", mask="gpu"), DEV)
-            flat, m = scatter.mask_bytes(mask), src.shape[0]
-            row_map = torch.empty(max(m, 1), dtype=torch.int32, device=DEV)
-            count = torch.empty(1, dtype=torch.int32, device=DEV)
-            floor = torch.empty(src.shape, dtype=dst.dtype, device=DEV)
-
-            def two_launch():
-                scatter.mask_to_rows(flat, row_map, count, m)
-                scatter.row_copy(dst, src, row_map, count, COPY, cfg)
-
+            m = src.shape[0]
+            two_launch, copy = two_launch_and_copy(dst, scatter.mask_bytes(mask), src, cfg)
             two_launch()
             kernels = kernel_us(two_launch, flush)
-            copy_kernels = kernel_us(lambda: floor.copy_(src), flush)
+            copy_kernels = kernel_us(copy, flush)
             event = {name: timing.device_time_us(fn, DEV, reps=REPS)
-                     for name, fn in (("two_launch", two_launch), ("copy", lambda: floor.copy_(src)))}
+                     for name, fn in (("two_launch", two_launch), ("copy", copy))}
             copy_kernel = sum(copy_kernels.values())
             row = {"n": n, "density": density, "m": m, "kernels_us": kernels, "copy_kernels_us": copy_kernels,
                    "event_us": event, "kernel_sum_us": sum(kernels.values()), "copy_kernel_us": copy_kernel}

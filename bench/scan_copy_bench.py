@@ -112,23 +112,31 @@ def config_name(cfg: KernelConfig, lookback: int) -> str:
     return f"r{cfg.rows}_b{cfg.block_h}_l{lookback}"
 
 
+def two_launch_and_copy(dst, flat, src, cfg: KernelConfig) -> tuple:
+    """(two_launch, copy) of one case: the DEVICE_ROWS kind's two launches (scatter.mask_to_rows into buffers
+    made here, then scatter.row_copy) from the mask's bytes ``flat``, and a copy of src into a buffer of its shape
+    in dst's dtype (the bytes a merge must move)."""
+    m = src.shape[0]
+    row_map = torch.empty(max(m, 1), dtype=torch.int32, device=dst.device)
+    count = torch.empty(1, dtype=torch.int32, device=dst.device)
+    floor = torch.empty(src.shape, dtype=dst.dtype, device=dst.device)
+
+    def two_launch():
+        scatter.mask_to_rows(flat, row_map, count, m)
+        scatter.row_copy(dst, src, row_map, count, COPY, cfg)
+
+    return two_launch, lambda: floor.copy_(src)
+
+
 def measure(case: Case, scan_cfg: KernelConfig, lookback: int) -> dict:
     """Every call of one case, in interleaved rounds."""
     dst, mask, src = make_inputs(case, DEV)
     flat = scatter.mask_bytes(mask)
-    m = src.shape[0]
     check_scan(dst, mask, src, scan_cfg, lookback)
-    two_cfg, fused_cfg = default_of_kind(HIDDEN, fused=False), default_of_kind(HIDDEN, fused=True)
-    row_map = torch.empty(max(m, 1), dtype=torch.int32, device=DEV)
-    count = torch.empty(1, dtype=torch.int32, device=DEV)
-    floor = torch.empty(src.shape, dtype=dst.dtype, device=DEV)
-
-    def two_launch():
-        scatter.mask_to_rows(flat, row_map, count, m)
-        scatter.row_copy(dst, src, row_map, count, COPY, two_cfg)
-
+    fused_cfg = default_of_kind(HIDDEN, fused=True)
+    two_launch, copy = two_launch_and_copy(dst, flat, src, default_of_kind(HIDDEN, fused=False))
     calls = {
-        FLOOR: lambda: floor.copy_(src),
+        FLOOR: copy,
         "scan": lambda: scan_copy.mask_scan_copy(dst, src, flat, COPY, scan_cfg, lookback),
         "two_launch": two_launch,
         "fused": lambda: scatter.mask_row_copy(dst, src, flat, COPY, fused_cfg),
