@@ -310,8 +310,18 @@ def test_enable_rebinds_every_module():
     merge_multimodal_embeddings): enable() rebinds all of them and utils, counts them, is idempotent;
     disable() restores vLLM's function everywhere."""
     bindings = _modules_binding_the_function()
-    assert len(bindings) >= 20, bindings  # 26 in vLLM 0.33.0
-    modules = {name: importlib.import_module(name) for name in bindings}
+    assert len(bindings) >= 20, bindings  # 26 in vLLM 0.33.0, 30 in 0.34.0
+    modules, other_vendor = {}, []
+    for name in bindings:
+        try:
+            modules[name] = importlib.import_module(name)
+        except (AssertionError, RuntimeError, ImportError) as error:
+            # vLLM 0.34's per-vendor model trees: an AMD module reads the ROCm GPU's architecture at import
+            # (step5/amd/mtp.py), which fails without one; enable() reaches it once imported, or from utils.
+            assert ".amd." in name or ".rocm" in name, f"{name} does not import: {error!r}"
+            other_vendor.append(name)
+    assert len(modules) >= 20 and len(other_vendor) <= 2, (sorted(modules), other_vendor)
+    bindings = {name: bindings[name] for name in modules}
     assert bindings["vllm.model_executor.models.llava_onevision2"] == ["merge_multimodal_embeddings"]
     replaced = mm_vllm.enable()
     for name, module in modules.items():
