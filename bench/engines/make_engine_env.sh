@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real engines for tests/engines/: vLLM 0.33.0 and SGLang 0.5.23 over the CPU torch, in a virtual environment
+# The real engines for tests/engines/: vLLM 0.34.0 and SGLang 0.5.23 over the CPU torch, in a virtual environment
 # outside the repo; their test run's log; and a bundle of their Python parts for the H100 (no internet there).
 #
 #   bash bench/engines/make_engine_env.sh venv   [VENV]          build VENV (default /work/engine-venv)
@@ -21,7 +21,7 @@
 # sys.path; the merge functions under test are the engines' own either way. The header of a run says which.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-ENGINES=(vllm==0.33.0 sglang==0.5.23)
+ENGINES=(vllm==0.34.0 sglang==0.5.23)
 # Import-time dependencies of the merge modules (found by importing them until nothing was missing). Where
 # the two engines pin different versions, vLLM's range wins; transformers is the one both accept.
 DEPS=(psutil pyzmq urllib3 cbor2 aiohttp requests "openai>=2.25,<3" pillow pybase64 cachetools msgspec cloudpickle

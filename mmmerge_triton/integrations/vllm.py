@@ -12,7 +12,7 @@ a bool [N] mask on the CPU or the embeddings' device, no autograd, no aliasing),
 bit for bit; everything else, and every input that the merge's checks refuse (a count mismatch among them, which
 they find before writing), goes to vLLM's own function unchanged, so its results, exception types, texts and
 chaining are vLLM's. A mask on the GPU is counted on the host (one sync, as vLLM's index_put syncs on it), so
-a mismatch never writes part of the rows. Checked inside vLLM 0.33.0 (tests/engines/test_vllm_engine.py).
+a mismatch never writes part of the rows. Checked inside vLLM 0.33.0 and 0.34.0 (tests/engines/test_vllm_engine.py).
 """
 from __future__ import annotations
 

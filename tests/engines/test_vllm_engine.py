@@ -1,4 +1,4 @@
-"""The vLLM hook inside the real vLLM (0.33.0; bench/engines/make_engine_env.sh builds the environment).
+"""The vLLM hook inside the real vLLM (0.34.0, and 0.33.0 before it; bench/engines/make_engine_env.sh builds the environment).
 
 Skipped where vLLM does not import (CI). Every input is given both to vLLM's own ``_merge_multimodal_embeddings``
 and to the replacement: the replacement must do exactly what vLLM does (the same result bits, or the same
