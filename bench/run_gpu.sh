@@ -44,8 +44,11 @@ for stage in ${1//,/ }; do
     > "$out/environment.txt"
   case $stage in
     tests)
-      python -m pytest tests/gpu tests/models tests/test_engine_hooks.py tests/test_requests.py \
-        tests/test_sglang_positions.py -q -rs \
+      # What else holds the GPU (a run cut before may leave its processes); each failure written as it
+      # happens (tests/conftest.py), and every thread's stack where one test runs past 5 minutes.
+      nvidia-smi > "$out/nvidia_smi.txt" 2>&1
+      MMMERGE_FAILURES="$out/gpu_failures.log" python -m pytest tests/gpu tests/models tests/test_engine_hooks.py \
+        tests/test_requests.py tests/test_sglang_positions.py -q -rs -o faulthandler_timeout=300 \
         -p no:cacheprovider --junitxml="$out/gpu_junit.xml" > "$out/gpu_tests.log" 2>&1
       tail -n 3 "$out/gpu_tests.log"
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \

@@ -29,6 +29,15 @@ ALL_PATHS = (*mmmerge_triton.PATHS, "auto")
 # Whether the Triton path runs under the interpreter here (a CPU machine), rather than compiled on a GPU.
 INTERPRETED = launch.INTERPRET
 
+
+def pytest_runtest_logreport(report) -> None:
+    """With MMMERGE_FAILURES set to a file, each failure's text is appended to it as it happens: a GPU run cut
+    by its time limit keeps the failures pytest would only have printed at the end (bench/run_gpu.sh sets it)."""
+    path = os.environ.get("MMMERGE_FAILURES")
+    if path and report.failed:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
 MASK_KINDS = ("random10", "random50", "random90", "empty", "full", "first", "last", "blocks")
 
 
