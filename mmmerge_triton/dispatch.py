@@ -6,7 +6,8 @@ another folder. Each entry holds, for one (mask device, src dtype, dst dtype, N,
 lowest loop time and the best Triton configuration. At run time the nearest entry wins: same mask device,
 the closest dtype pair (by element sizes), then the smallest distance in log2 N, log2 H and log2 M. For a
 device mask the kind of kernel then follows N: under kernel_config.FUSED_BELOW rows the entry's best one-launch
-configuration, and a one-launch winner is not carried past FUSED_REACH times the N it was measured at. A
+configuration, and a one-launch winner is not carried past FUSED_REACH times the N it was measured at, nor
+past FUSED_REACH x FUSED_BELOW (the untuned rule's reach). A
 two-launch configuration carried to fewer source rows than its entry's takes proportionally fewer rows per
 program (a power of two), so that the launch keeps the entry's number of programs: a small M with many rows
 per program leaves SMs idle.
@@ -144,10 +145,14 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
             # Below FUSED_BELOW the one-launch kernel is the faster kind wherever it was measured.
             config = KernelConfig(**best["fused_config"])
             reason += f"; N is under {FUSED_BELOW}, so its best one-launch configuration"
-        elif config.fused and n > FUSED_REACH * entry["key"]["n"] and best.get("unfused_config"):
-            # The one-launch kernel's prefix re-reads grow as N squared: not carried past where it was measured.
+        elif (config.fused and n > FUSED_REACH * min(entry["key"]["n"], FUSED_BELOW)
+              and best.get("unfused_config")):
+            # The one-launch kernel's prefix re-reads grow as N squared: not carried past where it was measured,
+            # nor past the untuned rule's reach (the H100 table's one-launch winners at N = 65536 beat a
+            # two-launch kind since made faster: at N = 70000 they ran 1.16-1.61x its default, 2026-12-06-s5).
             config = KernelConfig(**best["unfused_config"])
-            reason += f"; N is over {FUSED_REACH}x the entry's, so its best two-launch configuration"
+            reason += (f"; N is over {FUSED_REACH}x the entry's or {FUSED_REACH}x {FUSED_BELOW}, so its best "
+                       "two-launch configuration")
     if config is not None and not config.fused and config.rows > 1 and m < entry["key"]["rows"]:
         # Fewer source rows than measured: fewer rows per program, so that as many programs share the work.
         share = config.rows * m // max(entry["key"]["rows"], 1)

@@ -43,8 +43,8 @@ at N = 512-12000 it ran 1.1-2.6x faster in loop time than the best two-launch co
 
 
 FUSED_REACH = 1.5
-"""A one-launch winner serves N up to this multiple of the N it was measured at (dispatch: a table entry's N;
-the untuned rule: FUSED_BELOW, see default_config)."""
+"""A one-launch winner serves N up to this multiple of the N it was measured at (dispatch: a table entry's N,
+and never past FUSED_REACH x FUSED_BELOW; the untuned rule: FUSED_BELOW, see default_config)."""
 FUSED_SHORT_ROW, FUSED_FEW = 2048, 0.25
 """Past FUSED_BELOW, up to FUSED_REACH x FUSED_BELOW rows, the untuned rule keeps the one-launch kernel where H is at
 most FUSED_SHORT_ROW or under FUSED_FEW of the rows are placeholders. In the H100 table's sweep

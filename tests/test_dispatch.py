@@ -86,6 +86,17 @@ def test_a_fused_winner_is_not_carried_far_past_its_measured_n():
     assert "two-launch" in far.reason and "nearest key" in near.reason
 
 
+def test_a_fused_winner_past_the_untuned_reach_gives_way_to_two_launches():
+    """An entry's one-launch winner measured at N = 65536 serves neither N = 70000 nor 65536 itself: past
+    FUSED_REACH x FUSED_BELOW a device mask takes the entry's two-launch configuration, as the untuned rule does."""
+    t = table(entry(mask="gpu", n=65536, rows=6554, fused=True))
+    reach = int(dispatch.FUSED_REACH * dispatch.FUSED_BELOW)
+    for n in (65536, 70000, reach + 1):
+        far = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", n, 2048, 3500)
+        assert far.config == KernelConfig(1, 4096) and "two-launch" in far.reason, n
+    assert dispatch.decide_from_table(t, "gpu", "bf16", "bf16", reach, 2048, 3500).config.fused
+
+
 def test_a_device_mask_under_fused_below_takes_the_entrys_one_launch_configuration():
     t = table(entry(mask="gpu", n=16384, rows=8192, fused=False))
     below = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", 12000, 4096, 6000)

@@ -47,7 +47,7 @@ def _inputs(n, m, pair, on_device, seed):
 @pytest.fixture
 def two_launch(monkeypatch):
     """The decision for device masks made a two-launch one (the tuned table carries one-launch winners past
-    FUSED_BELOW, up to FUSED_REACH times the N they were measured at)."""
+    FUSED_BELOW, up to FUSED_REACH times the N they were measured at and FUSED_REACH x FUSED_BELOW)."""
     real = core.decide
 
     def decide(dst, mask, *args, **kwargs):
