@@ -33,7 +33,7 @@ import mmmerge_triton as mm
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import environment
 from mmmerge_triton.tools.cases import DTYPES, Case, make_inputs
-from mmmerge_triton.tools.report import auto_against_others, ratio_summary
+from mmmerge_triton.tools.analysis import auto_against_others, ratio_summary
 
 DEV = torch.device("cuda", 0)
 
@@ -159,7 +159,7 @@ def heldout() -> dict:
 
 
 def summarize(points: list[dict]) -> dict:
-    """auto against the best of the other paths at each point (``*_ratio``, report.auto_against_others: the
+    """auto against the best of the other paths at each point (``*_ratio``, analysis.auto_against_others: the
     metric of mmmerge-tune --evaluate; below 1 where auto is faster), and the host's noise: auto against the
     very same call made by the chosen path's name (``same_call_*``)."""
     for p in points:

@@ -34,7 +34,7 @@ from mmmerge_triton.scatter import COPY
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import FLOOR, device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
-from mmmerge_triton.tools.report import MB
+from mmmerge_triton.tools.analysis import MB
 
 DEV = torch.device("cuda", 0)
 HIDDEN = 4096

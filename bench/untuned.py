@@ -12,10 +12,10 @@ name and of path="auto" in each state of the dispatcher:
   place, so a proposed rule is measured in the same rounds as the shipped one.
 A switch of state clears dispatch's caches (dispatch.clear_cache: tables, decisions and the prepared calls built
 from them), and every point checks through explain() that each state decides as it should. Per point and
-summed up (report.ratio_summary, plus the share within 10%), each auto against:
+summed up (analysis.ratio_summary, plus the share within 10%), each auto against:
 - ``vs_best_path``: the fastest path called by name (triton with the table's configuration, index_put,
   masked_scatter, index_copy): the issue's "within 10% of the best path";
-- ``vs_others``: report.auto_against_others (the path auto chose, called by name, is no rival: the metric of
+- ``vs_others``: analysis.auto_against_others (the path auto chose, called by name, is no rival: the metric of
   mmmerge-tune --evaluate and host_path.py): is the choice of path right;
 - ``vs_tuned``: the tuned auto: how far the untuned decision falls from the tuned one.
 ``same_call``: the tuned auto against its own path called by name (the very same work), the rounds' noise.
@@ -44,7 +44,7 @@ from mmmerge_triton.kernel_config import KernelConfig
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import DTYPES, Case, make_inputs
-from mmmerge_triton.tools.report import auto_against_others, ratio_summary
+from mmmerge_triton.tools.analysis import auto_against_others, ratio_summary
 from mmmerge_triton.tools.tune import config_name
 
 DEV = torch.device("cuda", 0)
@@ -164,7 +164,7 @@ def point(switch: Dispatcher, case: Case, autos: list[str], rounds: int) -> dict
 
 
 def summary(points: list[dict], autos: list[str]) -> dict:
-    """Per figure and auto: report.ratio_summary of each ratio, the share within WITHIN, and the worst point."""
+    """Per figure and auto: analysis.ratio_summary of each ratio, the share within WITHIN, and the worst point."""
     out = {}
     for figure in ("loop", "device"):
         out[figure] = {"same_call": ratio_summary([p["ratios"][figure]["same_call"] for p in points])}

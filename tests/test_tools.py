@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmmerge_triton.tools import bench, report, timing, tune
+from mmmerge_triton.tools import analysis, bench, report, timing, tune
 from mmmerge_triton.tools.cases import Case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,7 +302,7 @@ def test_report_compares_auto_with_the_best_other_path(tmp_path):
     assert "| triton (r1_b2048_w8_s1) | index_put | 0.50 |" in out.out  # not auto, not triton (auto's own call)
     assert "| triton (r1_b2048_w8_s1) | index_put | 1.25 |" in out.out
     assert "reads worst 1.000x" in out.out  # the file's own summary, and why it differs
-    assert tune.auto_against_others is report.auto_against_others  # one metric for --evaluate and the report
+    assert tune.auto_against_others is report.auto_against_others is analysis.auto_against_others  # one metric
 
 
 def test_report_rejects_a_json_of_numbers_that_no_tool_wrote(tmp_path):

@@ -4,7 +4,7 @@
 
 On a GPU it prints, per case, device µs (and the spread of its rounds), loop µs, host µs, peak extra MB, % of
 copy bandwidth and the speedup over index_put and masked_scatter (device time), checks the targets, and notes
-every point where a path's device time is below report.BELOW_COPY x the copy's. The paths of a case and the copy
+every point where a path's device time is below analysis.BELOW_COPY x the copy's. The paths of a case and the copy
 are timed together, in interleaved rounds (timing.measure), so the copy every ratio divides by is measured as
 robustly as what it is compared with. On a CPU the PyTorch paths run, the Triton path is skipped (the Triton
 interpreter is a test vehicle, not a speed path), and the table has wall µs of one call and loop µs only (no
@@ -33,7 +33,8 @@ from .. import explain, masked_row_scatter_, paths
 from . import timing
 from .cases import Case, grid, make_inputs
 from .plots import plot
-from .report import DEFAULT_OUT, below_copy_notes, check_targets, copy_spread_line, print_case
+from .analysis import check_targets
+from .report import DEFAULT_OUT, below_copy_notes, copy_spread_line, print_case
 from .suites import SUITES, print_suite
 
 FLOOR = "copy"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .report import _get, _ratio, _serving, _suite_title, _title, is_cpu_run
+from .analysis import figure_of, is_cpu_run, ratio_of, serving_slice
+from .report import run_title, suite_title
 
 def _pyplot():
     """matplotlib's pyplot on the Agg backend, or None where matplotlib (the "bench" extra) is missing."""
@@ -44,7 +45,7 @@ def plot(records: list[dict], env: dict, out: Path) -> bool:
     """Time against N per path, and our speedup, at the serving slice (50% blocks, bf16, CPU mask).
     Returns False when matplotlib is missing or the run has no serving-slice case."""
     plt = _pyplot()
-    serving = _serving(records)
+    serving = serving_slice(records)
     if plt is None or not serving:
         return False
     cpu = is_cpu_run(env)
@@ -64,7 +65,7 @@ def plot(records: list[dict], env: dict, out: Path) -> bool:
     names = list(dict.fromkeys(name for r in rows for name in r["results"]))
     for ax, (key, title) in zip(axes[:2], panels):
         for name in names:
-            ax.plot([r["case"]["n"] for r in rows], [_nan(_get(r, name, key)) for r in rows], marker="o",
+            ax.plot([r["case"]["n"] for r in rows], [_nan(figure_of(r, name, key)) for r in rows], marker="o",
                     label=name + (" (floor)" if name == "copy" else ""), linestyle="--" if name == "copy" else "-")
         ax.set(xscale="log", yscale="log", xlabel="N (rows)", ylabel="µs per call", title=f"{title}, H={shown_h}")
         ax.grid(True, which="major", alpha=0.3)
@@ -73,9 +74,9 @@ def plot(records: list[dict], env: dict, out: Path) -> bool:
     for h in hiddens:
         rows_h = sorted((r for r in serving if r["case"]["hidden"] == h), key=lambda r: r["case"]["n"])
         n = [r["case"]["n"] for r in rows_h]
-        line = speed.plot(n, [_nan(_ratio(_get(r, "index_put", "device_us"), _get(r, ours, "device_us")))
+        line = speed.plot(n, [_nan(ratio_of(figure_of(r, "index_put", "device_us"), figure_of(r, ours, "device_us")))
                               for r in rows_h], marker="o", label=f"H={h}")
-        speed.plot(n, [_nan(_ratio(_get(r, "masked_scatter", "device_us"), _get(r, ours, "device_us")))
+        speed.plot(n, [_nan(ratio_of(figure_of(r, "masked_scatter", "device_us"), figure_of(r, ours, "device_us")))
                        for r in rows_h], marker="x", linestyle=":", color=line[0].get_color())
     speed.axhline(1.0, color="black", linewidth=1, linestyle="--")
     # Colour says H, the line style says the baseline: two short legends instead of one entry per pair.
@@ -90,7 +91,7 @@ def plot(records: list[dict], env: dict, out: Path) -> bool:
     shown = [y for line in speed.get_lines() for y in line.get_ydata() if y > 0 and math.isfinite(y)]
     speed.set_ylim(min(shown, default=1) / 1.6, max(shown, default=1) * 1.6)  # the 1x line inside, not on an edge
     speed.grid(True, which="major", alpha=0.3)
-    return _save(plt, fig, out, _title(env) + " — 50% of rows multimodal in image blocks, bf16, CPU mask", cpu)
+    return _save(plt, fig, out, run_title(env) + " — 50% of rows multimodal in image blocks, bf16, CPU mask", cpu)
 
 
 def plot_suite(run: dict, out: Path) -> bool:
@@ -106,7 +107,7 @@ def plot_suite(run: dict, out: Path) -> bool:
     height = 0.8 / len(variants)
     fig, axes = plt.subplots(1, 2, figsize=(16, 2 + 0.45 * len(records) * len(variants) ** 0.5), sharey=True)
     for ax, (key, title) in zip(axes, panels):
-        values = [[_get(r, v, key) for r in records] for v in variants]
+        values = [[figure_of(r, v, key) for r in records] for v in variants]
         for i, v in enumerate(variants):
             ax.barh([j + i * height for j in range(len(records))], [_nan(x) for x in values[i]], height=height,
                     label=v)
@@ -117,12 +118,12 @@ def plot_suite(run: dict, out: Path) -> bool:
             ax.set_xlim(min(shown) / 3, max(shown) * 1.5)
         ax.grid(True, axis="x", which="major", alpha=0.3)
     axes[0].set_yticks([j + 0.4 - height / 2 for j in range(len(records))])
-    axes[0].set_yticklabels([_suite_title(r) for r in records], fontsize=8)
+    axes[0].set_yticklabels([suite_title(r) for r in records], fontsize=8)
     axes[0].invert_yaxis()
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(variants)), fontsize=9, title="variant")
     legend_rows = -(-len(variants) // 4)
-    return _save(plt, fig, out, f"{_title(run.get('environment'))} — suite {run.get('suite', '?')}", cpu,
+    return _save(plt, fig, out, f"{run_title(run.get('environment'))} — suite {run.get('suite', '?')}", cpu,
                  rect=(0, (0.25 + 0.25 * legend_rows) / fig.get_figheight(), 1, 1))
 
 
@@ -145,4 +146,4 @@ def plot_regret(run: dict, out: Path) -> bool:
         ax.set(xscale="log", xlabel="N (rows)", ylabel="ratio (x, lower is better)", title=title)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _save(plt, fig, out, f"{_title(run.get('environment'))} — held-out check of path='auto'")
+    return _save(plt, fig, out, f"{run_title(run.get('environment'))} — held-out check of path='auto'")

@@ -17,58 +17,19 @@ import statistics
 import sys
 from pathlib import Path
 
+from .analysis import (BELOW_COPY, MB, auto_against_others, below_copy, check_targets, figure_of, is_cpu_run,
+                      ratio_of, ratio_summary, serving_slice, spread)
 from .timing import CPU_NOTICE
 
-MB = 1e6
-BIG_BYTES = 64 * MB  # the device-time targets apply to cases that move at least this much
-SMALL_BYTES = 8 * MB  # the host-overhead target applies to cases that move at most this much
 DEFAULT_OUT = Path("mmmerge-results")  # where the tools write: the current directory, not the source tree
-
-
-def is_cpu_run(env: dict | None) -> bool:
-    """Whether a file's figures are CPU wall times. Files from before ``device_type`` was recorded name a CPU
-    device ``cpu_<processor>`` (bench.device_name)."""
-    env = env or {}
-    if "device_type" in env:
-        return env["device_type"] != "cuda"
-    return str(env.get("device", "")).startswith("cpu")
 
 
 def _fmt(value, width: int = 0, digits: int = 1) -> str:
     return ("-" if value is None else f"{value:.{digits}f}").rjust(width)
 
 
-def _get(record: dict, path: str, key: str):
-    """A figure of one path in one record, or None where the run did not measure it."""
-    return (record["results"].get(path) or {}).get(key)
-
-
-def _ratio(a, b):
-    """a / b, or None where either is missing (or b is zero)."""
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def spread(figures: dict | None, key: str = "device_us") -> float | None:
-    """(max - min) / median of a figure's rounds (timing.measure), or None for a file without rounds."""
-    rounds = (figures or {}).get(f"{key}_rounds") or []
-    return (max(rounds) - min(rounds)) / statistics.median(rounds) if len(rounds) > 1 and min(rounds) > 0 else None
-
-
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
-
-
-BELOW_COPY = 0.98
-"""A merge moves the bytes a copy of them moves: a path's device time below this fraction of the copy's says
-the copy (or the path) was timed in an unusual moment, not that the path beats a copy. Such points are flagged."""
-
-
-def below_copy(record: dict, paths: list[str] | None = None) -> list[tuple[str, float]]:
-    """(path, device time / the copy's) for each path of ``paths`` (default: all) below BELOW_COPY x the copy."""
-    copy = _get(record, "copy", "device_us")
-    names = [p for p in (paths or record["results"]) if p != "copy"]
-    return [(name, ratio) for name in names
-            if (ratio := _ratio(_get(record, name, "device_us"), copy)) is not None and ratio < BELOW_COPY]
 
 
 def below_copy_notes(records: list[dict], paths: list[str] | None = None) -> list[str]:
@@ -78,7 +39,7 @@ def below_copy_notes(records: list[dict], paths: list[str] | None = None) -> lis
         copy = record["results"].get("copy")
         steadiness = "" if spread(copy) is None else f", its rounds' spread {_pct(spread(copy))}"
         for name, ratio in below_copy(record, paths):
-            notes.append(f"note: {record['label']}: {name} {_get(record, name, 'device_us'):.1f} µs is {ratio:.3f}x "
+            notes.append(f"note: {record['label']}: {name} {figure_of(record, name, 'device_us'):.1f} µs is {ratio:.3f}x "
                          f"the copy's {copy['device_us']:.1f} µs{steadiness}: below {BELOW_COPY}x a copy of the "
                          "same bytes, a measurement artefact unless shown otherwise")
     return notes
@@ -107,68 +68,26 @@ def print_case(record: dict, cpu: bool = False) -> None:
               "   (wall time: median of one call; loop: per call, back to back)")
         for name, r in res.items():
             print(f"  {name:15s}{_fmt(r['device_us'], 10)}{_fmt(r['loop_us'], 10)}"
-                  f"{_fmt(_ratio(_get(record, 'index_put', 'device_us'), r['device_us']), 12, 2)}x"
-                  f"{_fmt(_ratio(_get(record, 'masked_scatter', 'device_us'), r['device_us']), 12, 2)}x")
+                  f"{_fmt(ratio_of(figure_of(record, 'index_put', 'device_us'), r['device_us']), 12, 2)}x"
+                  f"{_fmt(ratio_of(figure_of(record, 'masked_scatter', 'device_us'), r['device_us']), 12, 2)}x")
         return
-    floor = _get(record, "copy", "device_us")
+    floor = figure_of(record, "copy", "device_us")
     print(f"  {'path':15s}{'device µs':>11s}{'spread':>8s}{'loop µs':>10s}{'host µs':>10s}{'peak MB':>10s}"
           f"{'copy BW':>9s}{'x index_put':>13s}{'x masked_sc':>13s}")
     for name, r in res.items():
         peak = None if r.get("peak_extra_bytes") is None else r["peak_extra_bytes"] / MB
-        bandwidth = _ratio(floor, r["device_us"])
+        bandwidth = ratio_of(floor, r["device_us"])
         print(f"  {name:15s}{_fmt(r['device_us'], 11)}{_pct(spread(r)):>8s}{_fmt(r['loop_us'], 10)}"
               f"{_fmt(r.get('host_us'), 10)}"
               f"{_fmt(peak, 10)}{_fmt(None if bandwidth is None else 100 * bandwidth, 8, 0)}%"
-              f"{_fmt(_ratio(_get(record, 'index_put', 'device_us'), r['device_us']), 12, 2)}x"
-              f"{_fmt(_ratio(_get(record, 'masked_scatter', 'device_us'), r['device_us']), 12, 2)}x")
+              f"{_fmt(ratio_of(figure_of(record, 'index_put', 'device_us'), r['device_us']), 12, 2)}x"
+              f"{_fmt(ratio_of(figure_of(record, 'masked_scatter', 'device_us'), r['device_us']), 12, 2)}x")
 
 
-def check_targets(records: list[dict], path: str = "triton") -> dict:
-    """The targets, each a ratio within this run: at cases moving >= 64 MB, device time <= 1.05x the copy,
-    >= 3x faster than index_put and >= 8x than masked_scatter; at cases moving <= 8 MB, loop time no more
-    than index_put's (per mask device); peak extra memory <= 8*N bytes + 1 MiB everywhere. A check skips the
-    cases where a figure it needs was not measured (null)."""
-    big = [r for r in records if r["moved_bytes"] >= BIG_BYTES]
-    small = [r for r in records if r["moved_bytes"] <= SMALL_BYTES]
-
-    def ratio(r, a, b, key="device_us"):
-        return _ratio(_get(r, a, key), _get(r, b, key))
-
-    def peak_over(r):
-        peak = _get(r, path, "peak_extra_bytes")
-        return None if peak is None else peak - (8 * r["case"]["n"] + 2**20)
-
-    checks = {
-        "copy_ratio": (big, lambda r: ratio(r, path, "copy"), lambda v: v <= 1.05, "max"),
-        "x_index_put": (big, lambda r: ratio(r, "index_put", path), lambda v: v >= 3, "min"),
-        "x_masked_scatter": (big, lambda r: ratio(r, "masked_scatter", path), lambda v: v >= 8, "min"),
-        "loop_vs_index_put": (small, lambda r: ratio(r, path, "index_put", "loop_us"), lambda v: v <= 1.0, "max"),
-        "peak_bytes_over_limit": (records, peak_over, lambda v: v <= 0, "max"),
-    }
-    summary = {"lines": [], "checks": {}}
-    for name, (subset, value, ok, worst) in checks.items():
-        values = [(v, r["label"]) for r in subset if (v := value(r)) is not None]
-        if not values:
-            continue
-        failed = [(v, label) for v, label in values if not ok(v)]
-        worst_value, worst_label = (max if worst == "max" else min)(values)
-        summary["checks"][name] = {"cases": len(values), "failed": len(failed), "worst": worst_value,
-                                   "worst_case": worst_label, "failures": failed}
-        summary["lines"].append(f"{name}: {len(values) - len(failed)}/{len(values)} pass; worst {worst_value:.3f} "
-                                f"at {worst_label}")
-    return summary
-
-
-def _title(env: dict) -> str:
+def run_title(env: dict) -> str:
     env = env or {}
     return (f"mmmerge_triton {env.get('commit') or '(commit not recorded)'}, {env.get('device', '?')}, torch "
             f"{env.get('torch', '?')}, triton {env.get('triton', '?')}, {str(env.get('date', '?'))[:10]}")
-
-
-def _serving(records: list[dict]) -> list[dict]:
-    """The serving slice: half the rows multimodal in image blocks, bf16, a CPU mask (what vLLM passes)."""
-    return [r for r in records if (r["case"]["density"], r["case"]["pattern"], r["case"]["src"], r["case"]["dst"],
-                                   r["case"]["mask"]) == (0.5, "blocks", "bf16", "bf16", "cpu")]
 
 
 def markdown(records: list[dict], path: str = "auto", cpu: bool = False) -> str:
@@ -177,7 +96,7 @@ def markdown(records: list[dict], path: str = "auto", cpu: bool = False) -> str:
     its rounds, where recorded); then the targets, how steady the copy was, and a note at every point of the
     run where ``path`` measured below BELOW_COPY x the copy. On a CPU the figures are wall time, and the ratio
     to the copy, its spread and the peak memory (not measured) are left out."""
-    serving = _serving(records)
+    serving = serving_slice(records)
     if cpu:
         lines = ["| N | H | MB moved | copy wall µs | ours wall µs | index_put wall µs (ours x faster) | "
                  "masked_scatter wall µs (ours x faster) | loop wall µs ours / index_put |", "|" + "---|" * 8]
@@ -192,14 +111,14 @@ def markdown(records: list[dict], path: str = "auto", cpu: bool = False) -> str:
         copy_spread = None if cpu else spread(copy)
         head = (f"| {r['case']['n']} | {r['case']['hidden']} | {r['moved_bytes'] / MB:.0f} | "
                 f"{_fmt(copy.get('device_us'))}{'' if copy_spread is None else f' ({_pct(copy_spread)})'} | ")
-        speedups = (f"{_fmt(ip.get('device_us'))} ({_fmt(_ratio(ip.get('device_us'), us))}) | "
-                    f"{_fmt(ms.get('device_us'))} ({_fmt(_ratio(ms.get('device_us'), us))}) | "
+        speedups = (f"{_fmt(ip.get('device_us'))} ({_fmt(ratio_of(ip.get('device_us'), us))}) | "
+                    f"{_fmt(ms.get('device_us'))} ({_fmt(ratio_of(ms.get('device_us'), us))}) | "
                     f"{_fmt(ours.get('loop_us'), digits=0)} / {_fmt(ip.get('loop_us'), digits=0)} |")
         if cpu:
             lines.append(head + f"{_fmt(us)} | " + speedups)
         else:
             peaks = [None if x.get("peak_extra_bytes") is None else x["peak_extra_bytes"] / MB for x in (ours, ms)]
-            lines.append(head + f"{_fmt(us)} ({_fmt(_ratio(us, copy.get('device_us')), digits=2)}) | " + speedups
+            lines.append(head + f"{_fmt(us)} ({_fmt(ratio_of(us, copy.get('device_us')), digits=2)}) | " + speedups
                          + f" {_fmt(peaks[0])} / {_fmt(peaks[1], digits=0)} |")
     if cpu:  # the targets are device-time ratios: a CPU's wall times say nothing about them
         return "\n".join(lines)
@@ -214,7 +133,7 @@ def markdown(records: list[dict], path: str = "auto", cpu: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _suite_title(record: dict) -> str:
+def suite_title(record: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("results", "moved_bytes"))
 
 
@@ -233,21 +152,6 @@ def suite_markdown(records: list[dict], cpu: bool = False) -> str:
             cells.append(cell if cpu else f"{cell} / {_fmt(peak)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def auto_against_others(times: dict, auto_path: str) -> tuple[str, float]:
-    """At one held-out point, from each path's time (``auto`` and every path by name): the best path other than
-    auto, and auto's time over it (below 1 where auto is faster). Neither auto nor the path it chose, called by
-    name (the very same call), is a rival: counting them, the ratio could never exceed 1 and would measure the
-    host's noise, not the choice. mmmerge-tune --evaluate, bench/host_path.py and this report all use it."""
-    best = min((p for p in times if p not in ("auto", auto_path)), key=times.get)
-    return best, times["auto"] / times[best]
-
-
-def ratio_summary(ratios: list[float]) -> dict:
-    """Of auto's ratios over held-out points: the share within 5% (<= 1.05), the worst (largest), the median."""
-    return {"within_5pct": sum(r <= 1.05 for r in ratios) / len(ratios), "worst": max(ratios),
-            "median": statistics.median(ratios)}
 
 
 def regret_markdown(run: dict) -> str:
@@ -382,7 +286,7 @@ def report(file: Path, paths: list[str], cases: bool, png_dir: Path | None) -> s
         return (f"{file}: not one of this package's result files (a bench, suite, regret, tuned-table, probe, "
                 "host-path or when-it-matters JSON)")
     env = run.get("environment")
-    print(f"# {file.name}: {kind}" + (f" — {_title(env)}" if env else ""))
+    print(f"# {file.name}: {kind}" + (f" — {run_title(env)}" if env else ""))
     cpu = is_cpu_run(env) and kind in ("bench", "suite")
     if cpu:
         print(CPU_NOTICE)

@@ -36,7 +36,7 @@ from .. import PATHS, KernelConfig, dispatch, executor, explain, masked_row_scat
 from ..kernel_config import default_config, default_of_kind
 from .bench import DEFAULT_OUT, _progress, device_name, environment
 from .cases import Case, make_inputs
-from .report import auto_against_others, ratio_summary
+from .analysis import auto_against_others, ratio_summary
 
 SWEEP = {
     "full": dict(n=(256, 1024, 4096, 16384, 65536, 131072), hidden=(1024, 2048, 4096, 8192), density=(0.1, 0.9),
@@ -223,7 +223,7 @@ def evaluate(device: torch.device, rounds: int = 5, finalists: int = 3) -> dict:
     """path="auto" on the held-out grid, two ways, each within one point's measurements:
 
     - against every other path through the public API (``ratio``: auto / the best of the other paths,
-      report.auto_against_others), as a user would call them. The path auto chose, called by name, is the very
+      analysis.auto_against_others), as a user would call them. The path auto chose, called by name, is the very
       same call (a named "triton" takes the tuned configuration too), so it is timed and recorded but not
       compared: the difference would be the host's noise, not a choice;
     - against an oracle (``oracle_ratio``): the configuration auto chose, launched directly, against the best
