@@ -38,6 +38,7 @@ def pytest_runtest_logreport(report) -> None:
         with open(path, "a", encoding="utf-8") as log:
             log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
 
+
 MASK_KINDS = ("random10", "random50", "random90", "empty", "full", "first", "last", "blocks")
 
 
