@@ -31,9 +31,9 @@ import triton
 
 from .. import explain, masked_row_scatter_, paths
 from . import timing
+from .analysis import check_targets
 from .cases import Case, grid, make_inputs
 from .plots import plot
-from .analysis import check_targets
 from .report import DEFAULT_OUT, below_copy_notes, copy_spread_line, print_case
 from .suites import SUITES, print_suite
 

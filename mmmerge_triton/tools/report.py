@@ -39,7 +39,8 @@ def below_copy_notes(records: list[dict], paths: list[str] | None = None) -> lis
         copy = record["results"].get("copy")
         steadiness = "" if spread(copy) is None else f", its rounds' spread {_pct(spread(copy))}"
         for name, ratio in below_copy(record, paths):
-            notes.append(f"note: {record['label']}: {name} {figure_of(record, name, 'device_us'):.1f} µs is {ratio:.3f}x "
+            us = figure_of(record, name, "device_us")
+            notes.append(f"note: {record['label']}: {name} {us:.1f} µs is {ratio:.3f}x "
                          f"the copy's {copy['device_us']:.1f} µs{steadiness}: below {BELOW_COPY}x a copy of the "
                          "same bytes, a measurement artefact unless shown otherwise")
     return notes

@@ -34,9 +34,9 @@ import triton
 from . import timing
 from .. import PATHS, KernelConfig, dispatch, executor, explain, masked_row_scatter_, paths
 from ..kernel_config import default_config, default_of_kind
+from .analysis import auto_against_others, ratio_summary
 from .bench import DEFAULT_OUT, _progress, device_name, environment
 from .cases import Case, make_inputs
-from .analysis import auto_against_others, ratio_summary
 
 SWEEP = {
     "full": dict(n=(256, 1024, 4096, 16384, 65536, 131072), hidden=(1024, 2048, 4096, 8192), density=(0.1, 0.9),
