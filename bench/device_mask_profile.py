@@ -11,8 +11,11 @@ PREFIX_CHUNKS mask bytes per step of its prefix count (scatter.SCAN_PREFIX_CHUNK
 of the last program grows with N. Then a prototype of the scan in two launches (``counted_scan``: each
 program's mask bytes counted by one launch, then the shipped scan's row writes with the prefix summed from
 those counts, at most N / BLOCK of them, instead of re-read from the mask), against the shipped scan alone:
-kernel time and CUDA-event time (the gap between the two launches included). Printed and written to
-DIR/device_mask_profile_*.json.
+kernel time and CUDA-event time (the gap between the two launches included). Last, the row copy alone on a
+built row map against a prototype that keeps PERSISTENT programs per SM, each looping over rows with the grid's
+stride (the shipped kernel gives each row its own program, M programs in waves of the resident ones: at a few
+thousand rows the last wave runs part-empty), kernel time, checked against the shipped copy's result. Printed and
+written to DIR/device_mask_profile_*.json.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ NS = (32768, 131072, 262144)
 DENSITIES = (0.05, 0.5)
 REPS = 7
 PREFIX_CHUNKS = (4096, 8192, 16384, 32768)
+PERSISTENT = (4, 8, 16)  # programs per SM of the persistent row-copy prototype
 COUNTS_CHUNK = 1024  # block counts summed per step by the prototype's row writes
 
 
@@ -69,6 +73,29 @@ def rows_from_counts_kernel(mask_ptr, counts_ptr, rows_ptr, count_ptr, n, n_rows
     tl.store(rows_ptr + offsets, i, mask=(is_true != 0) & (offsets < n_rows))
     if pid == tl.num_programs(0) - 1:
         tl.store(count_ptr, prefix + tl.sum(is_true, axis=0))
+
+
+@triton.jit
+def persistent_row_copy_kernel(dst_ptr, src_ptr, rows_ptr, count_ptr, n_rows, H, stride_dst, stride_src,
+                               BLOCK_H: tl.constexpr):
+    """dst[rows[j]] = src[j] (cast) for j < min(count, n_rows), program p taking j = p, p + grid, ..."""
+    limit = tl.minimum(tl.load(count_ptr), n_rows)
+    cols = tl.arange(0, BLOCK_H)
+    for j in range(tl.program_id(0), limit, tl.num_programs(0)):
+        dst_row = dst_ptr + tl.load(rows_ptr + j).to(tl.int64) * stride_dst
+        src_row = src_ptr + tl.cast(j, tl.int64) * stride_src
+        for c0 in range(0, H, BLOCK_H):
+            c = c0 + cols
+            tl.store(dst_row + c, tl.load(src_row + c, mask=c < H).to(dst_ptr.dtype.element_ty), mask=c < H)
+
+
+def persistent_row_copy(dst: torch.Tensor, src: torch.Tensor, row_map: torch.Tensor, count: torch.Tensor,
+                        programs: int) -> None:
+    """The prototype: ``programs`` programs over src's M rows (dst [N, H], src [M, H], unit column strides)."""
+    m, h = src.shape
+    persistent_row_copy_kernel[(max(min(programs, m), 1),)](dst, src, row_map, count, m, h, dst.stride(0),
+                                                           src.stride(0), BLOCK_H=min(triton.next_power_of_2(h), 4096),
+                                                           num_warps=8)
 
 
 def counted_scan(flat: torch.Tensor, row_map: torch.Tensor, count: torch.Tensor, counts: torch.Tensor, m: int,
@@ -157,11 +184,38 @@ def main() -> None:
         print(f"counted scan N={n}: " + " + ".join(f"{k.split('(')[0][:24]} {v:.1f}" for k, v in kernels.items())
               + f" µs | events: counted {events['counted']:.1f} µs, shipped scan {events['shipped']:.1f} µs",
               flush=True)
+    persistent_rows = []
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    for n in NS:
+        for density in DENSITIES:
+            dst, mask, src = make_inputs(Case(n, HIDDEN, density, "scattered", mask="gpu"), DEV)
+            m = src.shape[0]
+            row_map = torch.empty(max(m, 1), dtype=torch.int32, device=DEV)
+            count = torch.empty(1, dtype=torch.int32, device=DEV)
+            scatter.mask_to_rows(scatter.mask_bytes(mask), row_map, count, m)
+            floor = torch.empty(src.shape, dtype=dst.dtype, device=DEV)
+            expected = dst.clone()
+            scatter.row_copy(expected, src, row_map, count, scatter.COPY, cfg)
+            calls = {"copy": lambda: floor.copy_(src),
+                     "row_copy": lambda: scatter.row_copy(dst, src, row_map, count, scatter.COPY, cfg)}
+            for per_sm in PERSISTENT:
+                calls[f"persistent_{per_sm}"] = lambda per_sm=per_sm: persistent_row_copy(dst, src, row_map, count,
+                                                                                          per_sm * sms)
+                got = dst.clone()
+                persistent_row_copy(got, src, row_map, count, per_sm * sms)
+                if not torch.equal(got.view(torch.uint8), expected.view(torch.uint8)):
+                    raise SystemExit(f"the persistent row copy differs at N={n} {density:.0%}, {per_sm} per SM")
+            times = {name: sum(kernel_us(fn, flush).values()) for name, fn in calls.items()}
+            persistent_rows.append({"n": n, "density": density, "m": m, "kernel_us": times})
+            print(f"row copy N={n} {density:.0%} (M={m}): " + ", ".join(
+                f"{name} {t:.1f} µs ({t / times['copy']:.3f}x)" for name, t in times.items()), flush=True)
+            torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"device_mask_profile_{device_name(DEV)}.json"
     path.write_text(json.dumps({"environment": environment(DEV), "hidden": HIDDEN, "config": str(cfg),
                                 "cases": rows, "prefix_chunks": chunks,
-                                "counted_scan": counted_rows}, indent=1))
+                                "counted_scan": counted_rows, "persistent_row_copy": persistent_rows,
+                                "sms": sms}, indent=1))
     print(f"wrote {path}")
 
 

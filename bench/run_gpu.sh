@@ -97,7 +97,7 @@ for stage in ${1//,/ }; do
       ;;
     profile)
       python bench/device_mask_profile.py --out "$out" > "$out/device_mask_profile.log" 2>&1
-      tail -n 13 "$out/device_mask_profile.log"
+      tail -n 19 "$out/device_mask_profile.log"
       ;;
     compare)
       python bench/compare_host_path.py --before "${BEFORE:-.before}" --out "$out" --rounds 2 > "$out/compare_host_path.log" 2>&1
