@@ -32,6 +32,7 @@ import triton.language as tl
 
 from mmmerge_triton import scatter
 from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
+from mmmerge_triton.kernels.row_tiles import move_rows
 from mmmerge_triton.kernel_config import default_of_kind
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
@@ -78,15 +79,13 @@ def rows_from_counts_kernel(mask_ptr, counts_ptr, rows_ptr, count_ptr, n, n_rows
 @triton.jit
 def persistent_row_copy_kernel(dst_ptr, src_ptr, rows_ptr, count_ptr, n_rows, H, stride_dst, stride_src,
                                BLOCK_H: tl.constexpr):
-    """dst[rows[j]] = src[j] (cast) for j < min(count, n_rows), program p taking j = p, p + grid, ..."""
+    """row_copy_kernel's COPY of one row at a time (move_rows), program p taking rows j = p, p + grid, ... below
+    min(count, n_rows)."""
     limit = tl.minimum(tl.load(count_ptr), n_rows)
-    cols = tl.arange(0, BLOCK_H)
     for j in range(tl.program_id(0), limit, tl.num_programs(0)):
-        dst_row = dst_ptr + tl.load(rows_ptr + j).to(tl.int64) * stride_dst
-        src_row = src_ptr + tl.cast(j, tl.int64) * stride_src
-        for c0 in range(0, H, BLOCK_H):
-            c = c0 + cols
-            tl.store(dst_row + c, tl.load(src_row + c, mask=c < H).to(dst_ptr.dtype.element_ty), mask=c < H)
+        row = j + tl.arange(0, 1)  # a one-row tile
+        dst_rows = dst_ptr + tl.load(rows_ptr + row).to(tl.int64)[:, None] * stride_dst
+        move_rows(dst_rows, src_ptr + row.to(tl.int64)[:, None] * stride_src, row < limit, H, 0, BLOCK_H)
 
 
 def persistent_row_copy(dst: torch.Tensor, src: torch.Tensor, row_map: torch.Tensor, count: torch.Tensor,
