@@ -237,10 +237,30 @@ def route(monkeypatch):
     dispatch.clear_cache()
 
 
+class MemoSpy(NamedTuple):
+    """The keys core._signature returned and the keys core._prepare was called with, in order (a call whose key
+    is never prepared is a memo hit)."""
+
+    signatures: list
+    prepared: list
+
+    def assert_failed_first_call_kept_nothing(self, left: dict) -> None:
+        """After a first call with a mask one row short (which raised, leaving the memo as ``left``) and two good
+        calls: three signatures differing in the mask's length alone, the failed call memoized nothing, the good
+        call's key was prepared once and is the memo's one entry."""
+        from mmmerge_triton import core
+        signatures, prepared = self
+        bad, good = signatures[0], signatures[1]
+        assert bad is not None and signatures == [bad, good, good], "the good calls are not of one signature"
+        assert sum(a != b for a, b in zip(bad, good)) == 1, "the keys differ in more than the mask's length"
+        assert left == {} and prepared == [bad, good], (
+            f"prepared {prepared}: the failed call memoized something, or the good call's entry was not kept")
+        assert list(core._prepared) == [good]
+
+
 @pytest.fixture
-def memo_spy(monkeypatch) -> tuple[list, list]:
-    """(signatures, prepared): the keys core._signature returned and the keys core._prepare was called with, in
-    order, from now on (a call whose key is never prepared is a memo hit)."""
+def memo_spy(monkeypatch) -> MemoSpy:
+    """A MemoSpy recording from now on."""
     from mmmerge_triton import core
     signatures, prepared = [], []
     signature, prepare = core._signature, core._prepare
@@ -256,4 +276,4 @@ def memo_spy(monkeypatch) -> tuple[list, list]:
 
     monkeypatch.setattr(core, "_signature", spied_signature)
     monkeypatch.setattr(core, "_prepare", spied_prepare)
-    return signatures, prepared
+    return MemoSpy(signatures, prepared)

@@ -251,7 +251,6 @@ def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(mem
     """The mask's length against N is a field of the key (core._signature): a first call with a mask one row
     short has a key of its own, raises in prepare and memoizes nothing; the good call after it prepares its own
     key once and merges PyTorch's result, and the call after that is a memo hit."""
-    signatures, prepared = memo_spy
     dst, mask, src = make()
     with pytest.raises(ValueError, match="is_multimodal has shape"):
         mm.merge_multimodal_embeddings(dst, src, mask[1:].clone(), path=path)  # aligned as mask
@@ -261,9 +260,4 @@ def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(mem
         before = dst.clone()
         mm.merge_multimodal_embeddings(dst, src, mask, path=path)
         assert_same(dst, torch_merge("merge_multimodal_embeddings", before, mask, src), f"good call {seed}")
-    bad, good = signatures[0], signatures[1]
-    assert bad is not None and signatures == [bad, good, good], "the good calls are not of one signature"
-    assert sum(a != b for a, b in zip(bad, good)) == 1, "the keys differ in more than the mask's length"
-    assert left == {} and prepared == [bad, good], (
-        f"prepared {prepared}: the failed call memoized something, or the good call's entry was not kept")
-    assert list(core._prepared) == [good]
+    memo_spy.assert_failed_first_call_kept_nothing(left)

@@ -178,7 +178,6 @@ def test_vmap_grad_and_jvp_give_pytorchs_results(entry, mask_kind):
 def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(mask_kind, memo_spy):
     """A first call with a mask one row short has a key of its own (the length is a field), raises and memoizes
     nothing; the good call after it prepares its key once and merges PyTorch's result; the next is a memo hit."""
-    signatures, prepared = memo_spy
     dst, mask, src = make(mask_kind)
     with pytest.raises(ValueError, match="is_multimodal has shape"):
         mt.merge_multimodal_embeddings(dst, src, mask[1:].clone(), path="triton")  # aligned as mask
@@ -188,9 +187,4 @@ def test_a_first_call_with_a_wrong_mask_length_does_not_poison_its_signature(mas
         expected = torch_merge("merge_multimodal_embeddings", dst.clone(), mask, src)
         mt.merge_multimodal_embeddings(dst, src, mask, path="triton")
         same(dst, expected, f"good call {seed}")
-    bad, good = signatures[0], signatures[1]
-    assert bad is not None and signatures == [bad, good, good], "the good calls are not of one signature"
-    assert sum(a != b for a, b in zip(bad, good)) == 1, "the keys differ in more than the mask's length"
-    assert left == {} and prepared == [bad, good], (
-        f"prepared {prepared}: the failed call memoized something, or the good call's entry was not kept")
-    assert list(core._prepared) == [good]
+    memo_spy.assert_failed_first_call_kept_nothing(left)
