@@ -22,14 +22,15 @@ def mask_row_copy_kernel(
     MODE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    PREFIX_CHUNK: tl.constexpr,
+    PREFIX_CHUNK: tl.constexpr,  # mask bytes per step of the prefix count
+    WORDS: tl.constexpr,  # mask_ptr is 4-byte aligned: the prefix is counted in words
 ):
     """Program p owns dense rows i in [p*ROWS, p*ROWS + ROWS). It counts the true mask bytes before its
     block (so the prefix is re-read by every program: N*N/(2*ROWS) bytes from L2 in all, which is why the
     dispatcher keeps this kernel to small N), takes the in-block exclusive cumsum to get offsets[i], and
     moves dense row i <-> compact row offsets[i] for true rows with offsets[i] < n_rows. Modes as row_copy_kernel."""
     start = tl.program_id(0) * ROWS
-    prefix = count_true_before(mask_ptr, start, PREFIX_CHUNK)
+    prefix = count_true_before(mask_ptr, start, PREFIX_CHUNK, 1, WORDS)
     i = start + tl.arange(0, ROWS)
     is_true = (tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32)  # any nonzero byte is True
     offsets = prefix + tl.cumsum(is_true, axis=0) - is_true

@@ -16,14 +16,16 @@ def mask_to_rows_kernel(
     n_rows,  # capacity of rows_ptr
     # meta-parameters
     BLOCK: tl.constexpr,
-    PREFIX_CHUNK: tl.constexpr,
+    PREFIX_CHUNK: tl.constexpr,  # mask bytes per load of the prefix count
+    PREFIX_LOADS: tl.constexpr,  # loads in flight per step of it
+    WORDS: tl.constexpr,  # mask_ptr is 4-byte aligned: the prefix is counted in words
 ):
     """Program p owns mask[p*BLOCK : (p+1)*BLOCK]: it counts the true bytes before its block itself (BLOCK
     is large, so this re-read is small), takes the in-block exclusive cumsum, and writes the row index of
     each true row at its offset. The last program writes the total count."""
     pid = tl.program_id(0)
     start = pid * BLOCK
-    prefix = count_true_before(mask_ptr, start, PREFIX_CHUNK)
+    prefix = count_true_before(mask_ptr, start, PREFIX_CHUNK, PREFIX_LOADS, WORDS)
     i = start + tl.arange(0, BLOCK)
     is_true = (tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32)  # any nonzero byte is True
     offsets = prefix + tl.cumsum(is_true, axis=0) - is_true

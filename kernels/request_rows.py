@@ -31,7 +31,7 @@ def request_rows_kernel(
     end = tl.load(row_offsets_ptr + r + 1)
     first = tl.load(src_starts_ptr + r)
     expected = tl.load(src_starts_ptr + r + 1) - first
-    count = count_true_before(mask_ptr + start, end - start, PREFIX_CHUNK)
+    count = count_true_before(mask_ptr + start, end - start, PREFIX_CHUNK, 1, False)  # at any byte: no words
     matches = count == expected
     tl.store(status_ptr + r, matches.to(tl.uint8))
     lane = tl.arange(0, BLOCK)

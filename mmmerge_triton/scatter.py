@@ -15,11 +15,18 @@ _mask_row_copy = FastKernel(mask_row_copy_kernel)
 _mask_to_rows = FastKernel(mask_to_rows_kernel)
 
 PREFIX_CHUNK = 4096  # mask bytes per step when a program counts the true rows before its block
-SCAN_PREFIX_CHUNK = 32768
-"""The same for mask_to_rows (the row map of a device mask): its last program counts N - BLOCK bytes step by
-step, a latency-bound loop that set the map's time. The scan alone on an H100 (N = 262144, 64 programs, 8 warps;
-bench/results/h100/2026-12-06-s4/device_mask_profile.log): 32.6 µs at 4096 bytes per step, 20.9 at 8192, 32.6
-at 16384, 15.3 at 32768 (at N = 131072: 16.9, 10.9, 17.1, 8.6)."""
+SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS = 32768, 2
+"""The same for mask_to_rows (the row map of a device mask), and its loads in flight per step: its last program
+counts N - BLOCK bytes, a latency-bound loop that sets the map's time. The scan alone on an H100 (64 programs,
+8 warps), by bytes: 32.6 µs at 4096 bytes per step, 20.9 at 8192, 32.6 at 16384, 15.3 at 32768 at N = 262144
+(2026-12-06-s4/device_mask_profile.log); in words (row_tiles.count_true_before), N = 32768 / 131072 / 262144 /
+1048576: 3.6 / 6.4 / 10.1 / 34.5 µs at 32 KB x 2 loads, against 3.8 / 8.6 / 15.3 / 53.6 by bytes, 32 KB x 1, and
+5.8 / 12.7 / 9.9 / 33.0 at 32 KB x 4 (2026-12-06-s6/prefix_count.log)."""
+
+
+def words(mask_bytes) -> bool:
+    """Whether the kernels count ``mask_bytes``' true rows in 4-byte words (its address is 4-byte aligned)."""
+    return mask_bytes.data_ptr() % 4 == 0
 
 
 def supports(device: torch.device) -> bool:
@@ -83,7 +90,7 @@ def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> B
         key,
         (cdiv(n, cfg.rows), 1),
         (dense, compact, mask_bytes, n, n_rows, hidden, sd, sc),
-        (mode, cfg.rows, cfg.block_h, PREFIX_CHUNK),
+        (mode, cfg.rows, cfg.block_h, PREFIX_CHUNK, words(mask_bytes)),
         (cfg.num_warps, cfg.num_stages),
         device,
     )
@@ -107,9 +114,9 @@ def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None,
         return None
     block = block or scan_block(n)
     device = rows.device.index if isinstance(rows, torch.Tensor) else torch.cuda.current_device()
-    key = (device, mask_bytes.data_ptr() % 16 == 0, block)
+    key = (device, mask_bytes.data_ptr() % 16, block)  # the address mod 16: Triton's alignment and words()
     return _mask_to_rows.launch(key, (cdiv(n, block), 1), (mask_bytes, rows, count, n, capacity),
-                                (block, SCAN_PREFIX_CHUNK), (8, 1), device)
+                                (block, SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS, words(mask_bytes)), (8, 1), device)
 
 
 def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig,

@@ -224,6 +224,44 @@ def test_mask_kernels_read_any_nonzero_byte_as_true(n):
     assert_rows_moved(COPY, dense, compact, true_rows, k)
 
 
+def single_bit_bytes_mask(n: int, offset: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """(a bool mask [n] at ``offset`` bytes into a larger buffer, whose true bytes each hold one of the eight
+    single bits or 255 — each bit of a word's byte must count its byte once —, the indices of its true rows)."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([0, 0, 0, 1, 2, 4, 8, 16, 32, 64, 128, 255], dtype=torch.uint8)
+    buffer = torch.zeros(n + 8, dtype=torch.uint8)
+    buffer[offset:offset + n] = values[torch.randint(0, values.numel(), (n,), generator=g)]
+    raw = buffer[offset:offset + n]
+    return raw.view(torch.bool), np.flatnonzero(raw.numpy())
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4], ids=lambda o: f"at_byte_{o}")
+def test_the_prefix_count_reads_words_or_bytes_by_the_masks_address(offset, monkeypatch):
+    """count_true_before reads a 4-byte-aligned mask as words (scatter.words) and any other by bytes: the row map
+    and the one-launch copy agree with the true rows at every address, over many steps of the prefix count (its
+    chunks cut to 64 bytes here, so that the interpreter runs few programs), and for one-launch programs of 1, 2
+    and 8 rows, whose prefixes end off a word (the last bytes counted one by one). tests/gpu/test_exact.py runs
+    the shipped chunks."""
+    monkeypatch.setattr(scatter, "SCAN_PREFIX_CHUNK", 64)
+    monkeypatch.setattr(scatter, "PREFIX_CHUNK", 64)
+    n = 4 * 1024 + 905  # five scan programs of 1024 bytes; the last counts its prefix in 32 steps of 2 x 64
+    mask, true_rows = single_bit_bytes_mask(n, offset, seed=offset)
+    assert scatter.words(mask.view(torch.uint8)) == (offset % 4 == 0)
+    k = true_rows.size
+    rows, count = scatter.device_rows(mask, k)
+    assert count.tolist() == [k]
+    assert rows[:k].tolist() == true_rows.tolist()
+    n_fused = 3 * 64 + 13
+    mask, true_rows = single_bit_bytes_mask(n_fused, offset, seed=offset + 10)
+    k = true_rows.size
+    for rows_per_program in (1, 2, 8):
+        dense = Guarded(n_fused, 4, torch.float32, seed=1)
+        compact = Guarded(k, 4, torch.float32, seed=2)
+        config = KernelConfig(rows_per_program, 4)
+        scatter.mask_row_copy(dense.view, compact.view, mask.view(torch.uint8), COPY, config)
+        assert_rows_moved(COPY, dense, compact, true_rows, k)
+
+
 # ---- merge_triton with explicit configurations and row maps ----------------------------------------------
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])

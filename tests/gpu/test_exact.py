@@ -162,6 +162,26 @@ def test_special_values(pair, accumulate, kind):
     assert_same(dst, expected, kind)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2, 4], ids=lambda o: f"mask_at_byte_{o}")
+@pytest.mark.parametrize("fused", [False, True], ids=["two_launch", "one_launch"])
+def test_a_device_masks_prefix_count_at_any_address(offset, fused):
+    """The prefix count reads a 4-byte-aligned mask in words and any other by bytes (scatter.words): a device
+    mask of single-bit and 255 bytes at byte offsets 0-4, N past several steps of the scan's prefix
+    (scatter.SCAN_PREFIX_CHUNK x SCAN_PREFIX_LOADS), merged by each device kind as index_put does."""
+    n, h = 300_003 if not fused else 20_001, 8
+    g = torch.Generator().manual_seed(offset)
+    values = torch.tensor([0, 0, 0, 1, 2, 4, 8, 16, 32, 64, 128, 255], dtype=torch.uint8)
+    buffer = torch.zeros(n + 8, dtype=torch.uint8)
+    buffer[offset:offset + n] = values[torch.randint(0, values.numel(), (n,), generator=g)]
+    mask = buffer.to(DEV)[offset:offset + n].view(torch.bool)
+    m = int((buffer != 0).sum())
+    dst = rand((n, h), torch.float32, seed=1)
+    src = rand((m, h), torch.bfloat16, seed=2)
+    expected = reference(dst, mask, src)
+    executor.merge_triton(dst, mask, src, False, config=KernelConfig(8 if fused else 1, 8, 4, 1, fused))
+    assert_same(dst, expected, f"offset {offset}")
+
+
 def test_fp32_overflow_to_fp16_is_inf_like_torch():
     """1e5 in fp32 becomes +inf in fp16 (as src.to(torch.float16) does), -1e5 becomes -inf, 65519 -> 65504."""
     mask = torch.tensor([False, True, True, False, True])

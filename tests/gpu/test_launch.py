@@ -43,6 +43,7 @@ VARIANTS = {
     "stride_16_h_48": (48, 64, 0, 80, 0, 0),
     "h_16": (16, 16, 0, 16, 0, 0),
     "mask_misaligned": (64, 64, 0, 64, 0, 1),
+    "mask_at_4_bytes": (64, 64, 0, 64, 0, 4),  # counted in words (scatter.words), not at 16 bytes
     "all_misaligned_odd": (37, 41, 3, 39, 1, 3),
 }
 PAIRS = [(torch.float32, torch.bfloat16), (torch.float16, torch.float16)]
