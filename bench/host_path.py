@@ -33,7 +33,6 @@ import mmmerge_triton as mm
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import environment
 from mmmerge_triton.tools.cases import DTYPES, Case, make_inputs
-from mmmerge_triton.tools.analysis import auto_against_others, ratio_summary
 
 DEV = torch.device("cuda", 0)
 
@@ -141,6 +140,9 @@ def heldout_cases(count: int = 48) -> list[Case]:
 
 
 def heldout() -> dict:
+    # Imported here, not at the top: bench/compare_host_path.py runs the loop and idle parts on an earlier
+    # package put first on the path, which may predate mmmerge_triton.tools.analysis.
+    from mmmerge_triton.tools.analysis import auto_against_others
     points = []
     for case in heldout_cases():
         dst, mask, src = make_inputs(case, DEV)
@@ -162,6 +164,7 @@ def summarize(points: list[dict]) -> dict:
     """auto against the best of the other paths at each point (``*_ratio``, analysis.auto_against_others: the
     metric of mmmerge-tune --evaluate; below 1 where auto is faster), and the host's noise: auto against the
     very same call made by the chosen path's name (``same_call_*``)."""
+    from mmmerge_triton.tools.analysis import auto_against_others, ratio_summary  # see heldout()
     for p in points:
         for key in ("loop", "device"):
             times = p[f"{key}_us"]
