@@ -35,7 +35,7 @@ import torch
 
 from .inputs import TRITON_DTYPES, as_rows
 from .kernel_config import (FUSED_BELOW, FUSED_REACH, PATHS, POSITIONS, Decision, KernelConfig, default_config,
-                            launch_kind)
+                            default_of_kind, launch_kind)
 from .rowmap import MAX_ROWS
 from .scatter import supports
 
@@ -153,6 +153,12 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
             config = KernelConfig(**best["unfused_config"])
             reason += (f"; N is over {FUSED_REACH}x the entry's or {FUSED_REACH}x {FUSED_BELOW}, so its best "
                        "two-launch configuration")
+    if config is not None and config.fused and hidden != entry["key"]["hidden"]:
+        # A one-launch tile serves the row length it was measured at only: the H100 table's winners of 32 rows
+        # per program at H = 1024 (5% ahead of the default in loop time there) ran 1.2-1.6x the default's
+        # device time at H = 1152 (bench/results/h100/2026-12-06-s6/untuned_*.log, four runs, two machines).
+        config = default_of_kind(hidden, fused=True)
+        reason += f"; H is not the entry's {entry['key']['hidden']}, so the one-launch default"
     if config is not None and not config.fused and config.rows > 1 and m < entry["key"]["rows"]:
         # Fewer source rows than measured: fewer rows per program, so that as many programs share the work.
         share = config.rows * m // max(entry["key"]["rows"], 1)

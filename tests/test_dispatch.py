@@ -9,7 +9,7 @@ import torch
 
 import mmmerge_triton as mm
 from mmmerge_triton import dispatch, executor
-from mmmerge_triton.kernel_config import KernelConfig
+from mmmerge_triton.kernel_config import KernelConfig, default_of_kind
 from mmmerge_triton.tools import tune
 
 from .conftest import assert_merged, make_mask
@@ -95,6 +95,22 @@ def test_a_fused_winner_past_the_untuned_reach_gives_way_to_two_launches():
         far = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", n, 2048, 3500)
         assert far.config == KernelConfig(1, 4096) and "two-launch" in far.reason, n
     assert dispatch.decide_from_table(t, "gpu", "bf16", "bf16", reach, 2048, 3500).config.fused
+
+
+def test_a_one_launch_tile_serves_only_the_row_length_it_was_measured_at():
+    """An entry's one-launch winner (32 rows per program at H = 1024 in the H100 table) is taken at its own H; at
+    another H a device mask takes the one-launch default of that H (at H = 1152 the table's winners ran 1.2-1.6x
+    the default's device time)."""
+    t = table(entry(mask="gpu", n=4096, hidden=1024, rows=2048, fused=True))
+    t["entries"][0]["best"]["fused_config"] = KernelConfig(32, 1024, 4, 1, True)._asdict()
+    same = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", 9000, 1024, 450)
+    other = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", 9000, 1152, 450)
+    assert same.config == KernelConfig(32, 1024, 4, 1, True)
+    assert other.config == default_of_kind(1152, fused=True) == KernelConfig(8, 2048, 8, 1, True)
+    assert "one-launch default" in other.reason
+    cpu = dispatch.decide_from_table(table(entry(n=4096, hidden=1024, rows=2048)), "cpu", "bf16", "bf16", 9000, 1152,
+                                     2048)
+    assert cpu.config == KernelConfig(4, 512, 8, 1, False)  # a two-launch tile is carried
 
 
 def test_a_device_mask_under_fused_below_takes_the_entrys_one_launch_configuration():
