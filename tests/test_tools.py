@@ -22,8 +22,9 @@ H100 = ROOT / "bench" / "results" / "h100"
 # The JSONs of bench/'s own scripts (compare_host_path.py, positions_bench.py, scan_copy_bench.py, untuned.py) are
 # read by those scripts, whose printed tables are committed beside them as logs; mmmerge-report reads the rest.
 SCRIPT_RESULTS = {"compare_host_path": "compare_host_path.log", "positions_": "positions.log",
-                  "scan_copy_quick_": "scan_copy_quick.log", "untuned_": "untuned.log",
-                  "chained_merges_": "chained_merges.log", "device_mask_profile_": "device_mask_profile.log"}
+                  "prefix_count_": "prefix_count.log", "scan_copy_quick_": "scan_copy_quick.log",
+                  "untuned_": "untuned.log", "chained_merges_": "chained_merges.log",
+                  "device_mask_profile_": "device_mask_profile.log"}
 COMMITTED = sorted(p for p in H100.rglob("*.json") if not p.name.startswith(tuple(SCRIPT_RESULTS)))
 SHIPPED_TABLE = ROOT / "mmmerge_triton" / "configs" / "NVIDIA_H100_80GB_HBM3.json"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a torch without CUDA")
