@@ -4,8 +4,9 @@ with the count read in other ways, against the shipped kernels.
 
     python bench/prefix_count_bench.py --out DIR      # about a minute on an H100; DIR/prefix_count_<device>.json
 
-The shipped count reads CHUNK bytes per step, one step after another: the scan's last program, at N = 262144,
-spends 8 dependent steps of 32 KB on its prefix (15 µs of kernel time; 2026-12-06 profile). Variants:
+Before e00cb59 the count read CHUNK bytes per step, one step after another: the scan's last program, at
+N = 262144, spent 8 dependent steps of 32 KB on its prefix (15 µs of kernel time; 2026-12-06 profile). The variants
+(count_true_before's parameters; "shipped" is what scatter passes now):
 - bytes_C_xU: C bytes per load, U loads issued before they are summed (U independent loads in flight).
 - words_C_xU: the same read as 4-byte words, each word's nonzero bytes counted with shifts (a byte holding
   any nonzero value counts once), 4x fewer lanes and registers for the same bytes.
@@ -17,21 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import triton
 import triton.language as tl
 
 from mmmerge_triton import scatter
 from mmmerge_triton.kernel_config import default_of_kind
-from mmmerge_triton.kernels.row_tiles import move_rows
+from mmmerge_triton.kernels.row_tiles import count_true_before, move_rows
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
+from device_mask_profile import kernel_us as profile_kernel_us  # bench/ is the script's folder
 
 DEV = torch.device("cuda", 0)
 REPS = 7
@@ -42,47 +42,23 @@ SCAN_VARIANTS = (("bytes_32768_x1", 32768, 1, False), ("bytes_16384_x2", 16384, 
                  ("words_32768_x1", 32768, 1, True), ("words_32768_x2", 32768, 2, True),
                  ("words_32768_x4", 32768, 4, True), ("words_65536_x1", 65536, 1, True),
                  ("words_65536_x2", 65536, 2, True), ("words_131072_x1", 131072, 1, True))
-FUSED_CASES = ((4096, 0.05), (4096, 0.5), (12000, 0.05), (12000, 0.5), (16384, 0.05), (24576, 0.05))
+# (N, H, share of rows, layout); the last: bench/compare_host_path.py's N = 8192 point, which ran 1.02x slower in
+# loop time with the words count (2026-12-06-s6/compare_host_path.log)
+FUSED_CASES = ((4096, 4096, 0.05, "scattered"), (4096, 4096, 0.5, "scattered"), (12000, 4096, 0.05, "scattered"),
+               (12000, 4096, 0.5, "scattered"), (16384, 4096, 0.05, "scattered"), (24576, 4096, 0.05, "scattered"),
+               (8192, 3584, 0.5, "blocks"))
 FUSED_VARIANTS = (("bytes_4096_x1", 4096, 1, False), ("bytes_4096_x4", 4096, 4, False),
                   ("words_4096_x1", 4096, 1, True), ("words_16384_x1", 16384, 1, True),
                   ("words_8192_x2", 8192, 2, True))
-HIDDEN = 4096
-
-
-@triton.jit
-def count_before(mask_ptr, end, CHUNK: tl.constexpr, UNROLL: tl.constexpr, WORDS: tl.constexpr):
-    """Nonzero bytes of mask_ptr[0:end], CHUNK bytes per load, UNROLL loads per step; WORDS: read as uint32
-    words (mask_ptr 4-byte aligned, end a multiple of 4)."""
-    if WORDS:
-        words_ptr = mask_ptr.to(tl.pointer_type(tl.uint32))
-        n_words = end // 4
-        lane = tl.arange(0, CHUNK // 4)
-        acc = tl.zeros([CHUNK // 4], dtype=tl.int32)
-        for s in range(0, n_words, (CHUNK // 4) * UNROLL):
-            for u in tl.static_range(UNROLL):
-                idx = s + u * (CHUNK // 4) + lane
-                x = tl.load(words_ptr + idx, mask=idx < n_words, other=0)
-                x = x | (x >> 4)
-                x = x | (x >> 2)
-                x = x | (x >> 1)  # bit 0 of each byte: the OR of that byte's bits
-                acc += (((x & 0x01010101) * 0x01010101) >> 24).to(tl.int32)
-    else:
-        lane = tl.arange(0, CHUNK)
-        acc = tl.zeros([CHUNK], dtype=tl.int32)
-        for s in range(0, end, CHUNK * UNROLL):
-            for u in tl.static_range(UNROLL):
-                idx = s + u * CHUNK + lane
-                acc += (tl.load(mask_ptr + idx, mask=idx < end, other=0) != 0).to(tl.int32)
-    return tl.sum(acc, axis=0)
 
 
 @triton.jit(do_not_specialize=["n", "n_rows"])
 def scan_variant_kernel(mask_ptr, rows_ptr, count_ptr, n, n_rows, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                         UNROLL: tl.constexpr, WORDS: tl.constexpr):
-    """kernels.mask_rows.mask_to_rows_kernel with its prefix counted by count_before."""
+    """kernels.mask_rows.mask_to_rows_kernel with the prefix count's chunk, loads and words chosen here."""
     pid = tl.program_id(0)
     start = pid * BLOCK
-    prefix = count_before(mask_ptr, start, CHUNK, UNROLL, WORDS)
+    prefix = count_true_before(mask_ptr, start, CHUNK, UNROLL, WORDS)
     i = start + tl.arange(0, BLOCK)
     is_true = (tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32)
     offsets = prefix + tl.cumsum(is_true, axis=0) - is_true
@@ -95,9 +71,10 @@ def scan_variant_kernel(mask_ptr, rows_ptr, count_ptr, n, n_rows, BLOCK: tl.cons
 def fused_variant_kernel(dense_ptr, compact_ptr, mask_ptr, n, n_rows, H, stride_dense_row, stride_compact_row,
                          ROWS: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
                          WORDS: tl.constexpr):
-    """kernels.mask_row_copy.mask_row_copy_kernel (COPY) with its prefix counted by count_before."""
+    """kernels.mask_row_copy.mask_row_copy_kernel (COPY) with the prefix count's chunk, loads and words chosen
+    here."""
     start = tl.program_id(0) * ROWS
-    prefix = count_before(mask_ptr, start, CHUNK, UNROLL, WORDS)
+    prefix = count_true_before(mask_ptr, start, CHUNK, UNROLL, WORDS)
     i = start + tl.arange(0, ROWS)
     is_true = (tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32)
     offsets = prefix + tl.cumsum(is_true, axis=0) - is_true
@@ -108,17 +85,8 @@ def fused_variant_kernel(dense_ptr, compact_ptr, mask_ptr, n, n_rows, H, stride_
 
 
 def kernel_us(fn, flush: torch.Tensor) -> float:
-    """Median CUDA kernel µs of one call of ``fn`` over REPS profiled calls (the flush's own kernel left out)."""
-    per_call = []
-    for _ in range(REPS):
-        flush.zero_()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        per_call.append(sum(e.device_time for e in prof.events()
-                            if e.device_type == torch.autograd.DeviceType.CUDA and "fill" not in e.name.lower()))
-    return statistics.median(per_call)
+    """Median CUDA kernel µs of one call of ``fn`` (device_mask_profile.kernel_us, its kernels summed)."""
+    return sum(profile_kernel_us(fn, flush).values())
 
 
 def scan_cases(flush: torch.Tensor) -> list[dict]:
@@ -147,9 +115,9 @@ def scan_cases(flush: torch.Tensor) -> list[dict]:
 
 def fused_cases(flush: torch.Tensor) -> list[dict]:
     results = []
-    cfg = default_of_kind(HIDDEN, fused=True)
-    for n, density in FUSED_CASES:
-        dst, mask, src = make_inputs(Case(n, HIDDEN, density, "scattered", mask="gpu"), DEV)
+    for n, hidden, density, layout in FUSED_CASES:
+        cfg = default_of_kind(hidden, fused=True)
+        dst, mask, src = make_inputs(Case(n, hidden, density, layout, mask="gpu"), DEV)
         flat, m = scatter.mask_bytes(mask), src.shape[0]
         expected = dst.clone()
         expected[mask] = src.to(dst.dtype)
@@ -158,7 +126,7 @@ def fused_cases(flush: torch.Tensor) -> list[dict]:
                  "shipped": lambda: scatter.mask_row_copy(dst, src, flat, scatter.COPY, cfg)}
         for name, chunk, unroll, words in FUSED_VARIANTS:
             calls[name] = lambda c=chunk, u=unroll, w=words: fused_variant_kernel[(triton.cdiv(n, cfg.rows),)](
-                dst, src, flat, n, m, HIDDEN, dst.stride(0), src.stride(0), ROWS=cfg.rows, BLOCK_H=cfg.block_h,
+                dst, src, flat, n, m, hidden, dst.stride(0), src.stride(0), ROWS=cfg.rows, BLOCK_H=cfg.block_h,
                 CHUNK=c, UNROLL=u, WORDS=w, num_warps=cfg.num_warps, num_stages=1)
         kernel, event = {}, {}
         for name, call in calls.items():
@@ -167,11 +135,12 @@ def fused_cases(flush: torch.Tensor) -> list[dict]:
                 dst.copy_(expected.masked_fill(mask[:, None], 0))
                 call()
                 if not torch.equal(dst.view(torch.uint8), expected.view(torch.uint8)):
-                    raise SystemExit(f"{name}: wrong merge at N={n} {density:.0%}")
+                    raise SystemExit(f"{name}: wrong merge at N={n} H={hidden} {density:.0%} {layout}")
             kernel[name] = kernel_us(call, flush)
             event[name] = timing.device_time_us(call, DEV, reps=REPS)
-        results.append({"n": n, "density": density, "m": m, "kernel_us": kernel, "event_us": event})
-        print(f"one launch N={n} {density:.0%} (M={m}), kernel µs (x copy): " + ", ".join(
+        results.append({"n": n, "hidden": hidden, "density": density, "layout": layout, "m": m, "kernel_us": kernel,
+                        "event_us": event})
+        print(f"one launch N={n} H={hidden} {density:.0%} {layout} (M={m}), kernel µs (x copy): " + ", ".join(
             f"{k} {v:.1f} ({v / kernel['copy']:.3f}x)" for k, v in kernel.items()), flush=True)
         print("    event µs: " + ", ".join(f"{k} {v:.1f} ({v / event['copy']:.3f}x)" for k, v in event.items()),
               flush=True)
