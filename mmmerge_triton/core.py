@@ -76,7 +76,14 @@ def transformed() -> bool:
     the kernels cannot see). A merge then runs PyTorch's index_put, which every transform knows, before anything
     reads an address (_merge_by_torch); the registered ops have no batching rule or jvp, so it skips them too.
     Two reads where none is on; never while tracing (torch.compile sees the registered ops)."""
-    return not _is_compiling() and (_forward_ad._current_level >= 0 or _functorch_stack() is not None)
+    return not _is_compiling() and _transform_on()
+
+
+def _transform_on() -> bool:
+    """transformed() without its tracing test, for merge_: no caller enters merge_ while Dynamo traces (api.py
+    takes the registered ops then, and their implementations run after tracing), so that test reads False on
+    every call there."""
+    return _forward_ad._current_level >= 0 or _functorch_stack() is not None
 
 
 def needs_grad(dst, src) -> bool:
@@ -103,7 +110,7 @@ def merge_(dst, mask, src, *, accumulate, path, plan, check_count, names, expres
     checked on the host (one sync).
     """
     try:
-        if transformed():
+        if _transform_on():
             _merge_by_torch(dst, mask, src, accumulate=accumulate, path=path, plan=plan, check_count=check_count,
                             names=names, at_positions=at_positions)
             return
