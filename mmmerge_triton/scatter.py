@@ -24,9 +24,10 @@ counts N - BLOCK bytes, a latency-bound loop that sets the map's time. The scan 
 5.8 / 12.7 / 9.9 / 33.0 at 32 KB x 4 (2026-12-06-s6/prefix_count.log)."""
 
 
-def words(mask_bytes) -> bool:
-    """Whether the kernels count ``mask_bytes``' true rows in 4-byte words (its address is 4-byte aligned)."""
-    return mask_bytes.data_ptr() % 4 == 0
+def words(mask_align: int) -> bool:
+    """Whether the kernels count a mask's true rows in 4-byte words, from its address mod 16 (which the launch
+    keys hold): where the address is 4-byte aligned."""
+    return mask_align % 4 == 0
 
 
 def supports(device: torch.device) -> bool:
@@ -84,13 +85,14 @@ def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> B
         return None
     device = dense.device.index
     sd, sc = dense.stride(0), compact.stride(0)
-    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16,
-           mask_bytes.data_ptr() % 16, hidden, sd, sc, mode, cfg)
+    mask_align = mask_bytes.data_ptr() % 16
+    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, mask_align, hidden,
+           sd, sc, mode, cfg)
     return _mask_row_copy.launch(
         key,
         (cdiv(n, cfg.rows), 1),
         (dense, compact, mask_bytes, n, n_rows, hidden, sd, sc),
-        (mode, cfg.rows, cfg.block_h, PREFIX_CHUNK, words(mask_bytes)),
+        (mode, cfg.rows, cfg.block_h, PREFIX_CHUNK, words(mask_align)),
         (cfg.num_warps, cfg.num_stages),
         device,
     )
@@ -114,9 +116,10 @@ def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None,
         return None
     block = block or scan_block(n)
     device = rows.device.index if isinstance(rows, torch.Tensor) else torch.cuda.current_device()
-    key = (device, mask_bytes.data_ptr() % 16, block)  # the address mod 16: Triton's alignment and words()
+    mask_align = mask_bytes.data_ptr() % 16  # Triton's alignment and words()
+    key = (device, mask_align, block)
     return _mask_to_rows.launch(key, (cdiv(n, block), 1), (mask_bytes, rows, count, n, capacity),
-                                (block, SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS, words(mask_bytes)), (8, 1), device)
+                                (block, SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS, words(mask_align)), (8, 1), device)
 
 
 def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig,

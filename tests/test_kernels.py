@@ -246,7 +246,7 @@ def test_the_prefix_count_reads_words_or_bytes_by_the_masks_address(offset, monk
     monkeypatch.setattr(scatter, "PREFIX_CHUNK", 64)
     n = 4 * 1024 + 905  # five scan programs of 1024 bytes; the last counts its prefix in 32 steps of 2 x 64
     mask, true_rows = single_bit_bytes_mask(n, offset, seed=offset)
-    assert scatter.words(mask.view(torch.uint8)) == (offset % 4 == 0)
+    assert scatter.words(mask.data_ptr() % 16) == (offset % 4 == 0)
     k = true_rows.size
     rows, count = scatter.device_rows(mask, k)
     assert count.tolist() == [k]
