@@ -12,7 +12,9 @@ launched as a programmatic dependent (launch_pdl), loads its source rows before 
 kernels before the scan in the stream have finished before it starts, so these early reads see what a plain
 launch would.
 
-Per case (H = 4096, bf16, a GPU mask, N in NS, DENSITIES, scattered rows): CUDA-event time of each call with the
+``shipped`` is the package's DEVICE_ROWS kind (scatter.row_copy after_scan: its first source columns read
+before the map, a dependent launch where the device allows); ``plain`` the same kernels launched one after the
+other. Per case (H = 4096, bf16, a GPU mask, N in NS, DENSITIES, scattered rows): CUDA-event time of each call with the
 GPU kept busy and L2 flushed (timing.device_time_us), and with nothing queued before it (timing.idle_time_us), in
 interleaved rounds (timing.interleaved); each variant's result checked against the shipped one, byte for byte.
 Printed and written to DIR/device_mask_overlap_<device>.json.
@@ -112,16 +114,17 @@ def main() -> None:
             count = torch.empty(1, dtype=torch.int32, device=DEV)
             floor = torch.empty(src.shape, dtype=dst.dtype, device=DEV)
 
-            def shipped():
+            def shipped(after_scan=True):
                 scatter.mask_to_rows(flat, row_map, count, m)
-                scatter.row_copy(dst, src, row_map, count, scatter.COPY, cfg)
+                scatter.row_copy(dst, src, row_map, count, scatter.COPY, cfg, after_scan=after_scan)
 
-            calls = {"copy": lambda: floor.copy_(src), "shipped": shipped}
+            calls = {"copy": lambda: floor.copy_(src), "plain": lambda: shipped(False), "shipped": shipped}
             base = dst.clone()
             shipped()
             expected = dst.clone()
-            for name, spec in VARIANTS.items():
-                calls[name] = variant_call(dst, src, flat, row_map, count, *spec)
+            for name in list(VARIANTS) + ["plain"]:
+                if name in VARIANTS:
+                    calls[name] = variant_call(dst, src, flat, row_map, count, *VARIANTS[name])
                 dst.copy_(base)
                 row_map.fill_(-1)
                 calls[name]()

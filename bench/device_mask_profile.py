@@ -161,7 +161,7 @@ def main() -> None:
             def scan(chunk=chunk):
                 mask_to_rows_kernel[(triton.cdiv(n, block),)](flat, row_map, count, n, m, BLOCK=block,
                                                                PREFIX_CHUNK=chunk, PREFIX_LOADS=1, WORDS=False,
-                                                               num_warps=8, num_stages=1)
+                                                               TRIGGER=False, num_warps=8, num_stages=1)
             scan()
             expected = torch.nonzero(mask).flatten().to(torch.int32)
             if not torch.equal(row_map[:m], expected) or int(count) != m:

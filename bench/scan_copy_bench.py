@@ -123,7 +123,7 @@ def two_launch_and_copy(dst, flat, src, cfg: KernelConfig) -> tuple:
 
     def two_launch():
         scatter.mask_to_rows(flat, row_map, count, m)
-        scatter.row_copy(dst, src, row_map, count, COPY, cfg)
+        scatter.row_copy(dst, src, row_map, count, COPY, cfg, after_scan=True)
 
     return two_launch, lambda: floor.copy_(src)
 

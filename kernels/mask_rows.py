@@ -19,10 +19,13 @@ def mask_to_rows_kernel(
     PREFIX_CHUNK: tl.constexpr,  # mask bytes per load of the prefix count
     PREFIX_LOADS: tl.constexpr,  # loads in flight per step of it
     WORDS: tl.constexpr,  # mask_ptr is 4-byte aligned: the prefix is counted in words
+    TRIGGER: tl.constexpr,  # let a programmatic dependent launch (row_copy_kernel's AFTER_SCAN) start at once
 ):
     """Program p owns mask[p*BLOCK : (p+1)*BLOCK]: it counts the true bytes before its block itself (BLOCK
     is large, so this re-read is small), takes the in-block exclusive cumsum, and writes the row index of
     each true row at its offset. The last program writes the total count."""
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     start = pid * BLOCK
     prefix = count_true_before(mask_ptr, start, PREFIX_CHUNK, PREFIX_LOADS, WORDS)

@@ -1,5 +1,5 @@
-"""@triton.jit helpers shared by the kernels: moving a tile of rows, counting true mask bytes, addressing the
-rows of a list of items."""
+"""@triton.jit helpers shared by the kernels: moving rows (or writing a tile of them already loaded), counting
+true mask bytes, addressing the rows of a list of items."""
 import triton
 import triton.language as tl
 
@@ -20,20 +20,26 @@ def move_rows(
     ``index_put_(..., src.to(dst.dtype), accumulate=True)``: src rounded to dst's dtype, added in fp32.
     2 GATHER: compact = cast(dense).
     """
-    dense_ty = dense_rows.dtype.element_ty
     for c0 in range(0, H, BLOCK_H):
         cols = c0 + tl.arange(0, BLOCK_H)
         ok = row_ok[:, None] & (cols < H)[None, :]
         dense_ptrs = dense_rows + cols[None, :]
         compact_ptrs = compact_rows + cols[None, :]
-        if MODE == 0:
-            tl.store(dense_ptrs, tl.load(compact_ptrs, mask=ok).to(dense_ty), mask=ok)
-        elif MODE == 1:
-            add = tl.load(compact_ptrs, mask=ok).to(dense_ty).to(tl.float32)
-            acc = tl.load(dense_ptrs, mask=ok).to(tl.float32)
-            tl.store(dense_ptrs, (acc + add).to(dense_ty), mask=ok)
-        else:
+        if MODE == 2:
             tl.store(compact_ptrs, tl.load(dense_ptrs, mask=ok).to(compact_rows.dtype.element_ty), mask=ok)
+        else:
+            put_tile(dense_ptrs, tl.load(compact_ptrs, mask=ok), ok, MODE)
+
+
+@triton.jit
+def put_tile(dense_ptrs, tile, ok, MODE: tl.constexpr):
+    """Write a tile of compact rows, already loaded, into dense rows: MODE 0 COPY or 1 ADD (as move_rows)."""
+    dense_ty = dense_ptrs.dtype.element_ty
+    if MODE == 0:
+        tl.store(dense_ptrs, tile.to(dense_ty), mask=ok)
+    else:
+        acc = tl.load(dense_ptrs, mask=ok).to(tl.float32)
+        tl.store(dense_ptrs, (acc + tile.to(dense_ty).to(tl.float32)).to(dense_ty), mask=ok)
 
 
 @triton.jit

@@ -9,7 +9,8 @@ Kinds of the Triton path (kernel_config.Decision.kind), by where the row map com
   device saved host time past N = 32768 but cost more device time, up to 41%, three launches where this is one:
   bench/results/h100/RUNS.md, "staged CPU masks".)
 - DEVICE_FUSED: a device mask with a one-launch configuration: mask_row_copy finds its offsets in-kernel.
-- DEVICE_ROWS: a device mask otherwise: mask_to_rows into a fresh buffer (4 bytes per source row), row_copy.
+- DEVICE_ROWS: a device mask otherwise: mask_to_rows into a fresh buffer (4 bytes per source row), row_copy
+  (on Hopper and later launched to start while the scan runs: scatter.dependent_launch).
 - PLAN_ROWS: a MergePlan's row map, already on the device: one row_copy.
 - ITEMS: a list of items read in place (items.merge_items): its item table and row map staged, one launch.
 - POSITIONS: row positions given by the caller (indexed_row_scatter_): CPU ones checked on the host and staged
@@ -326,7 +327,7 @@ def _launch(launch: Launch, dst, mask, src, accumulate, at, layout) -> None:
             launch.bound_rows = mask_to_rows(RawPointer(mask_ptr, torch.uint8), RawPointer(rows, torch.int32),
                                              RawPointer(count, torch.int32), m, n, launch.block)
             launch.bound = row_copy(dst, src, RawPointer(rows, torch.int32), RawPointer(count, torch.int32), mode,
-                                    config)
+                                    config, after_scan=True)
             return
         stream = _raw_stream(device)
         launch.bound_rows(cdiv(n, launch.block), stream, mask_ptr, rows, count, n, m)

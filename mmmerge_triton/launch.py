@@ -58,7 +58,8 @@ class FastKernel:
     kernel bound to those constexprs (None under the interpreter): a later launch of the same key can call it.
 
     grid: (grid_x, 1). args: the runtime parameters in order (tensors, or objects with data_ptr() and dtype, or
-    ints). constexprs: the values of the constexpr parameters, which must come last in the kernel's signature.
+    ints). options: (num_warps, num_stages), or with a third, launch_pdl (a programmatic dependent launch).
+    constexprs: the values of the constexpr parameters, which must come last in the kernel's signature.
     """
 
     def __init__(self, kernel):
@@ -81,9 +82,10 @@ class FastKernel:
 
     def _launch_slow(self, entry, key, grid, args, constexprs, options, device_index) -> Bound:
         if entry is None:
-            num_warps, num_stages = options
+            num_warps, num_stages, *pdl = options
             compiled = self.kernel[grid](*args, **dict(zip(self.constexpr_names, constexprs)),
-                                         num_warps=num_warps, num_stages=num_stages)
+                                         num_warps=num_warps, num_stages=num_stages,
+                                         **({"launch_pdl": True} if pdl and pdl[0] else {}))
             # Read .run before .function: the module loads (on the current device) on first access of .run.
             run = compiled.run
             # (bound launch, binary): tests/gpu/test_launch.py compares the binary with the JIT's choice.

@@ -98,7 +98,8 @@ def _check_binaries(calls):
         entry = fk._cache[key]
         with torch.cuda.device(device_index):
             compiled = fk.kernel.warmup(*args, grid=grid, **dict(zip(fk.constexpr_names, constexprs)),
-                                        num_warps=options[0], num_stages=options[1])
+                                        num_warps=options[0], num_stages=options[1],
+                                        **({"launch_pdl": True} if options[2:] == (True,) else {}))
             compiled.run  # noqa: B018  (loads the module if this is a binary the cache does not hold)
         assert compiled.function == entry[1], (
             f"{name}: the JIT picks another binary than the fast cache for key {key}")
