@@ -35,9 +35,10 @@ def words(mask_align: int) -> bool:
 @functools.cache
 def dependent_launch(device_index: int) -> bool:
     """Whether a row copy after a scan on this CUDA device starts while the scan runs (programmatic dependent
-    launch: NVIDIA compute capability 9.0 and later; not under the interpreter or on ROCm). On an H100 this took
-    the two launches of a device mask from 1.46 to 1.19-1.25x a copy at N = 32768 with 5% of the rows, and from
-    1.085 to 1.059x with half (bench/device_mask_overlap.py, 2026-12-06-s7)."""
+    launch: NVIDIA compute capability 9.0 and later; not under the interpreter or on ROCm). On an H100 (H = 4096,
+    bf16, scattered rows, CUDA events with the GPU kept busy) the two launches ran 1.236x a copy of the same bytes
+    at N = 32768 with 5% of the rows against 1.363x launched one after the other, 1.065x against 1.086x with half,
+    1.170x / 1.030x against 1.198x / 1.034x at N = 262144 (bench/results/h100/2026-12-06-s7/device_mask_overlap.log)."""
     return not INTERPRET and torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
