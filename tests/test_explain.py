@@ -64,10 +64,10 @@ class Spy:
             self.reached.append(("triton", kernel_config.ITEMS, args[5]))
             return real_items(*args)
 
-        def row_copy(dst, src, rows, count, mode, cfg):
+        def row_copy(dst, src, rows, count, mode, cfg, **kwargs):
             if not launching:
                 self.reached.append(("triton", kernel_config.PLAN_ROWS, cfg))
-            return real_row_copy(dst, src, rows, count, mode, cfg)
+            return real_row_copy(dst, src, rows, count, mode, cfg, **kwargs)
 
         monkeypatch.setattr(core, "run", run)
         monkeypatch.setattr(core, "_prepare", prepare)
