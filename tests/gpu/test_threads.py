@@ -54,19 +54,31 @@ def fresh_ring(monkeypatch):
         torch.cuda.synchronize(index)
 
 
-def _check(tally: stress.Tally, expected_merges: int) -> None:
+def _exact(tally: stress.Tally, expected_merges: int) -> None:
     assert tally.errors == [], "\n".join(tally.errors[:10])
     assert tally.failures == [], f"{len(tally.failures)} merges differ from torch:\n" + "\n".join(tally.failures[:10])
     assert sum(tally.merges.values()) == expected_merges
-    assert tally.rounds["ahead"] > 0, "no round was queued ahead of the GPU: the sleeps were too short to mean much"
+
+
+def _run_checked(streams: list[str], devices: list[torch.device], attempts: int = 3, **kwargs) -> stress.Tally:
+    """stress.run_threads, every merge checked, run again (at most ``attempts`` times in all) until a round was
+    queued wholly ahead of the GPU: whether a round's queuing outlasts its sleep depends on how the threads share
+    the host, and one run of 30 rounds on own streams has found none (2026-12-06, fifth and seventh sessions, every
+    merge exact). Without such a round the test would not have tested what it is named for."""
+    for _ in range(attempts):
+        tally = stress.run_threads(N_THREADS, streams, devices, seconds=300, rounds=ROUNDS, per_round=PER_ROUND,
+                                   **kwargs)
+        _exact(tally, N_THREADS * ROUNDS * PER_ROUND)
+        if tally.rounds["ahead"] > 0:
+            return tally
+    raise AssertionError(f"no round was queued ahead of the GPU in {attempts} runs: the sleeps were too short to "
+                         "mean much")
 
 
 @pytest.mark.parametrize("kinds", KIND_SETS)
 @pytest.mark.parametrize("streams", ["own", "default"], ids=["own_streams", "one_default_stream"])
 def test_threads_merge_far_ahead_of_the_gpu(compiled, fresh_ring, streams, kinds):
-    tally = stress.run_threads(N_THREADS, [streams], [DEV], seconds=300, rounds=ROUNDS, per_round=PER_ROUND,
-                               kinds=KIND_SETS[kinds])
-    _check(tally, N_THREADS * ROUNDS * PER_ROUND)
+    _run_checked([streams], [DEV], kinds=KIND_SETS[kinds])
     if kinds in ("cpu_masks", "item_lists", "mixed"):
         ring = fresh_ring[DEV.index]
         assert ring.switches >= 4, f"only {ring.switches} quarter switches: the ring did not lap"
@@ -76,9 +88,7 @@ def test_threads_merge_far_ahead_of_the_gpu(compiled, fresh_ring, streams, kinds
 def test_threads_on_own_default_and_destroyed_external_streams_while_the_ring_grows(compiled, fresh_ring):
     """Threads on three kinds of streams at once; one call in 8 stages a row map larger than a quarter, so the
     ring grows while other threads' kernels still read the old one."""
-    tally = stress.run_threads(N_THREADS, ["own", "default", "external"], [DEV], seconds=300, rounds=ROUNDS,
-                               per_round=PER_ROUND, big_every=8)
-    _check(tally, N_THREADS * ROUNDS * PER_ROUND)
+    _run_checked(["own", "default", "external"], [DEV], big_every=8)
     assert fresh_ring[DEV.index].growths >= 1
 
 
@@ -86,8 +96,7 @@ def test_threads_on_own_default_and_destroyed_external_streams_while_the_ring_gr
 @pytest.mark.parametrize("streams", ["own", "default"], ids=["own_streams", "default_streams"])
 def test_threads_on_two_gpus(compiled, fresh_ring, streams):
     devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
-    tally = stress.run_threads(N_THREADS, [streams], devices, seconds=300, rounds=ROUNDS, per_round=PER_ROUND)
-    _check(tally, N_THREADS * ROUNDS * PER_ROUND)
+    _run_checked([streams], devices)
     assert set(fresh_ring) == {0, 1}, "one staging ring per device"
 
 
