@@ -115,7 +115,7 @@ def test_every_script_result_has_its_printed_tables_beside_it():
     assert found, "the script results this test exempts exist"
     for path in found:
         log = next(log for prefix, log in SCRIPT_RESULTS.items() if path.name.startswith(prefix))
-        printed = [p for p in (path.parent / log, path.with_suffix(".log")) if p.exists()]  # or named as the JSON
+        printed = [p for p in (path.with_suffix(".log"), path.parent / log) if p.exists()]  # its own, or the run's
         assert printed and printed[0].stat().st_size > 1000, f"{path}: its run's printed tables ({log}) are committed"
 
 
