@@ -32,7 +32,7 @@ import triton.language as tl
 
 from mmmerge_triton import scatter
 from mmmerge_triton.kernel_config import default_of_kind
-from mmmerge_triton.kernels.row_tiles import count_true_before
+from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
@@ -45,23 +45,6 @@ VARIANTS = {  # name: (pdl, rows per program, warps)
     "early_1x8": (False, 1, 8), "early_2x8": (False, 2, 8), "early_1x4": (False, 1, 4),
     "pdl_1x8": (True, 1, 8), "pdl_2x8": (True, 2, 8), "pdl_1x4": (True, 1, 4),
 }
-
-
-@triton.jit(do_not_specialize=["n", "n_rows"])
-def scan_kernel(mask_ptr, rows_ptr, count_ptr, n, n_rows, BLOCK: tl.constexpr, PREFIX_CHUNK: tl.constexpr,
-                PREFIX_LOADS: tl.constexpr, WORDS: tl.constexpr, TRIGGER: tl.constexpr):
-    """mask_to_rows_kernel, which with TRIGGER lets a programmatic dependent launch start at once."""
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
-    pid = tl.program_id(0)
-    start = pid * BLOCK
-    prefix = count_true_before(mask_ptr, start, PREFIX_CHUNK, PREFIX_LOADS, WORDS)
-    i = start + tl.arange(0, BLOCK)
-    is_true = (tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32)
-    offsets = prefix + tl.cumsum(is_true, axis=0) - is_true
-    tl.store(rows_ptr + offsets, i, mask=(is_true != 0) & (offsets < n_rows))
-    if pid == tl.num_programs(0) - 1:
-        tl.store(count_ptr, prefix + tl.sum(is_true, axis=0))
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -90,10 +73,10 @@ def variant_call(dst, src, flat, row_map, count, pdl: bool, rows: int, warps: in
     words = scatter.words(flat.data_ptr() % 16)
 
     def call():
-        scan_kernel[(triton.cdiv(n, block),)](flat, row_map, count, n, m, BLOCK=block,
-                                              PREFIX_CHUNK=scatter.SCAN_PREFIX_CHUNK,
-                                              PREFIX_LOADS=scatter.SCAN_PREFIX_LOADS, WORDS=words, TRIGGER=pdl,
-                                              num_warps=8, num_stages=1)
+        mask_to_rows_kernel[(triton.cdiv(n, block),)](flat, row_map, count, n, m, BLOCK=block,
+                                                      PREFIX_CHUNK=scatter.SCAN_PREFIX_CHUNK,
+                                                      PREFIX_LOADS=scatter.SCAN_PREFIX_LOADS, WORDS=words,
+                                                      TRIGGER=pdl, num_warps=8, num_stages=1)
         early_row_copy_kernel[(triton.cdiv(m, rows),)](dst, src, row_map, count, m, HIDDEN, dst.stride(0),
                                                        src.stride(0), ROWS=rows, BLOCK_H=HIDDEN, PDL=pdl,
                                                        num_warps=warps, num_stages=1, launch_pdl=pdl)

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from mmmerge_triton import scatter
 from mmmerge_triton.kernel_config import default_of_kind
+from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
 from mmmerge_triton.kernels.row_tiles import count_true_before, move_rows
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
@@ -50,21 +51,6 @@ FUSED_CASES = ((4096, 4096, 0.05, "scattered"), (4096, 4096, 0.5, "scattered"), 
 FUSED_VARIANTS = (("bytes_4096_x1", 4096, 1, False), ("bytes_4096_x4", 4096, 4, False),
                   ("words_4096_x1", 4096, 1, True), ("words_16384_x1", 16384, 1, True),
                   ("words_8192_x2", 8192, 2, True))
-
-
-@triton.jit(do_not_specialize=["n", "n_rows"])
-def scan_variant_kernel(mask_ptr, rows_ptr, count_ptr, n, n_rows, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                        UNROLL: tl.constexpr, WORDS: tl.constexpr):
-    """kernels.mask_rows.mask_to_rows_kernel with the prefix count's chunk, loads and words chosen here."""
-    pid = tl.program_id(0)
-    start = pid * BLOCK
-    prefix = count_true_before(mask_ptr, start, CHUNK, UNROLL, WORDS)
-    i = start + tl.arange(0, BLOCK)
-    is_true = (tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32)
-    offsets = prefix + tl.cumsum(is_true, axis=0) - is_true
-    tl.store(rows_ptr + offsets, i, mask=(is_true != 0) & (offsets < n_rows))
-    if pid == tl.num_programs(0) - 1:
-        tl.store(count_ptr, prefix + tl.sum(is_true, axis=0))
 
 
 @triton.jit(do_not_specialize=["n", "n_rows"])
@@ -99,8 +85,9 @@ def scan_cases(flush: torch.Tensor) -> list[dict]:
         count = torch.empty(1, dtype=torch.int32, device=DEV)
         calls = {"shipped": lambda: scatter.mask_to_rows(flat, row_map, count, m)}
         for name, chunk, unroll, words in SCAN_VARIANTS:
-            calls[name] = lambda c=chunk, u=unroll, w=words: scan_variant_kernel[(triton.cdiv(n, block),)](
-                flat, row_map, count, n, m, BLOCK=block, CHUNK=c, UNROLL=u, WORDS=w, num_warps=8, num_stages=1)
+            calls[name] = lambda c=chunk, u=unroll, w=words: mask_to_rows_kernel[(triton.cdiv(n, block),)](
+                flat, row_map, count, n, m, BLOCK=block, PREFIX_CHUNK=c, PREFIX_LOADS=u, WORDS=w, TRIGGER=False,
+                num_warps=8, num_stages=1)
         times = {}
         for name, call in calls.items():
             row_map.fill_(-1)
