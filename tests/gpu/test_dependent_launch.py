@@ -34,9 +34,6 @@ def test_dependent_launch_is_used_where_the_device_allows():
     assert scatter.dependent_launch(DEV.index) == expected
     keys = [key for key in scatter._row_copy._cache if key[0] == DEV.index and key[-1] == TWO_LAUNCH]
     assert any(key[-2] for key in keys) == expected, keys  # after_scan, the key's field before the config
-    if expected:
-        binaries = [scatter._row_copy._cache[key][1] for key in keys if key[-2]]
-        assert binaries, keys
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "add"])
