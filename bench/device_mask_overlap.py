@@ -3,9 +3,10 @@ and a copy of the same bytes, on a Hopper GPU (about 2 minutes on an H100).
 
     python bench/device_mask_overlap.py --out DIR
 
-The shipped row copy (scatter.row_copy with a count) waits on three loads in a chain before its first store: the
-count, then the row map's entries (masked by the count), then the source rows (masked by both). Its source rows
-do not depend on either: ``early`` loads them, the map's entries and the count at once, and masks only the store.
+Before 588b882 the row copy (scatter.row_copy with a count) waited on three loads in a chain before its first
+store: the count, then the row map's entries (masked by the count), then the source rows (masked by both). Its
+source rows depend on neither: ``early`` loads them, the map's entries and the count at once, and masks only the
+store.
 ``pdl`` goes further: the scan (mask_to_rows) lets the copy start at once (gdc_launch_dependents), and the copy,
 launched as a programmatic dependent (launch_pdl), loads its source rows before it waits for the scan
 (gdc_wait), so the first wave's reads overlap the scan. Source rows are never written by the scan, and the
@@ -36,6 +37,7 @@ from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
+from scan_copy_bench import two_launch_and_copy  # bench/ is the script's folder
 
 DEV = torch.device("cuda", 0)
 HIDDEN = 4096
@@ -93,15 +95,11 @@ def main() -> None:
         for density in DENSITIES:
             dst, mask, src = make_inputs(Case(n, HIDDEN, density, "scattered", mask="gpu"), DEV)
             flat, m = scatter.mask_bytes(mask), src.shape[0]
-            row_map = torch.empty(max(m, 1), dtype=torch.int32, device=DEV)
+            row_map = torch.empty(max(m, 1), dtype=torch.int32, device=DEV)  # the prototypes' map and count
             count = torch.empty(1, dtype=torch.int32, device=DEV)
-            floor = torch.empty(src.shape, dtype=dst.dtype, device=DEV)
-
-            def shipped(after_scan=True):
-                scatter.mask_to_rows(flat, row_map, count, m)
-                scatter.row_copy(dst, src, row_map, count, scatter.COPY, cfg, after_scan=after_scan)
-
-            calls = {"copy": lambda: floor.copy_(src), "plain": lambda: shipped(False), "shipped": shipped}
+            shipped, copy = two_launch_and_copy(dst, flat, src, cfg)
+            calls = {"copy": copy, "plain": two_launch_and_copy(dst, flat, src, cfg, after_scan=False)[0],
+                     "shipped": shipped}
             base = dst.clone()
             shipped()
             expected = dst.clone()
@@ -125,7 +123,7 @@ def main() -> None:
                   f"{copy['idle_us']:.1f} idle | " + ", ".join(
                       f"{name} {c['device_us'] / copy['device_us']:.3f}x/{c['idle_us'] / copy['idle_us']:.3f}x"
                       for name, c in row["calls"].items() if name != "copy"), flush=True)
-            del dst, mask, src, floor, base, expected
+            del dst, mask, src, base, expected, calls, shipped, copy
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"device_mask_overlap_{device_name(DEV)}.json"

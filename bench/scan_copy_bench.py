@@ -112,10 +112,11 @@ def config_name(cfg: KernelConfig, lookback: int) -> str:
     return f"r{cfg.rows}_b{cfg.block_h}_l{lookback}"
 
 
-def two_launch_and_copy(dst, flat, src, cfg: KernelConfig) -> tuple:
+def two_launch_and_copy(dst, flat, src, cfg: KernelConfig, after_scan: bool = True) -> tuple:
     """(two_launch, copy) of one case: the DEVICE_ROWS kind's two launches (scatter.mask_to_rows into buffers
-    made here, then scatter.row_copy) from the mask's bytes ``flat``, and a copy of src into a buffer of its shape
-    in dst's dtype (the bytes a merge must move)."""
+    made here, then scatter.row_copy, overlapped where the device allows unless ``after_scan`` is False) from the
+    mask's bytes ``flat``, and a copy of src into a buffer of its shape in dst's dtype (the bytes a merge must
+    move)."""
     m = src.shape[0]
     row_map = torch.empty(max(m, 1), dtype=torch.int32, device=dst.device)
     count = torch.empty(1, dtype=torch.int32, device=dst.device)
@@ -123,7 +124,7 @@ def two_launch_and_copy(dst, flat, src, cfg: KernelConfig) -> tuple:
 
     def two_launch():
         scatter.mask_to_rows(flat, row_map, count, m)
-        scatter.row_copy(dst, src, row_map, count, COPY, cfg, after_scan=True)
+        scatter.row_copy(dst, src, row_map, count, COPY, cfg, after_scan=after_scan)
 
     return two_launch, lambda: floor.copy_(src)
 
