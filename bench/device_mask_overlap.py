@@ -33,11 +33,10 @@ import triton.language as tl
 
 from mmmerge_triton import scatter
 from mmmerge_triton.kernel_config import default_of_kind
-from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
-from scan_copy_bench import two_launch_and_copy  # bench/ is the script's folder
+from scan_copy_bench import one_launch_scan, two_launch_and_copy  # bench/ is the script's folder
 
 DEV = torch.device("cuda", 0)
 HIDDEN = 4096
@@ -71,14 +70,11 @@ def early_row_copy_kernel(dense_ptr, compact_ptr, rows_ptr, count_ptr, n_rows, H
 def variant_call(dst, src, flat, row_map, count, pdl: bool, rows: int, warps: int):
     """The two launches of one variant."""
     n, m = flat.numel(), src.shape[0]
-    block = scatter.scan_block(n)
+    block = scatter.one_launch_block(n)
     words = scatter.words(flat.data_ptr() % 16)
 
     def call():
-        mask_to_rows_kernel[(triton.cdiv(n, block),)](flat, row_map, count, n, m, BLOCK=block,
-                                                      PREFIX_CHUNK=scatter.SCAN_PREFIX_CHUNK,
-                                                      PREFIX_LOADS=scatter.SCAN_PREFIX_LOADS, WORDS=words,
-                                                      TRIGGER=pdl, num_warps=8, num_stages=1)
+        one_launch_scan(flat, row_map, count, m, block, words=words, trigger=pdl)
         early_row_copy_kernel[(triton.cdiv(m, rows),)](dst, src, row_map, count, m, HIDDEN, dst.stride(0),
                                                        src.stride(0), ROWS=rows, BLOCK_H=HIDDEN, PDL=pdl,
                                                        num_warps=warps, num_stages=1, launch_pdl=pdl)

@@ -31,13 +31,12 @@ import triton
 import triton.language as tl
 
 from mmmerge_triton import scatter
-from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
 from mmmerge_triton.kernels.row_tiles import move_rows
 from mmmerge_triton.kernel_config import default_of_kind
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
-from scan_copy_bench import two_launch_and_copy  # bench/ is the script's folder
+from scan_copy_bench import one_launch_scan, two_launch_and_copy  # bench/ is the script's folder
 
 DEV = torch.device("cuda", 0)
 HIDDEN = 4096
@@ -155,13 +154,11 @@ def main() -> None:
         flat, m = scatter.mask_bytes(mask), src.shape[0]
         row_map = torch.empty(max(m, 1), dtype=torch.int32, device=DEV)
         count = torch.empty(1, dtype=torch.int32, device=DEV)
-        block = scatter.scan_block(n)
+        block = scatter.one_launch_block(n)
         times = {}
         for chunk in PREFIX_CHUNKS:
             def scan(chunk=chunk):
-                mask_to_rows_kernel[(triton.cdiv(n, block),)](flat, row_map, count, n, m, BLOCK=block,
-                                                               PREFIX_CHUNK=chunk, PREFIX_LOADS=1, WORDS=False,
-                                                               TRIGGER=False, num_warps=8, num_stages=1)
+                one_launch_scan(flat, row_map, count, m, block, chunk, 1, False)
             scan()
             expected = torch.nonzero(mask).flatten().to(torch.int32)
             if not torch.equal(row_map[:m], expected) or int(count) != m:

@@ -27,12 +27,12 @@ import triton.language as tl
 
 from mmmerge_triton import scatter
 from mmmerge_triton.kernel_config import default_of_kind
-from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
 from mmmerge_triton.kernels.row_tiles import count_true_before, move_rows
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
 from device_mask_profile import kernel_us as profile_kernel_us  # bench/ is the script's folder
+from scan_copy_bench import one_launch_scan
 
 DEV = torch.device("cuda", 0)
 REPS = 7
@@ -79,15 +79,13 @@ def scan_cases(flush: torch.Tensor) -> list[dict]:
     results = []
     for n in SCAN_NS:
         _, mask, src = make_inputs(Case(n, 64, 0.05, "scattered", mask="gpu"), DEV)
-        flat, m, block = scatter.mask_bytes(mask), src.shape[0], scatter.scan_block(n)
+        flat, m, block = scatter.mask_bytes(mask), src.shape[0], scatter.one_launch_block(n)
         expected = torch.nonzero(mask).flatten().to(torch.int32)
         row_map = torch.empty(max(m, 1), dtype=torch.int32, device=DEV)
         count = torch.empty(1, dtype=torch.int32, device=DEV)
         calls = {"shipped": lambda: scatter.mask_to_rows(flat, row_map, count, m)}
         for name, chunk, unroll, words in SCAN_VARIANTS:
-            calls[name] = lambda c=chunk, u=unroll, w=words: mask_to_rows_kernel[(triton.cdiv(n, block),)](
-                flat, row_map, count, n, m, BLOCK=block, PREFIX_CHUNK=c, PREFIX_LOADS=u, WORDS=w, TRIGGER=False,
-                num_warps=8, num_stages=1)
+            calls[name] = lambda c=chunk, u=unroll, w=words: one_launch_scan(flat, row_map, count, m, block, c, u, w)
         times = {}
         for name, call in calls.items():
             row_map.fill_(-1)

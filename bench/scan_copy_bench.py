@@ -27,9 +27,11 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 from mmmerge_triton import masked_row_scatter_, scan_copy, scatter
 from mmmerge_triton.kernel_config import KernelConfig, default_of_kind
+from mmmerge_triton.kernels.mask_rows import mask_to_rows_kernel
 from mmmerge_triton.scatter import COPY
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import FLOOR, device_name, environment
@@ -110,6 +112,19 @@ def sweep(quick: bool = False) -> tuple[list[dict], tuple[KernelConfig, int]]:
 
 def config_name(cfg: KernelConfig, lookback: int) -> str:
     return f"r{cfg.rows}_b{cfg.block_h}_l{lookback}"
+
+
+def one_launch_scan(flat, row_map, count, m: int, block: int, chunk: int = scatter.SCAN_PREFIX_CHUNK,
+                    loads: int = scatter.SCAN_PREFIX_LOADS, words: bool | None = None, trigger: bool = False) -> None:
+    """The package's mask_to_rows_kernel in its one-launch form (each program counts the mask bytes before its
+    block itself, ``chunk`` bytes x ``loads`` per step; by words where ``words``, default scatter.words), launched
+    through the JIT: flat [N] uint8 -> row_map [>= m] int32, count [1]."""
+    n = flat.numel()
+    words = scatter.words(flat.data_ptr() % 16) if words is None else words
+    mask_to_rows_kernel[(triton.cdiv(n, block),)](
+        flat, row_map, count, row_map, n, m, BLOCK=block, TILE=block, COUNTED=False, AFTER_COUNTS=False,
+        COUNTS_CHUNK=scatter.COUNTS_CHUNK, PREFIX_CHUNK=chunk, PREFIX_LOADS=loads, WORDS=words, TRIGGER=trigger,
+        num_warps=8, num_stages=1)
 
 
 def two_launch_and_copy(dst, flat, src, cfg: KernelConfig, after_scan: bool = True) -> tuple:

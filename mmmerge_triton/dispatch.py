@@ -7,7 +7,7 @@ lowest loop time and the best Triton configuration. At run time the nearest entr
 the closest dtype pair (by element sizes), then the smallest distance in log2 N, log2 H and log2 M. For a
 device mask the kind of kernel then follows N: under kernel_config.FUSED_BELOW rows the entry's best one-launch
 configuration, and a one-launch winner is not carried past FUSED_REACH times the N it was measured at, nor
-past FUSED_REACH x FUSED_BELOW (the untuned rule's reach). A
+past FUSED_REACH x FUSED_BELOW (the untuned rule's reach): there the two-launch default. A table's
 two-launch configuration carried to fewer source rows than its entry's takes proportionally fewer rows per
 program (a power of two), so that the launch keeps the entry's number of programs: a small M with many rows
 per program leaves SMs idle.
@@ -145,14 +145,16 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
             # Below FUSED_BELOW the one-launch kernel is the faster kind wherever it was measured.
             config = KernelConfig(**best["fused_config"])
             reason += f"; N is under {FUSED_BELOW}, so its best one-launch configuration"
-        elif (config.fused and n > FUSED_REACH * min(entry["key"]["n"], FUSED_BELOW)
-              and best.get("unfused_config")):
+        elif config.fused and n > FUSED_REACH * min(entry["key"]["n"], FUSED_BELOW):
             # The one-launch kernel's prefix re-reads grow as N squared: not carried past where it was measured,
             # nor past the untuned rule's reach (the H100 table's one-launch winners at N = 65536 beat a
             # two-launch kind since made faster: at N = 70000 they ran 1.16-1.61x its default, 2026-12-06-s5).
-            config = KernelConfig(**best["unfused_config"])
-            reason += (f"; N is over {FUSED_REACH}x the entry's or {FUSED_REACH}x {FUSED_BELOW}, so its best "
-                       "two-launch configuration")
+            # The two-launch default, not the entry's runner-up of that kind: measured where the kind lost, at
+            # another N, and before its row copy overlapped the scan (the N = 16384 entry's 512-wide steps ran
+            # 1.50-1.54x a copy at N = 32768, H = 4096, 5%, the default 1.25-1.31x: 2026-12-06-s7/scan_copy_quick).
+            reason += (f"; N is over {FUSED_REACH}x the entry's or {FUSED_REACH}x {FUSED_BELOW}, so the two-launch "
+                       "default")
+            return Decision(best["path"], None, default_of_kind(hidden, fused=False, m=m), False, reason)
     if config is not None and config.fused and hidden != entry["key"]["hidden"]:
         # A one-launch tile serves the row length it was measured at only: the H100 table's winners of 32 rows
         # per program at H = 1024 (5% ahead of the default in loop time there) ran 1.2-1.6x the default's

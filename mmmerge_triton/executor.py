@@ -18,7 +18,7 @@ Kinds of the Triton path (kernel_config.Decision.kind), by where the row map com
 (Under TRITON_INTERPRET=1 masks are CPU tensors: HOST_ROWS, the map read from host memory.)
 A CPU mask's count is checked on the host before anything is queued (CountMismatch), and a CUDA graph being
 captured is refused where anything is staged per call (rowmap.refuse_capture). Extra device memory: none for a
-CPU mask, 4 bytes per source row for DEVICE_ROWS.
+CPU mask, 4 bytes per source row for DEVICE_ROWS (and 4 per 1024 mask rows, its scan's block counts).
 
 A ``Prepared`` merge holds the decision and, for the kinds that launch one kernel layout per call, a ``Launch``
 whose kernels are bound on its first run (launch.bind): core.py memoizes ``prepare`` per input signature, so
@@ -53,7 +53,8 @@ _bump = torch._C._increment_version  # of a tuple of tensors (autograd.graph.inc
 class Launch:
     """How one layout of merge launches: ``kind``, ``config``, the CUDA ``device`` index (-1: the interpreter's
     CPU tensors), the mask bytes per program of a device row map (``block``), and the kernels bound on the first
-    run: the copy (``bound``) and the row-map scan (``bound_rows``)."""
+    run: the copy (``bound``) and the row-map scan (``bound_rows``: its block counts' launch, None where the
+    scan is not counted, and its map's)."""
 
     __slots__ = ("kind", "config", "device", "block", "bound", "bound_rows")
 
@@ -318,19 +319,25 @@ def _launch(launch: Launch, dst, mask, src, accumulate, at, layout) -> None:
         else:
             bound(cdiv(n, config.rows), _raw_stream(device), dst_ptr, src_ptr, mask_ptr, n, m, h, dst_stride,
                   src_stride)
-    else:  # DEVICE_ROWS: the map in a fresh device buffer, M entries, then the count at 16 bytes
+    else:  # DEVICE_ROWS: in one fresh device buffer the map (M entries), the count at 16 bytes, the block counts
         capacity = -(-m // 4) * 4
-        buffer = torch.empty(capacity + 4, dtype=torch.int32, device=dst.device)  # alive until both launches
+        programs = cdiv(n, launch.block)
+        buffer = torch.empty(capacity + 4 + programs, dtype=torch.int32, device=dst.device)  # alive until queued
         rows = buffer.data_ptr()
         count = rows + 4 * capacity
+        counts = count + 16
         if launch.bound_rows is None or bound is None:
             launch.bound_rows = mask_to_rows(RawPointer(mask_ptr, torch.uint8), RawPointer(rows, torch.int32),
-                                             RawPointer(count, torch.int32), m, n, launch.block)
+                                             RawPointer(count, torch.int32), m, n, launch.block,
+                                             RawPointer(counts, torch.int32))
             launch.bound = row_copy(dst, src, RawPointer(rows, torch.int32), RawPointer(count, torch.int32), mode,
                                     config, after_scan=True)
             return
         stream = _raw_stream(device)
-        launch.bound_rows(cdiv(n, launch.block), stream, mask_ptr, rows, count, n, m)
+        count_blocks, build_rows = launch.bound_rows
+        if count_blocks is not None:
+            count_blocks(programs, stream, mask_ptr, counts, n)
+        build_rows(programs, stream, mask_ptr, rows, count, counts if count_blocks is not None else rows, n, m)
         bound(cdiv(m, config.rows), stream, dst_ptr, src_ptr, rows, count, n, m, h, dst_stride, src_stride)
 
 

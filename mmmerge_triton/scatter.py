@@ -7,7 +7,7 @@ import torch
 
 from .kernel_config import KernelConfig, cdiv, next_pow2
 from .kernels.mask_row_copy import mask_row_copy_kernel
-from .kernels.mask_rows import mask_to_rows_kernel
+from .kernels.mask_rows import mask_block_counts_kernel, mask_to_rows_kernel
 from .kernels.row_copy import ADD, COPY, GATHER, row_copy_kernel
 from .launch import INTERPRET, Bound, FastKernel
 from .rowmap import RowMap
@@ -15,6 +15,7 @@ from .rowmap import RowMap
 _row_copy = FastKernel(row_copy_kernel)
 _mask_row_copy = FastKernel(mask_row_copy_kernel)
 _mask_to_rows = FastKernel(mask_to_rows_kernel)
+_mask_block_counts = FastKernel(mask_block_counts_kernel)
 
 PREFIX_CHUNK = 4096  # mask bytes per step when a program counts the true rows before its block
 SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS = 32768, 2
@@ -114,18 +115,46 @@ def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> B
     )
 
 
+COUNTED_FROM = 32768
+"""Masks of this many rows and more are scanned in two levels (mask_block_counts_kernel, then mask_to_rows_kernel
+summing the counts before each block); shorter ones in one launch, each program counting the bytes before its
+block itself (its last program reads N bytes alone: 3.6 / 6.4 / 10.1 µs at N = 32768 / 131072 / 262144 on an
+H100, 2026-12-06-s6/prefix_count.log). A power of two: every N of a dispatch bucket falls on one side."""
+COUNTED_TILE = 1024  # mask bytes per program of the counted scan, up to COUNTED_PROGRAMS programs
+COUNTED_PROGRAMS = 1024  # past it blocks grow (a program sums up to this many counts)
+COUNTS_CHUNK = 1024  # block counts a program of the counted scan sums per step
+SCAN_TILE = 16384  # the most mask bytes one step of the in-block cumsum holds
+
+
 def scan_block(n: int) -> int:
-    """Mask bytes per program of mask_to_rows_kernel: 1024 to 16384, about 64 programs up to N = 1M."""
-    return min(max(1024, next_pow2(cdiv(n, 64))), 16384)
+    """Mask bytes per program of the row-map scan of N rows: counted (COUNTED_FROM), COUNTED_TILE up to
+    COUNTED_PROGRAMS programs, then as many as N needs; else one_launch_block(N)."""
+    if n >= COUNTED_FROM:
+        return max(COUNTED_TILE, next_pow2(cdiv(n, COUNTED_PROGRAMS)))
+    return one_launch_block(n)
 
 
-def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None,
-                 block: int | None = None) -> Bound | None:
+def one_launch_block(n: int) -> int:
+    """Mask bytes per program of the one-launch scan: 1024 to 16384, about 64 programs up to N = 1M (each
+    program re-reads the mask before its block: few programs, large blocks)."""
+    return min(max(1024, next_pow2(cdiv(n, 64))), SCAN_TILE)
+
+
+def counted(n: int) -> bool:
+    """Whether the row map of an N-row mask is scanned in two levels (COUNTED_FROM)."""
+    return n >= COUNTED_FROM
+
+
+def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None, block: int | None = None,
+                 counts=None) -> tuple[Bound | None, Bound | None] | None:
     """Write the row map of ``mask_bytes`` [N] uint8 into ``rows`` [>= capacity] int32 and its true-row count
     into ``count`` [1] int32, on the device; entries past ``capacity`` are dropped. ``mask_bytes``, rows and
     count: tensors, or RawPointers on the device (then pass ``n``). ``block``: mask bytes per program (default
-    scan_block(N); any power of two from 1024 gives the same map). Returns the bound kernel, as row_copy does;
-    its arguments: (grid_x = cdiv(N, block), stream, mask_bytes, rows, count, N, capacity)."""
+    scan_block(N); any power of two from 1024 gives the same map). ``counts``: [>= cdiv(N, block)] int32 scratch
+    for the block counts where ``counted(N)`` (default: allocated here).
+    Returns the kernels as bound, as row_copy does (None under the interpreter): the block counts' (None where
+    not counted), arguments (grid_x = cdiv(N, block), stream, mask_bytes, counts, N); the map's, arguments
+    (grid_x, stream, mask_bytes, rows, count, counts or rows, N, capacity). None if N = 0."""
     n = mask_bytes.numel() if n is None else n
     if n == 0:
         count.zero_()
@@ -133,11 +162,28 @@ def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None,
     block = block or scan_block(n)
     device = rows.device.index if isinstance(rows, torch.Tensor) else torch.cuda.current_device()
     mask_align = mask_bytes.data_ptr() % 16  # Triton's alignment and words()
-    key = (device, mask_align, block)
-    trigger = dependent_launch(device)  # a row copy launched after_scan may start at once (else no effect)
-    return _mask_to_rows.launch(key, (cdiv(n, block), 1), (mask_bytes, rows, count, n, capacity),
-                                (block, SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS, words(mask_align), trigger), (8, 1),
-                                device)
+    overlap = dependent_launch(device)  # each launch may start while the one before it runs (else no effect)
+    grid = (cdiv(n, block), 1)
+    tile = min(block, SCAN_TILE)
+    bound_counts = None
+    if counted(n):
+        if counts is None:
+            counts = torch.empty(grid[0], dtype=torch.int32, device=mask_bytes.device)
+        key = (device, mask_align, counts.data_ptr() % 16, block, tile, overlap)
+        bound_counts = _mask_block_counts.launch(key, grid, (mask_bytes, counts, n), (block, tile, overlap), (4, 1),
+                                                 device)
+        constexprs = (block, tile, True, overlap, COUNTS_CHUNK, SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS, False,
+                      overlap)
+        options = (4, 1, overlap)
+    else:
+        counts = rows
+        constexprs = (block, tile, False, False, COUNTS_CHUNK, SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS,
+                      words(mask_align), overlap)
+        options = (8, 1)
+    key = (device, mask_align, rows.data_ptr() % 16, counts.data_ptr() % 16, constexprs)
+    bound_rows = _mask_to_rows.launch(key, grid,
+                                      (mask_bytes, rows, count, counts, n, capacity), constexprs, options, device)
+    return bound_counts, bound_rows
 
 
 def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig,

@@ -21,7 +21,7 @@ def entry(mask="cpu", src="bf16", dst="bf16", n=2048, hidden=4096, rows=1024, pa
     config = KernelConfig(4, 512, 8, 1, fused)
     return {"key": {"mask": mask, "src": src, "dst": dst, "n": n, "hidden": hidden, "rows": rows},
             "best": {"path": path, "config": config._asdict() if path == "triton" else None,
-                     "unfused_config": KernelConfig(1, 4096)._asdict() if path == "triton" else None,
+                     "unfused_config": KernelConfig(16, 512)._asdict() if path == "triton" else None,
                      "fused_config": KernelConfig(8, 1024, 8, 1, True)._asdict() if path == "triton" else None},
             "loop_us": {path: 10.0, "index_put": 20.0}}
 
@@ -88,12 +88,14 @@ def test_a_fused_winner_is_not_carried_far_past_its_measured_n():
 
 def test_a_fused_winner_past_the_untuned_reach_gives_way_to_two_launches():
     """An entry's one-launch winner measured at N = 65536 serves neither N = 70000 nor 65536 itself: past
-    FUSED_REACH x FUSED_BELOW a device mask takes the entry's two-launch configuration, as the untuned rule does."""
+    FUSED_REACH x FUSED_BELOW a device mask takes the two-launch default, as the untuned rule does, not the
+    entry's runner-up of that kind (16 rows per program over 512-wide steps here), whatever M."""
     t = table(entry(mask="gpu", n=65536, rows=6554, fused=True))
     reach = int(dispatch.FUSED_REACH * dispatch.FUSED_BELOW)
-    for n in (65536, 70000, reach + 1):
-        far = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", n, 2048, 3500)
-        assert far.config == KernelConfig(1, 4096) and "two-launch" in far.reason, n
+    for n, m in ((65536, 3500), (70000, 3500), (reach + 1, 3500), (70000, 5000)):
+        far = dispatch.decide_from_table(t, "gpu", "bf16", "bf16", n, 2048, m)
+        assert far.config == default_of_kind(2048, fused=False, m=m) and "two-launch default" in far.reason, n
+    assert default_of_kind(2048, fused=False, m=5000).rows == 4  # kept, though M is under the entry's 6554
     assert dispatch.decide_from_table(t, "gpu", "bf16", "bf16", reach, 2048, 3500).config.fused
 
 

@@ -262,6 +262,52 @@ def test_the_prefix_count_reads_words_or_bytes_by_the_masks_address(offset, monk
         assert_rows_moved(COPY, dense, compact, true_rows, k)
 
 
+
+@pytest.mark.parametrize("tile", [256, 1024], ids=lambda t: f"tile_{t}")
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"at_byte_{o}")
+def test_the_counted_scan_sums_its_block_counts(offset, tile, monkeypatch):
+    """The two-level scan (scatter.counted): each block's true bytes counted by one launch, then each program's
+    prefix summed from the counts before its block, COUNTS_CHUNK at a time (cut to 4 here: 11 programs take up to
+    three steps), its block's cumsum taken ``tile`` bytes at a time; any nonzero byte true, at any address;
+    entries past capacity dropped, nothing written past the counts."""
+    monkeypatch.setattr(scatter, "COUNTED_FROM", 1)
+    monkeypatch.setattr(scatter, "COUNTS_CHUNK", 4)
+    monkeypatch.setattr(scatter, "SCAN_TILE", tile)
+    n = 10 * 1024 + 905
+    mask, true_rows = single_bit_bytes_mask(n, offset, seed=offset + 20)
+    k = true_rows.size
+    for block in (1024, 2048):
+        programs = -(-n // block)
+        for capacity in (k, k // 3):
+            rows = torch.full((k + 8,), -7, dtype=torch.int32)
+            count = torch.full((1,), -7, dtype=torch.int32)
+            counts = torch.full((programs + 4,), -7, dtype=torch.int32)
+            scatter.mask_to_rows(mask.view(torch.uint8), rows, count, capacity, block=block, counts=counts)
+            assert count.tolist() == [k]
+            assert rows[:capacity].tolist() == true_rows[:capacity].tolist()
+            assert rows[capacity:].eq(-7).all(), "wrote past capacity"
+            per_block = np.bincount(true_rows // block, minlength=programs)
+            assert counts[:programs].tolist() == per_block.tolist()
+            assert counts[programs:].eq(-7).all(), "wrote past the block counts"
+
+
+@pytest.mark.parametrize("n", [1, 1000, 32767, 32768, 2**20, 2**20 + 1, 2**31 - 1])
+def test_the_scan_block_fits_the_kernels(n):
+    """Blocks are powers of two from 1024, a whole number of cumsum steps; a counted scan runs at most
+    COUNTED_PROGRAMS programs, a one-launch scan's block stays within one step; and a dispatch bucket
+    (dispatch.bucket: an executor Launch keeps its first call's block and kind) falls on one side of
+    COUNTED_FROM."""
+    from mmmerge_triton.dispatch import bucket
+    block = scatter.scan_block(n)
+    assert block >= 1024 and block & (block - 1) == 0
+    assert block % min(block, scatter.SCAN_TILE) == 0
+    if scatter.counted(n):
+        assert -(-n // block) <= scatter.COUNTED_PROGRAMS
+    else:
+        assert block <= scatter.SCAN_TILE
+    assert scatter.counted(bucket(n)) == scatter.counted(n)
+
+
 # ---- merge_triton with explicit configurations and row maps ----------------------------------------------
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])

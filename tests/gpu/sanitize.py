@@ -10,8 +10,9 @@ On the GPU machine:
 past a tensor). It also checks every result against torch, so without the sanitizer it is a quick
 correctness run (well under a minute of GPU work). Covered: row_copy_kernel in COPY/ADD/GATHER with
 row maps whose count is below and above M (and maps only as long as their count), the fused
-mask_row_copy_kernel and the two-pass mask_to_rows_kernel + row_copy_kernel with device masks whose true
-rows K differ from M both ways (no host check: the kernels alone must stay in bounds), N=1, H=1, odd H,
+mask_row_copy_kernel and the two-pass mask_to_rows_kernel + row_copy_kernel (the map scanned in one launch or
+counted in two, mask_block_counts_kernel first) with device masks whose true rows K differ from M both ways
+(no host check: the kernels alone must stay in bounds), N=1, H=1, odd H,
 empty and full masks, CPU-mask staging (many calls, and a row map larger than an arena quarter), plans,
 the backward (GATHER), misaligned and strided views, every dtype pair, merge_requests with items at odd
 addresses and with a lone item of dst's own rows. Cases that hit a suspected package bug (device masks whose
@@ -70,6 +71,12 @@ def main() -> int:
             executor.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=True))
         elif kind == "two_pass":
             executor.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=False))
+        elif kind == "counted":  # two_pass with the map scanned in two levels at any N (COUNTED_FROM lowered)
+            saved, scatter.COUNTED_FROM = scatter.COUNTED_FROM, 1
+            try:
+                executor.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=False))
+            finally:
+                scatter.COUNTED_FROM = saved
         elif kind == "plan":
             plan = mt.MergePlan(mask_cpu.to(DEV))
             executor.merge_triton(dst, plan.mask, src, acc, rowmap=plan.rowmap, config=cfg)
@@ -89,7 +96,7 @@ def main() -> int:
     for pair in DTYPE_PAIRS:
         for n, h, m in [(1, 1, 1), (7, 33, 3), (64, 130, 40)]:
             for acc in (False, True):
-                for kind in ("cpu", "fused", "two_pass"):
+                for kind in ("cpu", "fused", "two_pass", "counted"):
                     def run(pair=pair, n=n, h=h, m=m, acc=acc, kind=kind):
                         mask = random_mask((n,), m, seed=n + h)
                         dst = rand((n, h), pair[1], seed=1)
@@ -101,11 +108,12 @@ def main() -> int:
 
     # B. device masks whose true rows K differ from M, both ways; empty and full masks
     shapes_b = [(50, 20, 30), (50, 30, 20), (5000, 3000, 1000), (5000, 1000, 3000), (20, 0, 5), (20, 20, 3),
-                (20, 20, 20), (1, 1, 4), (1, 0, 1), (17000, 9000, 100), (17000, 100, 9000)]
+                (20, 20, 20), (1, 1, 4), (1, 0, 1), (17000, 9000, 100), (17000, 100, 9000), (40000, 3000, 900),
+                (40000, 900, 3000)]
     for pair in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]:
         for n, k, m in shapes_b:
             for acc in (False, True):
-                for kind in ("fused", "two_pass", "plan", "api"):
+                for kind in ("fused", "two_pass", "counted", "plan", "api"):
                     def run(pair=pair, n=n, k=k, m=m, acc=acc, kind=kind):
                         mask = random_mask((n,), k, seed=n + k + m)
                         dst = rand((n, 40), pair[1], seed=3)

@@ -26,7 +26,15 @@ def _merge(dst, mask, src, accumulate=False):
     executor.merge_triton(dst, mask, src, accumulate, config=TWO_LAUNCH)
 
 
-def test_dependent_launch_is_used_where_the_device_allows():
+@pytest.fixture(params=["one_launch_scan", "counted_scan"], autouse=True)
+def scan(request, monkeypatch):
+    """The row map scanned in one launch, or in two (scatter.COUNTED_FROM lowered past N): then three launches
+    in a chain, each a dependent of the one before where the device allows."""
+    monkeypatch.setattr(scatter, "COUNTED_FROM", 2**31 if request.param == "one_launch_scan" else 1)
+    return request.param
+
+
+def test_dependent_launch_is_used_where_the_device_allows(scan):
     dst, src = rand((N, H), torch.bfloat16, 1), rand((M, H), torch.bfloat16, 2)
     mask = random_mask((N,), M, seed=3).to(DEV)
     _merge(dst, mask, src)
@@ -34,6 +42,9 @@ def test_dependent_launch_is_used_where_the_device_allows():
     assert scatter.dependent_launch(DEV.index) == expected
     keys = [key for key in scatter._row_copy._cache if key[0] == DEV.index and key[-1] == TWO_LAUNCH]
     assert any(key[-2] for key in keys) == expected, keys  # after_scan, the key's field before the config
+    if scan == "counted_scan":  # the map's scan a dependent of the block counts' (its key's last field)
+        counts_keys = [key for key in scatter._mask_block_counts._cache if key[0] == DEV.index]
+        assert counts_keys and any(key[-1] for key in counts_keys) == expected, counts_keys
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "add"])

@@ -195,3 +195,24 @@ def test_item_list_offsets_past_2_31_elements(mask_kind, order):
         assert_same(dst, expected)
     finally:
         del big
+
+
+MASK_ROWS = 2 ** 31 - 1  # the most rows an int32 row map addresses (rowmap.MAX_ROWS)
+
+
+def test_a_device_mask_of_2_31_minus_1_rows():
+    """A device mask of 2**31 - 1 rows (dst [2**31 - 1, 1] fp16): the counted scan's last blocks reach past
+    2**31 bytes (64-bit mask offsets), and the rows chosen at both ends move, with nothing else written."""
+    need_free(12)
+    assert scatter.counted(MASK_ROWS)
+    chosen = [0, 5, 2 ** 30, MASK_ROWS - 2 ** 20, MASK_ROWS - 17, MASK_ROWS - 1]
+    mask = torch.zeros(MASK_ROWS, dtype=torch.bool, device=DEV)
+    mask[torch.tensor(chosen, device=DEV)] = True
+    dst = torch.zeros(MASK_ROWS, 1, dtype=torch.float16, device=DEV)
+    src = torch.arange(1, len(chosen) + 1, dtype=torch.float32, device=DEV)[:, None]
+    try:
+        mt.masked_row_scatter_(dst, mask, src, path="triton")
+        assert dst[torch.tensor(chosen, device=DEV), 0].tolist() == src[:, 0].tolist()
+        assert int(torch.count_nonzero(dst)) == len(chosen)
+    finally:
+        del dst, mask

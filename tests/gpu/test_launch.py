@@ -25,7 +25,8 @@ if launch.INTERPRET:
 
 DEV = dev()
 FAST_KERNELS = {"row_copy": scatter._row_copy, "mask_row_copy": scatter._mask_row_copy,
-                "mask_to_rows": scatter._mask_to_rows, "multi_row_copy": mm_items._multi_row_copy}
+                "mask_to_rows": scatter._mask_to_rows, "mask_block_counts": scatter._mask_block_counts,
+                "multi_row_copy": mm_items._multi_row_copy}
 N, M = 40, 15
 
 # name -> (H, dst row stride, dst offset in elements, src row stride, src offset, mask offset in bytes)
@@ -106,17 +107,19 @@ def _check_binaries(calls):
 
 
 def _run(kind, dst, mask, src, accumulate):
-    if kind == "two_pass":
+    if kind in ("two_pass", "counted"):  # "counted": the row map scanned in two levels (COUNTED_FROM patched)
         executor.merge_triton(dst, mask, src, accumulate, config=KernelConfig(4, 64, 4, 1, False))
     else:  # "cpu" and "gpu" (N is small: the fused kernel) through the public API
         mt.masked_row_scatter_(dst, mask, src, accumulate=accumulate, path="triton")
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "add"])
-@pytest.mark.parametrize("kind", ["cpu", "gpu", "two_pass"])
+@pytest.mark.parametrize("kind", ["cpu", "gpu", "two_pass", "counted"])
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant(variant, pair, kind, accumulate, recorded):
+def test_variant(variant, pair, kind, accumulate, recorded, monkeypatch):
+    if kind == "counted":
+        monkeypatch.setattr(scatter, "COUNTED_FROM", 1)
     mask_on_gpu = kind != "cpu"
     grew = None
     for attempt in range(3):  # fresh tensors of the same layout each time: the same cache keys
@@ -131,6 +134,7 @@ def test_variant(variant, pair, kind, accumulate, recorded):
         else:
             assert after == before, f"a repeat of the variant missed the cache: {before} -> {after}"
     assert grew, "the first call compiled nothing into the fast cache"
+    assert any(call[0] == "mask_block_counts" for call in recorded) == (kind == "counted")
     _check_binaries(recorded)
 
 

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import core, dispatch, kernel_config, launch  # noqa: E402
+from mmmerge_triton import core, dispatch, kernel_config, launch, scatter  # noqa: E402
 from mmmerge_triton.kernel_config import FUSED_BELOW, KernelConfig  # noqa: E402
 
 from gpu_helpers import (DTYPE_PAIRS, assert_same, dev, pair_id, rand, random_mask, reference,  # noqa: E402
@@ -27,8 +27,11 @@ H = 320
 SMALL = [(1280, 640), (1300, 700), (1535, 767), (1400, 641)]
 LARGE = [(FUSED_BELOW + 100, 3100), (FUSED_BELOW + 1000, 3300), (FUSED_BELOW + 2000, 3500)]
 LARGER = [(41000, 4200), (45000, 4600), (49000, 5000)]
+# Device masks from scatter.COUNTED_FROM (32768) rows: the row map scanned in two levels, three bound launches.
+COUNTED = [(33000, 4200), (36000, 4600), (40900, 5000)]
 KINDS = {"host_rows": (SMALL, False, kernel_config.HOST_ROWS), "host_rows_large": (LARGER, False, kernel_config.HOST_ROWS),
-         "device_fused": (SMALL, True, kernel_config.DEVICE_FUSED), "device_rows": (LARGE, True, kernel_config.DEVICE_ROWS)}
+         "device_fused": (SMALL, True, kernel_config.DEVICE_FUSED), "device_rows": (LARGE, True, kernel_config.DEVICE_ROWS),
+         "device_rows_counted": (COUNTED, True, kernel_config.DEVICE_ROWS)}
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +65,7 @@ def two_launch(monkeypatch):
 @pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_hits_give_torchs_result_without_a_sync(kind, pair, accumulate, request):
-    if kind == "device_rows":
+    if kind.startswith("device_rows"):
         request.getfixturevalue("two_launch")
     sizes, on_device, expected_kind = KINDS[kind]
     for i, (n, m) in enumerate(sizes):
@@ -74,12 +77,14 @@ def test_hits_give_torchs_result_without_a_sync(kind, pair, accumulate, request)
         assert_same(dst, expected, f"{kind} N={n} M={m}")
     (entry,) = core._prepared.values()
     assert entry.decision.kind == entry.launch.kind == expected_kind and entry.launch.bound is not None
+    if expected_kind == kernel_config.DEVICE_ROWS:  # the block counts' launch bound where the scan is counted
+        assert (entry.launch.bound_rows[0] is not None) == scatter.counted(sizes[0][0]) == (kind == "device_rows_counted")
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_the_api_calls_hit_the_entry(kind, monkeypatch, request):
     """merge_multimodal_embeddings and masked_row_scatter_ share the entry; a hit makes no new one."""
-    if kind == "device_rows":
+    if kind.startswith("device_rows"):
         request.getfixturevalue("two_launch")
     sizes, on_device, _ = KINDS[kind]
     made = []
