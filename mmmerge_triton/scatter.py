@@ -10,7 +10,7 @@ from .kernels.mask_row_copy import mask_row_copy_kernel
 from .kernels.mask_rows import mask_block_counts_kernel, mask_to_rows_kernel
 from .kernels.row_copy import ADD, COPY, GATHER, row_copy_kernel
 from .launch import INTERPRET, Bound, FastKernel
-from .rowmap import RowMap
+from .rowmap import MAX_ROWS, RowMap
 
 _row_copy = FastKernel(row_copy_kernel)
 _mask_row_copy = FastKernel(mask_row_copy_kernel)
@@ -98,6 +98,9 @@ def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> B
     M, H, dense row stride, compact row stride)."""
     n = dense.shape[0]
     n_rows, hidden = compact.shape
+    if n > MAX_ROWS - PREFIX_CHUNK:  # its prefix count's byte loop indexes up to N + PREFIX_CHUNK in int32
+        raise ValueError(f"the one-launch kernel takes at most {MAX_ROWS - PREFIX_CHUNK} mask rows (got {n}); "
+                         "use a two-launch configuration (KernelConfig(..., fused=False))")
     if n == 0 or n_rows == 0 or hidden == 0:
         return None
     device = dense.device.index

@@ -263,6 +263,17 @@ def test_the_prefix_count_reads_words_or_bytes_by_the_masks_address(offset, monk
 
 
 
+
+def test_the_one_launch_kernel_refuses_masks_it_cannot_index():
+    """mask_row_copy's prefix count indexes up to N + PREFIX_CHUNK mask bytes in int32: past 2**31 - 1 -
+    PREFIX_CHUNK rows it raises, before any launch (the dispatcher never picks it there; an explicit
+    configuration can)."""
+    n = scatter.MAX_ROWS - scatter.PREFIX_CHUNK + 1
+    dense = torch.zeros(1, 4).expand(n, 4)  # no memory behind the rows: nothing may be launched
+    mask = torch.zeros(1, dtype=torch.uint8).expand(n)
+    with pytest.raises(ValueError, match="one-launch kernel takes at most"):
+        scatter.mask_row_copy(dense, torch.zeros(2, 4), mask, COPY, KernelConfig(8, 4, 4, 1, True))
+
 @pytest.mark.parametrize("tile", [256, 1024], ids=lambda t: f"tile_{t}")
 @pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"at_byte_{o}")
 def test_the_counted_scan_sums_its_block_counts(offset, tile, monkeypatch):
