@@ -118,11 +118,14 @@ def mask_row_copy(dense, compact, mask_bytes, mode: int, cfg: KernelConfig) -> B
     )
 
 
-COUNTED_FROM = 32768
+COUNTED_FROM = 65536
 """Masks of this many rows and more are scanned in two levels (mask_block_counts_kernel, then mask_to_rows_kernel
 summing the counts before each block); shorter ones in one launch, each program counting the bytes before its
-block itself (its last program reads N bytes alone: 3.6 / 6.4 / 10.1 µs at N = 32768 / 131072 / 262144 on an
-H100, 2026-12-06-s6/prefix_count.log). A power of two: every N of a dispatch bucket falls on one side."""
+block itself (its last program reads N bytes alone). The scan alone on an H100, busy GPU, one launch against two:
+6.0 / 6.7 / 14.7 / 22.9 / 34.5 µs against 6.9 / 6.9 / 6.7 / 7.0 / 11.2 at N = 32768 / 65536 / 131072 / 262144 / 1M;
+the merge (H = 4096, bf16, 5% of the rows) 1.281 / 1.185 / 1.358 / 1.311x a copy against 1.309 / 1.192 / 1.137 /
+1.094x at N = 32768-262144 (bench/results/h100/2026-12-06-s8/counted_scan_c2c01fa.log). A power of two: every N of
+a dispatch bucket falls on one side."""
 COUNTED_TILE = 1024  # mask bytes per program of the counted scan, up to COUNTED_PROGRAMS programs
 COUNTED_PROGRAMS = 1024  # past it blocks grow (a program sums up to this many counts)
 COUNTS_CHUNK = 1024  # block counts a program of the counted scan sums per step

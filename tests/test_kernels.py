@@ -302,7 +302,8 @@ def test_the_counted_scan_sums_its_block_counts(offset, tile, monkeypatch):
             assert counts[programs:].eq(-7).all(), "wrote past the block counts"
 
 
-@pytest.mark.parametrize("n", [1, 1000, 32767, 32768, 2**20, 2**20 + 1, 2**31 - 1])
+@pytest.mark.parametrize("n", [1, 1000, 32768, scatter.COUNTED_FROM - 1, scatter.COUNTED_FROM, 2**20, 2**20 + 1,
+                               2**31 - 1])
 def test_the_scan_block_fits_the_kernels(n):
     """Blocks are powers of two from 1024, a whole number of cumsum steps; a counted scan runs at most
     COUNTED_PROGRAMS programs, a one-launch scan's block stays within one step; and a dispatch bucket

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
 import mmmerge_triton as mt  # noqa: E402
-from mmmerge_triton import executor  # noqa: E402
+from mmmerge_triton import executor, scatter  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
 from mmmerge_triton.scatter import device_rows  # noqa: E402
 
@@ -163,12 +163,17 @@ def test_special_values(pair, accumulate, kind):
 
 
 @pytest.mark.parametrize("offset", [0, 1, 2, 4], ids=lambda o: f"mask_at_byte_{o}")
-@pytest.mark.parametrize("fused", [False, True], ids=["two_launch", "one_launch"])
-def test_a_device_masks_prefix_count_at_any_address(offset, fused):
+@pytest.mark.parametrize("kind", ["two_launch", "two_launch_counted", "one_launch"])
+def test_a_device_masks_prefix_count_at_any_address(offset, kind, monkeypatch):
     """The prefix count reads a 4-byte-aligned mask in words and any other by bytes (scatter.words): a device
     mask of single-bit and 255 bytes at byte offsets 0-4, N past several steps of the scan's prefix
-    (scatter.SCAN_PREFIX_CHUNK x SCAN_PREFIX_LOADS), merged by each device kind as index_put does."""
+    (scatter.SCAN_PREFIX_CHUNK x SCAN_PREFIX_LOADS; the scan in one launch, COUNTED_FROM raised past N) or
+    scanned in two levels (as shipped at this N), merged by each device kind as index_put does."""
+    fused = kind == "one_launch"
+    if kind == "two_launch":
+        monkeypatch.setattr(scatter, "COUNTED_FROM", 2**31)
     n, h = 300_003 if not fused else 20_001, 8
+    assert scatter.counted(n) == (kind == "two_launch_counted")
     g = torch.Generator().manual_seed(offset)
     values = torch.tensor([0, 0, 0, 1, 2, 4, 8, 16, 32, 64, 128, 255], dtype=torch.uint8)
     buffer = torch.zeros(n + 8, dtype=torch.uint8)

@@ -27,8 +27,8 @@ H = 320
 SMALL = [(1280, 640), (1300, 700), (1535, 767), (1400, 641)]
 LARGE = [(FUSED_BELOW + 100, 3100), (FUSED_BELOW + 1000, 3300), (FUSED_BELOW + 2000, 3500)]
 LARGER = [(41000, 4200), (45000, 4600), (49000, 5000)]
-# Device masks from scatter.COUNTED_FROM (32768) rows: the row map scanned in two levels, three bound launches.
-COUNTED = [(33000, 4200), (36000, 4600), (40900, 5000)]
+# Device masks from scatter.COUNTED_FROM (65536) rows: the row map scanned in two levels, three bound launches.
+COUNTED = [(66000, 4200), (72000, 4600), (81000, 5000)]
 KINDS = {"host_rows": (SMALL, False, kernel_config.HOST_ROWS), "host_rows_large": (LARGER, False, kernel_config.HOST_ROWS),
          "device_fused": (SMALL, True, kernel_config.DEVICE_FUSED), "device_rows": (LARGE, True, kernel_config.DEVICE_ROWS),
          "device_rows_counted": (COUNTED, True, kernel_config.DEVICE_ROWS)}
