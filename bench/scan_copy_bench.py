@@ -128,17 +128,18 @@ def one_launch_scan(flat, row_map, count, m: int, block: int, chunk: int = scatt
 
 
 def two_launch_and_copy(dst, flat, src, cfg: KernelConfig, after_scan: bool = True) -> tuple:
-    """(two_launch, copy) of one case: the DEVICE_ROWS kind's two launches (scatter.mask_to_rows into buffers
-    made here, then scatter.row_copy, overlapped where the device allows unless ``after_scan`` is False) from the
-    mask's bytes ``flat``, and a copy of src into a buffer of its shape in dst's dtype (the bytes a merge must
-    move)."""
+    """(two_launch, copy) of one case: the DEVICE_ROWS kind's launches (scatter.mask_to_rows into buffers made
+    here once, where the executor carves them from one per call, then scatter.row_copy, overlapped where the
+    device allows unless ``after_scan`` is False) from the mask's bytes ``flat``, and a copy of src into a buffer
+    of its shape in dst's dtype (the bytes a merge must move)."""
     m = src.shape[0]
     row_map = torch.empty(max(m, 1), dtype=torch.int32, device=dst.device)
     count = torch.empty(1, dtype=torch.int32, device=dst.device)
+    counts = torch.empty(triton.cdiv(flat.numel(), 1024), dtype=torch.int32, device=dst.device)  # >= any block's
     floor = torch.empty(src.shape, dtype=dst.dtype, device=dst.device)
 
     def two_launch():
-        scatter.mask_to_rows(flat, row_map, count, m)
+        scatter.mask_to_rows(flat, row_map, count, m, counts=counts)
         scatter.row_copy(dst, src, row_map, count, COPY, cfg, after_scan=after_scan)
 
     return two_launch, lambda: floor.copy_(src)
