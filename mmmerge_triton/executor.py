@@ -9,8 +9,9 @@ Kinds of the Triton path (kernel_config.Decision.kind), by where the row map com
   device saved host time past N = 32768 but cost more device time, up to 41%, three launches where this is one:
   bench/results/h100/RUNS.md, "staged CPU masks".)
 - DEVICE_FUSED: a device mask with a one-launch configuration: mask_row_copy finds its offsets in-kernel.
-- DEVICE_ROWS: a device mask otherwise: mask_to_rows into a fresh buffer (4 bytes per source row), row_copy
-  (on Hopper and later launched to start while the scan runs: scatter.dependent_launch).
+- DEVICE_ROWS: a device mask otherwise: mask_to_rows into a fresh buffer (4 bytes per source row; from
+  scatter.COUNTED_FROM mask rows in two launches, the blocks' counts first), row_copy (on Hopper and later each
+  launch starts while the one before it runs: scatter.dependent_launch).
 - PLAN_ROWS: a MergePlan's row map, already on the device: one row_copy.
 - ITEMS: a list of items read in place (items.merge_items): its item table and row map staged, one launch.
 - POSITIONS: row positions given by the caller (indexed_row_scatter_): CPU ones checked on the host and staged
