@@ -11,7 +11,9 @@ Scans (a mask of N rows, 5% true, scattered; each map and count checked against 
   here at every N; counted_b<B>: B mask bytes per program; counted_plain: the two launched one after the other
 Merges (H = 4096, bf16, scattered rows, 5% and half the rows; each result checked byte for byte against the
 first call's): the DEVICE_ROWS kind's launches (bench/scan_copy_bench.two_launch_and_copy: the scan, then the row
-copy overlapping it where the device allows) with the counted scan and with the one-launch scan, and
+copy overlapping it where the device allows) with the counted scan and with the one-launch scan; the same
+kind through the executor's hot path with its kernels bound (``bound_counted``, ``bound_one_launch``: what a memo
+hit of the API launches, so their idle times compare the host cost of the scan's extra launch); and
 masked_row_scatter_ (path="auto": the tuned table's choice), against a copy of the same bytes (``copy``).
 Figures, in interleaved rounds (timing.interleaved): CUDA-event time with the GPU kept busy and L2 flushed
 (timing.device_time_us), and with nothing queued before the call (timing.idle_time_us). Every call of a case
@@ -28,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from mmmerge_triton import masked_row_scatter_, scatter
-from mmmerge_triton.kernel_config import cdiv, default_of_kind
+from mmmerge_triton import executor, masked_row_scatter_, scatter
+from mmmerge_triton.kernel_config import DEVICE_ROWS, Decision, cdiv, default_of_kind
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
@@ -100,6 +102,20 @@ def scan_case(n: int) -> dict:
     return row
 
 
+def bound_merge(dst, mask, src, counted: bool):
+    """The DEVICE_ROWS kind (the two-launch default) through the executor's hot path, as a memo hit of the API
+    runs it: prepared once, its kernels bound on a first run with the scan counted or not, then launched bound
+    (three launches or two, addresses as ints) whatever scatter.COUNTED_FROM says."""
+    m = src.shape[0]
+    decision = Decision("triton", DEVICE_ROWS, default_of_kind(HIDDEN, fused=False, m=m), False, "counted_scan.py")
+    prepared = executor.prepare(decision, mask.numel(), dst, mask, src)
+    with scanned(counted):
+        executor.run(prepared, dst, mask, src, False)
+    assert (prepared.launch.bound_rows is None  # the interpreter binds nothing
+            or (prepared.launch.bound_rows[0] is not None) == counted)
+    return lambda: executor.run(prepared, dst, mask, src, False)
+
+
 def merge_case(n: int, density: float) -> dict:
     dst, mask, src = make_inputs(Case(n, HIDDEN, density, "scattered", mask="gpu"), DEV)
     flat, m = scatter.mask_bytes(mask), src.shape[0]
@@ -114,10 +130,13 @@ def merge_case(n: int, density: float) -> dict:
     calls = {"copy": with_scan(True, copy), "counted": with_scan(True, shipped),
              "one_launch": with_scan(False, shipped),
              "auto": with_scan(n >= scatter.COUNTED_FROM, lambda: masked_row_scatter_(dst, mask, src))}
+    if dst.is_cuda:  # the executor's DEVICE_ROWS kind launches with addresses on a CUDA device only
+        calls |= {"bound_counted": bound_merge(dst, mask, src, True),
+                  "bound_one_launch": bound_merge(dst, mask, src, False)}
     base = dst.clone()
     calls["counted"]()
     expected = dst.clone()
-    for name in ("one_launch", "auto"):
+    for name in [name for name in calls if name not in ("copy", "counted")]:
         dst.copy_(base)
         calls[name]()
         if not torch.equal(dst.view(torch.uint8), expected.view(torch.uint8)):
