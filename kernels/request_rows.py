@@ -27,21 +27,22 @@ def request_rows_kernel(
     slot is written out of its request's bounds whatever the mask holds, and no slot is left unwritten.
     Rows outside every range are never read. A program reads its range twice (the second pass from L2)."""
     r = tl.program_id(0)
-    start = tl.load(row_offsets_ptr + r)
-    end = tl.load(row_offsets_ptr + r + 1)
-    first = tl.load(src_starts_ptr + r)
-    expected = tl.load(src_starts_ptr + r + 1) - first
+    # 64-bit indices: a range ending near 2**31 rows (or slots) would wrap its last step's int32 lanes (s + lane).
+    start = tl.load(row_offsets_ptr + r).to(tl.int64)
+    end = tl.load(row_offsets_ptr + r + 1).to(tl.int64)
+    first = tl.load(src_starts_ptr + r).to(tl.int64)
+    expected = tl.load(src_starts_ptr + r + 1).to(tl.int64) - first
     count = count_true_before(mask_ptr + start, end - start, PREFIX_CHUNK, 1, False)  # at any byte: no words
     matches = count == expected
     tl.store(status_ptr + r, matches.to(tl.uint8))
     lane = tl.arange(0, BLOCK)
     if matches:
-        seen = start - start  # an int32 scalar carried through the loop
+        seen = start - start  # an int64 scalar carried through the loop
         for s in range(start, end, BLOCK):
             i = s + lane
             is_true = (tl.load(mask_ptr + i, mask=i < end, other=0) != 0).to(tl.int32)  # any nonzero byte is True
             local = seen + tl.cumsum(is_true, axis=0) - is_true  # the request's true rows before row i
-            tl.store(rows_ptr + first + local, i, mask=is_true != 0)
+            tl.store(rows_ptr + first + local, i.to(tl.int32), mask=is_true != 0)
             seen += tl.sum(is_true, axis=0)
     else:
         for s in range(0, expected, BLOCK):

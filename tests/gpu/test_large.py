@@ -216,3 +216,23 @@ def test_a_device_mask_of_2_31_minus_1_rows():
         assert int(torch.count_nonzero(dst)) == len(chosen)
     finally:
         del dst, mask
+
+
+def test_requests_on_a_device_mask_of_2_31_minus_1_rows():
+    """merge_requests over a device mask of 2**31 - 1 rows: the last request ends at row 2**31 - 1, so its
+    programs' last steps index past 2**31 - 1 - BLOCK (64-bit lanes in request_rows_kernel). The middle
+    request has one embedding row too many: its status is False and its rows keep their zeros."""
+    need_free(12)
+    chosen = [0, 5, 2 ** 30, MASK_ROWS - 2 ** 20, MASK_ROWS - 17, MASK_ROWS - 1]
+    offsets = [0, 2 ** 30, MASK_ROWS - 40, MASK_ROWS]
+    mask = torch.zeros(MASK_ROWS, dtype=torch.bool, device=DEV)
+    mask[torch.tensor(chosen, device=DEV)] = True
+    dst = torch.zeros(MASK_ROWS, 1, dtype=torch.float16, device=DEV)
+    rows = [torch.full((k, 1), float(r + 1), device=DEV) for r, k in enumerate((2, 3, 2))]
+    try:
+        status = mt.merge_requests(dst, rows, mask, offsets, path="triton")
+        assert status.tolist() == [True, False, True]
+        assert dst[torch.tensor(chosen, device=DEV), 0].tolist() == [1, 1, 0, 0, 3, 3]
+        assert int(torch.count_nonzero(dst)) == 4
+    finally:
+        del dst, mask
