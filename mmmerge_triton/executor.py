@@ -338,7 +338,7 @@ def _launch(launch: Launch, dst, mask, src, accumulate, at, layout) -> None:
         count_blocks, build_rows = launch.bound_rows
         if count_blocks is not None:
             count_blocks(programs, stream, mask_ptr, counts, n)
-        build_rows(programs, stream, mask_ptr, rows, count, counts if count_blocks is not None else rows, n, m)
+        build_rows(programs, stream, mask_ptr, rows, count, counts, n, m)
         bound(cdiv(m, config.rows), stream, dst_ptr, src_ptr, rows, count, n, m, h, dst_stride, src_stride)
 
 

@@ -157,10 +157,10 @@ def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None, b
     into ``count`` [1] int32, on the device; entries past ``capacity`` are dropped. ``mask_bytes``, rows and
     count: tensors, or RawPointers on the device (then pass ``n``). ``block``: mask bytes per program (default
     scan_block(N); any power of two from 1024 gives the same map). ``counts``: [>= cdiv(N, block)] int32 scratch
-    for the block counts where ``counted(N)`` (default: allocated here).
+    for the block counts where ``counted(N)`` (default: allocated here; passed on unread otherwise).
     Returns the kernels as bound, as row_copy does (None under the interpreter): the block counts' (None where
     not counted), arguments (grid_x = cdiv(N, block), stream, mask_bytes, counts, N); the map's, arguments
-    (grid_x, stream, mask_bytes, rows, count, counts or rows, N, capacity). None if N = 0."""
+    (grid_x, stream, mask_bytes, rows, count, counts, N, capacity). None if N = 0."""
     n = mask_bytes.numel() if n is None else n
     if n == 0:
         count.zero_()
@@ -182,7 +182,7 @@ def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None, b
                       overlap)
         options = (4, 1, overlap)
     else:
-        counts = rows
+        counts = rows if counts is None else counts  # not read: COUNTED is off
         constexprs = (block, tile, False, False, COUNTS_CHUNK, SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS,
                       words(mask_align), overlap)
         options = (8, 1)
