@@ -8,10 +8,8 @@ and of the row copy, their sum, the CUDA-event time of the two launches back to 
 (timing.device_time_us: the sum plus the gap between the launches), and the copy's kernel and event times; each
 the median over REPS profiled calls, L2 flushed before each. Then the row-map scan alone at each N with
 PREFIX_CHUNKS mask bytes per step of its prefix count (scatter.SCAN_PREFIX_CHUNK is the shipped one): the prefix loop
-of the last program grows with N. Then a prototype of the scan in two launches (``counted_scan``: each
-program's mask bytes counted by one launch, then the shipped scan's row writes with the prefix summed from
-those counts, at most N / BLOCK of them, instead of re-read from the mask), against the shipped scan alone:
-kernel time and CUDA-event time (the gap between the two launches included). Last, the row copy alone on a
+of the last program grows with N (the one-launch scan; from scatter.COUNTED_FROM rows the package scans in two
+levels, which bench/counted_scan.py measures against it). Last, the row copy alone on a
 built row map against a prototype that keeps PERSISTENT programs per SM, each looping over rows with the grid's
 stride (the shipped kernel gives each row its own program, M programs in waves of the resident ones: at a few
 thousand rows the last wave runs part-empty), kernel time, checked against the shipped copy's result. Printed and
@@ -45,34 +43,6 @@ DENSITIES = (0.05, 0.5)
 REPS = 7
 PREFIX_CHUNKS = (4096, 8192, 16384, 32768)
 PERSISTENT = (4, 8, 16)  # programs per SM of the persistent row-copy prototype
-COUNTS_CHUNK = 1024  # block counts summed per step by the prototype's row writes
-
-
-@triton.jit
-def block_counts_kernel(mask_ptr, counts_ptr, n, BLOCK: tl.constexpr):
-    """counts[p] = the nonzero bytes of mask[p*BLOCK : (p+1)*BLOCK]."""
-    pid = tl.program_id(0)
-    i = pid * BLOCK + tl.arange(0, BLOCK)
-    tl.store(counts_ptr + pid, tl.sum((tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32), axis=0))
-
-
-@triton.jit(do_not_specialize=["n", "n_rows"])
-def rows_from_counts_kernel(mask_ptr, counts_ptr, rows_ptr, count_ptr, n, n_rows, BLOCK: tl.constexpr,
-                            COUNTS_CHUNK: tl.constexpr):
-    """mask_to_rows_kernel with the prefix of program p summed from counts[0:p]."""
-    pid = tl.program_id(0)
-    lane = tl.arange(0, COUNTS_CHUNK)
-    acc = tl.zeros([COUNTS_CHUNK], dtype=tl.int32)
-    for s in range(0, pid, COUNTS_CHUNK):
-        idx = s + lane
-        acc += tl.load(counts_ptr + idx, mask=idx < pid, other=0)
-    prefix = tl.sum(acc, axis=0)
-    i = pid * BLOCK + tl.arange(0, BLOCK)
-    is_true = (tl.load(mask_ptr + i, mask=i < n, other=0) != 0).to(tl.int32)
-    offsets = prefix + tl.cumsum(is_true, axis=0) - is_true
-    tl.store(rows_ptr + offsets, i, mask=(is_true != 0) & (offsets < n_rows))
-    if pid == tl.num_programs(0) - 1:
-        tl.store(count_ptr, prefix + tl.sum(is_true, axis=0))
 
 
 @triton.jit
@@ -94,17 +64,6 @@ def persistent_row_copy(dst: torch.Tensor, src: torch.Tensor, row_map: torch.Ten
     persistent_row_copy_kernel[(max(min(programs, m), 1),)](dst, src, row_map, count, m, h, dst.stride(0),
                                                            src.stride(0), BLOCK_H=min(triton.next_power_of_2(h), 4096),
                                                            num_warps=8)
-
-
-def counted_scan(flat: torch.Tensor, row_map: torch.Tensor, count: torch.Tensor, counts: torch.Tensor, m: int,
-                 block: int) -> None:
-    """The prototype's two launches: flat [N] uint8 -> row_map [>= m] int32 and count [1]; counts [cdiv(N, block)]
-    int32 scratch."""
-    n = flat.numel()
-    grid = (triton.cdiv(n, block),)
-    block_counts_kernel[grid](flat, counts, n, BLOCK=block, num_warps=8)
-    rows_from_counts_kernel[grid](flat, counts, row_map, count, n, m, BLOCK=block, COUNTS_CHUNK=COUNTS_CHUNK,
-                                  num_warps=8)
 
 
 def kernel_us(fn, flush: torch.Tensor) -> dict[str, float]:
@@ -148,7 +107,7 @@ def main() -> None:
                   f"{copy_kernel:.1f}) | events: two launches {event['two_launch']:.1f}, copy {event['copy']:.1f} "
                   f"({event['two_launch'] / event['copy']:.3f}x)", flush=True)
             torch.cuda.empty_cache()
-    chunks, counted_rows = [], []
+    chunks = []
     for n in NS:
         dst, mask, src = make_inputs(Case(n, HIDDEN, 0.05, "scattered", mask="gpu"), DEV)
         flat, m = scatter.mask_bytes(mask), src.shape[0]
@@ -166,20 +125,6 @@ def main() -> None:
             times[chunk] = sum(kernel_us(scan, flush).values())
         chunks.append({"n": n, "block": block, "scan_us": times})
         print(f"scan alone N={n} (block {block}): " + ", ".join(f"chunk {c} {t:.1f} µs" for c, t in times.items()),
-              flush=True)
-        counts = torch.empty(triton.cdiv(n, block), dtype=torch.int32, device=DEV)
-        row_map.fill_(-1)
-        counted = lambda: counted_scan(flat, row_map, count, counts, m, block)  # noqa: E731
-        counted()
-        if not torch.equal(row_map[:m], expected) or int(count) != m:
-            raise SystemExit(f"the counted scan's row map is wrong at N={n}")
-        shipped = lambda: scatter.mask_to_rows(flat, row_map, count, m)  # noqa: E731
-        kernels = kernel_us(counted, flush)
-        events = {name: timing.device_time_us(fn, DEV, reps=REPS) for name, fn in (("counted", counted),
-                                                                                   ("shipped", shipped))}
-        counted_rows.append({"n": n, "block": block, "kernels_us": kernels, "event_us": events})
-        print(f"counted scan N={n}: " + " + ".join(f"{k.split('(')[0][:24]} {v:.1f}" for k, v in kernels.items())
-              + f" µs | events: counted {events['counted']:.1f} µs, shipped scan {events['shipped']:.1f} µs",
               flush=True)
     persistent_rows = []
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
@@ -211,7 +156,7 @@ def main() -> None:
     path = args.out / f"device_mask_profile_{device_name(DEV)}.json"
     path.write_text(json.dumps({"environment": environment(DEV), "hidden": HIDDEN, "config": str(cfg),
                                 "cases": rows, "prefix_chunks": chunks,
-                                "counted_scan": counted_rows, "persistent_row_copy": persistent_rows,
+                                "persistent_row_copy": persistent_rows,
                                 "sms": sms}, indent=1))
     print(f"wrote {path}")
 
