@@ -14,7 +14,8 @@ from mmmerge_triton.tools import tune
 
 from .conftest import assert_merged, make_mask
 
-SHIPPED = dispatch.table_dir() / "NVIDIA_H100_80GB_HBM3.json"
+SHIPPED = dispatch.table_dir() / "NVIDIA_H100_80GB_HBM3.json"  # the table the rule tests read
+TABLES = sorted(dispatch.table_dir().glob("*.json"))  # every shipped table
 
 
 def entry(mask="cpu", src="bf16", dst="bf16", n=2048, hidden=4096, rows=1024, path="triton", fused=False):
@@ -171,9 +172,10 @@ def test_select_keeps_the_default_configuration_unless_beaten_by_the_margin():
     assert tune.parse_config_name(tune.config_name(KernelConfig(16, 1024, 4, 3, True))) == KernelConfig(16, 1024, 4, 3, True)
 
 
-def test_the_shipped_table_is_valid_and_its_selection_reproducible():
-    shipped = json.loads(SHIPPED.read_text())
-    dispatch._check_table(shipped, "NVIDIA_H100_80GB_HBM3")
+@pytest.mark.parametrize("table", TABLES, ids=lambda p: p.stem)
+def test_the_shipped_table_is_valid_and_its_selection_reproducible(table):
+    shipped = json.loads(table.read_text())
+    dispatch._check_table(shipped, table.stem)
     for recorded in shipped["entries"]:
         assert tune.select(json.loads(json.dumps(recorded)))["best"] == recorded["best"]
 
@@ -225,10 +227,10 @@ def test_explain_names_the_rule_and_writes_nothing():
     assert torch.equal(dst, before)
 
 
-@pytest.mark.parametrize("path", sorted({e["best"]["path"] for e in json.loads(SHIPPED.read_text())["entries"]}))
-def test_every_path_the_shipped_table_chooses_gives_the_reference(path):
+@pytest.mark.parametrize("path", sorted({e["best"]["path"] for t in TABLES for e in json.loads(t.read_text())["entries"]}))
+def test_every_path_the_shipped_tables_choose_gives_the_reference(path):
     """Each chosen path with each shipped configuration (scaled to CPU sizes), against the plain reference."""
-    configs = {json.dumps(e["best"]["config"]) for e in json.loads(SHIPPED.read_text())["entries"]
+    configs = {json.dumps(e["best"]["config"]) for t in TABLES for e in json.loads(t.read_text())["entries"]
                if e["best"]["path"] == path}
     for config in sorted(configs):
         cfg = KernelConfig(**json.loads(config)) if config != "null" else None

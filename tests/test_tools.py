@@ -18,7 +18,8 @@ from mmmerge_triton.tools import analysis, bench, report, timing, tune
 from mmmerge_triton.tools.cases import Case
 
 ROOT = Path(__file__).resolve().parents[1]
-H100 = ROOT / "bench" / "results" / "h100"
+RESULTS = ROOT / "bench" / "results"  # a folder per device
+H100 = RESULTS / "h100"
 # The JSONs of bench/'s own scripts (compare_host_path.py, positions_bench.py, scan_copy_bench.py, untuned.py) are
 # read by those scripts, whose printed tables are committed beside them as logs; mmmerge-report reads the rest.
 SCRIPT_RESULTS = {"compare_host_path": "compare_host_path.log", "positions_": "positions.log",
@@ -26,8 +27,8 @@ SCRIPT_RESULTS = {"compare_host_path": "compare_host_path.log", "positions_": "p
                   "untuned_": "untuned.log", "chained_merges_": "chained_merges.log",
                   "device_mask_profile_": "device_mask_profile.log",
                   "device_mask_overlap_": "device_mask_overlap.log", "counted_scan_": "counted_scan.log"}
-COMMITTED = sorted(p for p in H100.rglob("*.json") if not p.name.startswith(tuple(SCRIPT_RESULTS)))
-SHIPPED_TABLE = ROOT / "mmmerge_triton" / "configs" / "NVIDIA_H100_80GB_HBM3.json"
+COMMITTED = sorted(p for p in RESULTS.rglob("*.json") if not p.name.startswith(tuple(SCRIPT_RESULTS)))
+SHIPPED_TABLES = sorted((ROOT / "mmmerge_triton" / "configs").glob("*.json"))
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a torch without CUDA")
 
 
@@ -100,7 +101,7 @@ def test_report_reads_the_cpu_json_the_bench_just_wrote_and_draws_it(cpu_run, tm
     assert missing.rc == 2 and "'triton' is not in this run" in missing.err and "Traceback" not in missing.err
 
 
-@pytest.mark.parametrize("file", COMMITTED + [SHIPPED_TABLE], ids=lambda p: p.name)
+@pytest.mark.parametrize("file", COMMITTED + SHIPPED_TABLES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_report_reads_every_committed_json(file):
     out = _captured(lambda: report.main([str(file)]))
     assert out.rc == 0, out.err
@@ -111,7 +112,7 @@ def test_report_reads_every_committed_json(file):
 
 
 def test_every_script_result_has_its_printed_tables_beside_it():
-    found = [p for p in H100.rglob("*.json") if p.name.startswith(tuple(SCRIPT_RESULTS))]
+    found = [p for p in RESULTS.rglob("*.json") if p.name.startswith(tuple(SCRIPT_RESULTS))]
     assert found, "the script results this test exempts exist"
     for path in found:
         log = next(log for prefix, log in SCRIPT_RESULTS.items() if path.name.startswith(prefix))
