@@ -16,6 +16,7 @@
 #   bash bench/run_gpu.sh prefix OUT     # the prefix count by bytes or words, in the scan and the one-launch kind
 #   bash bench/run_gpu.sh overlap OUT    # a device mask's two launches, overlapped or one after the other
 #   bash bench/run_gpu.sh counted OUT    # the row-map scan in two levels against one launch, alone and in the merge
+#   bash bench/run_gpu.sh floor OUT      # the row copy alone against a copy: scattered or contiguous rows, per configuration
 #   bash bench/run_gpu.sh compare OUT    # loop and idle time against an earlier package in BEFORE (default .before;
 #                                        # make it with: git archive REV mmmerge_triton kernels | tar -x -C .before)
 # The real-engine hook tests need the engines' Python files: bench/engines/make_engine_env.sh bundle, then carry
@@ -113,6 +114,10 @@ for stage in ${1//,/ }; do
     counted)
       python bench/counted_scan.py --out "$out" > "$out/counted_scan.log" 2>&1
       grep -E "^(scan|merge) N=" "$out/counted_scan.log"
+      ;;
+    floor)
+      python bench/row_copy_floor.py --out "$out" > "$out/row_copy_floor.log" 2>&1
+      grep "^N=" "$out/row_copy_floor.log"
       ;;
     compare)
       # 6 rounds: about 90 s on an H100 (2026-12-06-s6/compare_host_path.log)
