@@ -10,6 +10,10 @@ for the rows as the mask scatters them (``scattered``) and for the same number o
 with the GPU kept busy and L2 flushed (timing.device_time_us), the calls interleaved in rounds
 (timing.interleaved), the median of the rounds, each divided by the copy of the same bytes in the same rounds.
 Every configuration's result is checked against PyTorch's ``dst[mask] = src`` once.
+
+Then the merge itself at MERGE_NS (the device mask's two launches as the executor makes them: the row-map scan,
+then the row copy overlapped with it, scan_copy_bench.two_launch_and_copy) with each configuration, block and
+scattered masks: a row copy of more rows per program reads more source rows before it waits for the scan.
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ from mmmerge_triton.kernel_config import KernelConfig, default_of_kind
 from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
+from scan_copy_bench import two_launch_and_copy  # bench/ is the script's folder
 
 DEV = torch.device("cuda", 0)
 HIDDEN = 4096
 NS = (131072, 262144)
+MERGE_NS = (32768, 65536)
 DENSITIES = (0.05, 0.5)
 ROUNDS = 5
 CONFIGS = [default_of_kind(HIDDEN, fused=False)] + [
@@ -70,15 +76,41 @@ def case(n: int, density: float, layout: str) -> dict:
     return {"n": n, "density": density, "layout": layout, "m": m, "device_us": us, "ratio_to_copy": ratios}
 
 
+def merge_case(n: int, density: float, pattern: str) -> dict:
+    dst, mask, src = make_inputs(Case(n, HIDDEN, density, pattern, mask="gpu"), DEV)
+    flat = scatter.mask_bytes(mask)
+    expected = dst.clone()
+    expected[mask] = src
+    calls = {}
+    for cfg in CONFIGS:
+        merge, copy = two_launch_and_copy(dst, flat, src, cfg)
+        got = dst.clone()
+        two_launch_and_copy(got, flat, src, cfg)[0]()
+        if not torch.equal(got.view(torch.int16), expected.view(torch.int16)):
+            raise SystemExit(f"the merge with {name(cfg)} differs from dst[mask] = src at N={n} {density:.0%} {pattern}")
+        calls.setdefault("copy", copy)
+        calls[name(cfg)] = merge
+    taken = timing.interleaved(calls, {"device_us": lambda fn: timing.device_time_us(fn, DEV)}, ROUNDS)
+    us = {k: statistics.median(v["device_us"]) for k, v in taken.items()}
+    ratios = {k: t / us["copy"] for k, t in us.items() if k != "copy"}
+    default, best = name(CONFIGS[0]), min(ratios, key=ratios.get)
+    print(f"merge N={n} {density:.0%} {pattern:9} (M={src.shape[0]}): copy {us['copy']:.1f} µs | default {default} "
+          f"{ratios[default]:.3f}x | best {best} {ratios[best]:.3f}x | " +
+          ", ".join(f"{k} {r:.3f}" for k, r in ratios.items() if k != default), flush=True)
+    return {"n": n, "density": density, "pattern": pattern, "m": src.shape[0], "device_us": us,
+            "ratio_to_copy": ratios}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cases = [case(n, d, layout) for n in NS for d in DENSITIES for layout in ("scattered", "contiguous")]
+    merges = [merge_case(n, d, p) for n in MERGE_NS for d in DENSITIES for p in ("blocks", "scattered")]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"row_copy_floor_{device_name(DEV)}.json"
     path.write_text(json.dumps({"environment": environment(DEV), "hidden": HIDDEN, "rounds": ROUNDS,
-                                "cases": cases}, indent=1))
+                                "cases": cases, "merges": merges}, indent=1))
     print(f"wrote {path}")
 
 
