@@ -65,15 +65,20 @@ def case(n: int, density: float, layout: str) -> dict:
         if not torch.equal(got.view(torch.int16), expected.view(torch.int16)):
             raise SystemExit(f"row_copy {name(cfg)} differs from dst[mask] = src at N={n} {density:.0%} {layout}")
         calls[name(cfg)] = lambda cfg=cfg: scatter.row_copy(dst, src, rows, count, scatter.COPY, cfg)
+    us, ratios = timed(calls, f"N={n} {density:.0%} {layout:10} (M={m})")
+    return {"n": n, "density": density, "layout": layout, "m": m, "device_us": us, "ratio_to_copy": ratios}
+
+
+def timed(calls: dict, label: str) -> tuple[dict, dict]:
+    """Median device µs of each call over interleaved rounds, and each configuration's ratio to the copy's;
+    printed as one line."""
     taken = timing.interleaved(calls, {"device_us": lambda fn: timing.device_time_us(fn, DEV)}, ROUNDS)
     us = {k: statistics.median(v["device_us"]) for k, v in taken.items()}
     ratios = {k: t / us["copy"] for k, t in us.items() if k != "copy"}
-    default = name(CONFIGS[0])
-    best = min(ratios, key=ratios.get)
-    print(f"N={n} {density:.0%} {layout:10} (M={m}): copy {us['copy']:.1f} µs | default {default} "
-          f"{ratios[default]:.3f}x | best {best} {ratios[best]:.3f}x | " +
-          ", ".join(f"{k} {r:.3f}" for k, r in ratios.items() if k != default), flush=True)
-    return {"n": n, "density": density, "layout": layout, "m": m, "device_us": us, "ratio_to_copy": ratios}
+    default, best = name(CONFIGS[0]), min(ratios, key=ratios.get)
+    print(f"{label}: copy {us['copy']:.1f} µs | default {default} {ratios[default]:.3f}x | best {best} "
+          f"{ratios[best]:.3f}x | " + ", ".join(f"{k} {r:.3f}" for k, r in ratios.items() if k != default), flush=True)
+    return us, ratios
 
 
 def merge_case(n: int, density: float, pattern: str) -> dict:
@@ -90,13 +95,7 @@ def merge_case(n: int, density: float, pattern: str) -> dict:
             raise SystemExit(f"the merge with {name(cfg)} differs from dst[mask] = src at N={n} {density:.0%} {pattern}")
         calls.setdefault("copy", copy)
         calls[name(cfg)] = merge
-    taken = timing.interleaved(calls, {"device_us": lambda fn: timing.device_time_us(fn, DEV)}, ROUNDS)
-    us = {k: statistics.median(v["device_us"]) for k, v in taken.items()}
-    ratios = {k: t / us["copy"] for k, t in us.items() if k != "copy"}
-    default, best = name(CONFIGS[0]), min(ratios, key=ratios.get)
-    print(f"merge N={n} {density:.0%} {pattern:9} (M={src.shape[0]}): copy {us['copy']:.1f} µs | default {default} "
-          f"{ratios[default]:.3f}x | best {best} {ratios[best]:.3f}x | " +
-          ", ".join(f"{k} {r:.3f}" for k, r in ratios.items() if k != default), flush=True)
+    us, ratios = timed(calls, f"merge N={n} {density:.0%} {pattern:9} (M={src.shape[0]})")
     return {"n": n, "density": density, "pattern": pattern, "m": src.shape[0], "device_us": us,
             "ratio_to_copy": ratios}
 
