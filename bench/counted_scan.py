@@ -129,7 +129,7 @@ def merge_case(n: int, density: float) -> dict:
 
     calls = {"copy": with_scan(True, copy), "counted": with_scan(True, shipped),
              "one_launch": with_scan(False, shipped),
-             "auto": with_scan(n >= scatter.COUNTED_FROM, lambda: masked_row_scatter_(dst, mask, src))}
+             "auto": with_scan(scatter.counted(n), lambda: masked_row_scatter_(dst, mask, src))}
     if dst.is_cuda:  # the executor's DEVICE_ROWS kind launches with addresses on a CUDA device only
         calls |= {"bound_counted": bound_merge(dst, mask, src, True),
                   "bound_one_launch": bound_merge(dst, mask, src, False)}

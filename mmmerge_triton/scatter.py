@@ -135,7 +135,7 @@ SCAN_TILE = 16384  # the most mask bytes one step of the in-block cumsum holds
 def scan_block(n: int) -> int:
     """Mask bytes per program of the row-map scan of N rows: counted (COUNTED_FROM), COUNTED_TILE up to
     COUNTED_PROGRAMS programs, then as many as N needs; else one_launch_block(N)."""
-    if n >= COUNTED_FROM:
+    if counted(n):
         return max(COUNTED_TILE, next_pow2(cdiv(n, COUNTED_PROGRAMS)))
     return one_launch_block(n)
 
