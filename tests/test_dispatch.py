@@ -172,6 +172,30 @@ def test_select_keeps_the_default_configuration_unless_beaten_by_the_margin():
     assert tune.parse_config_name(tune.config_name(KernelConfig(16, 1024, 4, 3, True))) == KernelConfig(16, 1024, 4, 3, True)
 
 
+def test_a_device_masks_entry_is_selected_by_its_device_times_where_recorded():
+    """Loop time favours the one-launch kernel, device time the two-launch one: the device time decides, and the
+    table's loop time for the Triton path is the chosen configuration's (what the path comparison reads)."""
+    measured = _measured("gpu", 16384, r1_b4096_w8_s1=12.0, r8_b4096_w8_s1_fused=10.0)
+    assert tune.select(json.loads(json.dumps(measured)))["best"]["config"]["fused"]
+    measured["device_us"] = {"r1_b4096_w8_s1": 11.0, "r8_b4096_w8_s1_fused": 20.0}
+    chosen = tune.select(measured)
+    assert KernelConfig(**chosen["best"]["config"]) == KernelConfig(1, 4096, 8, 1, False)
+    assert KernelConfig(**chosen["best"]["fused_config"]) == KernelConfig(8, 4096, 8, 1, True)
+    assert chosen["loop_us"]["triton"] == 12.0
+    # Within the margin in device time the kind N takes by default stands (one-launch under FUSED_BELOW).
+    measured["device_us"] = {"r1_b4096_w8_s1": 9.8, "r8_b4096_w8_s1_fused": 10.0}
+    assert tune.select(_measured("gpu", 2048, **measured["triton_configs"]) | {"device_us": measured["device_us"]}
+                       )["best"]["config"]["fused"]
+
+
+def test_device_candidates_are_each_kinds_defaults_and_fastest_as_loop_timed():
+    times = dict(r1_b4096_w8_s1=12.0, r4_b4096_w8_s1=9.0, r16_b4096_w8_s1=9.5, r1_b512_w8_s1=11.0,
+                 r8_b4096_w8_s1_fused=10.0, r32_b512_w8_s1_fused=8.0, r8_b512_w8_s1_fused=30.0)
+    names = [tune.config_name(c) for c in tune.device_candidates(_measured("gpu", 16384, **times))]
+    assert names == ["r1_b4096_w8_s1", "r4_b4096_w8_s1", "r16_b4096_w8_s1", "r8_b4096_w8_s1_fused",
+                     "r32_b512_w8_s1_fused"]
+
+
 @pytest.mark.parametrize("table", TABLES, ids=lambda p: p.stem)
 def test_the_shipped_table_is_valid_and_its_selection_reproducible(table):
     shipped = json.loads(table.read_text())

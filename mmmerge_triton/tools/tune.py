@@ -1,12 +1,15 @@
-"""The tuning sweep, and the held-out check of what it wrote. The sweep and --evaluate need a CUDA GPU.
+"""The tuning sweep, and the held-out check of what it wrote. The sweep, --evaluate and --device-times need a CUDA GPU.
 
     python -m mmmerge_triton.tools.tune [--quick] [--resume]     (installed as ``mmmerge-tune``)
     python -m mmmerge_triton.tools.tune --evaluate [--out FILE]
+    python -m mmmerge_triton.tools.tune --device-times TABLE.json
     python -m mmmerge_triton.tools.tune --reselect TABLE.json     (no GPU needed)
 
 The sweep runs shapes x (src, dst) dtypes x mask device x mask density; at each point it times every path
 and a set of Triton configurations by loop time (host and device together: at small cases the host
-dominates), and writes ``configs/<device name>.json`` (see dispatch.py). Finished points are appended to a
+dominates), at a device mask's points its finalists in device time too (DEVICE_TIMED_FINALISTS), and writes
+``configs/<device name>.json`` (see dispatch.py). ``--device-times`` adds those device times to a table
+swept without them, entry by entry (rerun it to go on where it stopped), and re-picks its winners. Finished points are appended to a
 ``.partial`` file as they complete, so ``--resume`` picks an interrupted sweep up where it stopped.
 ``--evaluate`` times path="auto" on a grid the sweep never saw, against every path and against the best
 Triton configuration at each point, and writes the regret table (default
@@ -24,6 +27,7 @@ import argparse
 import collections
 import itertools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,7 +73,8 @@ def _time(call, device) -> float:
 
 
 def tune_case(case: Case, device: torch.device) -> dict:
-    """Loop µs of every path and Triton configuration at one point, and the winner."""
+    """Loop µs of every path and Triton configuration at one point (device µs of a device mask's finalists,
+    DEVICE_TIMED_FINALISTS), and the winner."""
     dst, mask, src = make_inputs(case, device)
     loop_us = {name: _time(lambda r=runner: r(dst, mask, src, False), device)
                for name, runner in paths.RUNNERS.items()}
@@ -94,6 +99,8 @@ def tune_case(case: Case, device: torch.device) -> dict:
         "loop_us": loop_us,
         "triton_configs": {config_name(c): t for c, t in configs.items()},
     }
+    if case.mask == "gpu":
+        entry["device_us"] = device_times(dst, mask, src, entry, device)
     del dst, mask, src
     torch.cuda.empty_cache()
     return select(entry)
@@ -107,6 +114,59 @@ bench/results/h100/regret_history/1_*.json). The margin keeps the table's depart
 that were measured."""
 
 
+DEVICE_TIMED_FINALISTS, DEVICE_ROUNDS = 2, 3
+"""A device mask's point is decided by device time with the GPU kept busy (timing.device_time_us), among each
+kind's default and its DEVICE_TIMED_FINALISTS fastest configurations in loop time, timed in DEVICE_ROUNDS
+interleaved rounds (the median kept). An engine that keeps its mask on the GPU queues the merge behind the
+vision encoder, where the host's launch cost is hidden and the GPU's time is what it pays; by loop time the H100
+table had picked the one-launch kernel at N = 16384, H = 4096, 10% of the rows, which ran 2.23-2.25x a copy's
+busy time where the two-launch default ran 1.27-1.28x (bench/results/h100/2026-12-06-s9/counted_scan_086222b.log).
+A CPU mask's points stay decided by loop time: its single launch reads a row map the host wrote."""
+
+
+def device_candidates(entry: dict) -> list[KernelConfig]:
+    """The configurations of a device mask's entry timed in device time: of those it timed in loop time, each
+    kind's defaults (the one select keeps unless beaten, and the one for the entry's M) and its
+    DEVICE_TIMED_FINALISTS fastest."""
+    key = entry["key"]
+    times = {parse_config_name(name): t for name, t in entry["triton_configs"].items()}
+    chosen = []
+    for fused in (False, True):
+        defaults = [default_of_kind(key["hidden"], fused), default_of_kind(key["hidden"], fused, key["rows"])]
+        fastest = sorted((c for c in times if c.fused == fused), key=times.get)[:DEVICE_TIMED_FINALISTS]
+        chosen += [c for c in defaults + fastest if c in times]
+    return list(dict.fromkeys(chosen))
+
+
+def device_times(dst, mask, src, entry: dict, device: torch.device) -> dict:
+    """Device µs (GPU kept busy, L2 flushed) of device_candidates(entry) on these inputs, by name."""
+    calls = {config_name(c): (lambda c=c: executor.merge_triton(dst, mask, src, False, config=c))
+             for c in device_candidates(entry)}
+    taken = timing.interleaved(
+        calls, {"device_us": lambda fn: timing.device_time_us(fn, device, reps=timing.ROUND_REPS)}, DEVICE_ROUNDS)
+    return {name: statistics.median(figures["device_us"]) for name, figures in taken.items()}
+
+
+def add_device_times(table_path: Path, device: torch.device) -> None:
+    """Time every device-mask entry of a table that lacks them in device time (device_times), writing the table
+    after each, then re-pick its winners (select). Entries already timed are kept: rerunning goes on."""
+    table = json.loads(table_path.read_text())
+    todo = [e for e in table["entries"] if e["key"]["mask"] == "gpu" and "device_us" not in e]
+    print(f"mmmerge-tune --device-times: {len(todo)} device-mask entries to time on {device_name(device)}")
+    for entry in _progress(todo, "entries"):
+        key = entry["key"]
+        case = Case(key["n"], key["hidden"], key["rows"] / key["n"], "blocks", key["src"], key["dst"], "gpu")
+        dst, mask, src = make_inputs(case, device)
+        assert src.shape[0] == key["rows"]
+        entry["device_us"] = device_times(dst, mask, src, entry, device)
+        del dst, mask, src
+        torch.cuda.empty_cache()
+        table_path.write_text(json.dumps(table, indent=1))
+    table["environment_device_times"] = environment(device)
+    table_path.write_text(json.dumps(table, indent=1))
+    reselect(table_path)
+
+
 def config_name(cfg: KernelConfig) -> str:
     return f"r{cfg.rows}_b{cfg.block_h}_w{cfg.num_warps}_s{cfg.num_stages}" + ("_fused" if cfg.fused else "")
 
@@ -117,7 +177,8 @@ def parse_config_name(name: str) -> KernelConfig:
     return KernelConfig(rows, block_h, warps, stages, parts[-1] == "fused")
 
 
-SELECTION = f"tune.select: the default configuration unless beaten by {CONFIG_MARGIN}x its loop time"
+SELECTION = (f"tune.select: the default configuration unless beaten by {CONFIG_MARGIN}x its loop time (a device "
+             "mask's entries: its device time, where recorded)")
 
 
 def _keep_default(times: dict, default: KernelConfig) -> KernelConfig:
@@ -127,12 +188,13 @@ def _keep_default(times: dict, default: KernelConfig) -> KernelConfig:
 
 
 def select(entry: dict) -> dict:
-    """Fill in an entry's winner from its measured loop times: the best Triton configuration of each kind
+    """Fill in an entry's winner from its measured times: the best Triton configuration of each kind
     (two-launch; one-launch for a device mask), each kept at the default unless beaten by CONFIG_MARGIN, the
     kind that kernel_config.default_config takes at this N unless the other beats it by the margin too; then the
-    path with the lowest loop time."""
+    path with the lowest loop time. The configurations are compared by loop time, a device mask's by device time
+    where the entry records it (DEVICE_TIMED_FINALISTS)."""
     key = entry["key"]
-    times = {parse_config_name(name): t for name, t in entry["triton_configs"].items()}
+    times = {parse_config_name(name): t for name, t in (entry.get("device_us") or entry["triton_configs"]).items()}
     on_device = key["mask"] == "gpu"
     default = default_config(key["hidden"], key["rows"], key["n"], on_device)
     kinds = {}
@@ -141,7 +203,7 @@ def select(entry: dict) -> dict:
         if measured:
             kinds[fused] = _keep_default(measured, default_of_kind(key["hidden"], fused))
     best = _keep_default({c: times[c] for c in kinds.values()}, kinds[default.fused])
-    entry["loop_us"]["triton"] = times[best]
+    entry["loop_us"]["triton"] = entry["triton_configs"][config_name(best)]
     path = min(entry["loop_us"], key=entry["loop_us"].get)
     triton = path == "triton"
     entry["best"] = {"path": path, "config": best._asdict() if triton else None,
@@ -285,11 +347,14 @@ def _dispatch_cost(device: torch.device, calls: int = 20000) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mmmerge-tune", description=__doc__.split("\n\n")[0],
-        epilog="The sweep and --evaluate need a CUDA GPU (they rank the paths on the GPU the merge runs on); "
-               "--reselect runs anywhere.")
+        epilog="The sweep, --evaluate and --device-times need a CUDA GPU (they rank the paths on the GPU the merge "
+               "runs on); --reselect runs anywhere.")
     parser.add_argument("--quick", action="store_true", help="a small sweep, for trying it out")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--evaluate", action="store_true", help="time path='auto' on the held-out grid")
+    parser.add_argument("--device-times", type=Path, default=None, metavar="TABLE.json",
+                        help="time a table's device-mask entries in device time (where it lacks them) and re-pick "
+                             "its winners")
     parser.add_argument("--reselect", type=Path, default=None, metavar="TABLE.json",
                         help="re-pick the winners of an existing table from its recorded times, then exit")
     parser.add_argument("--out", type=Path, default=None,
@@ -303,11 +368,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--reselect {args.reselect}: {getattr(error, 'strerror', None) or error}")
         return 0
     if not torch.cuda.is_available():
-        print(f"{parser.prog}: error: the sweep and --evaluate need a CUDA GPU, and this torch "
+        print(f"{parser.prog}: error: the sweep, --evaluate and --device-times need a CUDA GPU, and this torch "
               f"({torch.__version__}) sees none; only --reselect runs without one", file=sys.stderr)
         return 1
     device = torch.device("cuda", torch.cuda.current_device())
     name = device_name(device)
+    if args.device_times:
+        add_device_times(args.device_times, device)
+        dispatch.clear_cache()
+        return 0
     if args.evaluate:
         out = args.out or DEFAULT_OUT / f"regret_{name}.json"
         result = evaluate(device)
