@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import itertools
 import json
 import statistics
@@ -99,10 +100,10 @@ def tune_case(case: Case, device: torch.device) -> dict:
         "loop_us": loop_us,
         "triton_configs": {config_name(c): t for c, t in configs.items()},
     }
-    if case.mask == "gpu":
-        entry["device_us"] = device_times(dst, mask, src, entry, device)
     del dst, mask, src
     torch.cuda.empty_cache()
+    if case.mask == "gpu":
+        add_device_us(entry, case, device)
     return select(entry)
 
 
@@ -114,14 +115,15 @@ bench/results/h100/regret_history/1_*.json). The margin keeps the table's depart
 that were measured."""
 
 
-DEVICE_TIMED_FINALISTS, DEVICE_ROUNDS = 2, 3
+DEVICE_TIMED_FINALISTS, DEVICE_ROUNDS, DEVICE_LAYOUTS = 2, 3, ("blocks", "scattered")
 """A device mask's point is decided by device time with the GPU kept busy (timing.device_time_us), among each
 kind's default and its DEVICE_TIMED_FINALISTS fastest configurations in loop time, timed in DEVICE_ROUNDS
-interleaved rounds (the median kept). An engine that keeps its mask on the GPU queues the merge behind the
-vision encoder, where the host's launch cost is hidden and the GPU's time is what it pays; by loop time the H100
-table had picked the one-launch kernel at N = 16384, H = 4096, 10% of the rows, which ran 2.23-2.25x a copy's
-busy time where the two-launch default ran 1.27-1.28x (bench/results/h100/2026-12-06-s9/counted_scan_086222b.log).
-A CPU mask's points stay decided by loop time: its single launch reads a row map the host wrote."""
+interleaved rounds (the median kept) on each layout of DEVICE_LAYOUTS, the slower kept. An engine that keeps its
+mask on the GPU queues the merge behind the vision encoder, where the host's launch cost is hidden and the GPU's
+time is what it pays; and the one-launch kernel's time depends on where the true rows lie. By loop time, in image
+blocks, the H100 table had picked the one-launch kernel at N = 16384, H = 4096, 10% of the rows; at 5% scattered it
+ran 2.23x a copy's busy time where the two-launch default ran 1.27x
+(bench/results/h100/2026-12-06-s9/counted_scan_086222b.log). A CPU mask's points stay decided by loop time."""
 
 
 def device_candidates(entry: dict) -> list[KernelConfig]:
@@ -138,29 +140,36 @@ def device_candidates(entry: dict) -> list[KernelConfig]:
     return list(dict.fromkeys(chosen))
 
 
-def device_times(dst, mask, src, entry: dict, device: torch.device) -> dict:
-    """Device µs (GPU kept busy, L2 flushed) of device_candidates(entry) on these inputs, by name."""
-    calls = {config_name(c): (lambda c=c: executor.merge_triton(dst, mask, src, False, config=c))
-             for c in device_candidates(entry)}
-    taken = timing.interleaved(
-        calls, {"device_us": lambda fn: timing.device_time_us(fn, device, reps=timing.ROUND_REPS)}, DEVICE_ROUNDS)
-    return {name: statistics.median(figures["device_us"]) for name, figures in taken.items()}
+def add_device_us(entry: dict, case: Case, device: torch.device) -> None:
+    """Record the device µs of device_candidates(entry) at ``case`` on each of DEVICE_LAYOUTS
+    (entry["device_us_layouts"]) and each one's slower (entry["device_us"], what select reads)."""
+    candidates = device_candidates(entry)
+    layouts = {}
+    for layout in DEVICE_LAYOUTS:
+        dst, mask, src = make_inputs(dataclasses.replace(case, pattern=layout), device)
+        calls = {config_name(c): (lambda c=c: executor.merge_triton(dst, mask, src, False, config=c))
+                 for c in candidates}
+        taken = timing.interleaved(
+            calls, {"device_us": lambda fn: timing.device_time_us(fn, device, reps=timing.ROUND_REPS)},
+            DEVICE_ROUNDS)
+        layouts[layout] = {name: statistics.median(figures["device_us"]) for name, figures in taken.items()}
+        del dst, mask, src, calls
+        torch.cuda.empty_cache()
+    entry["device_us_layouts"] = layouts
+    entry["device_us"] = {name: max(times[name] for times in layouts.values()) for name in layouts["blocks"]}
 
 
 def add_device_times(table_path: Path, device: torch.device) -> None:
-    """Time every device-mask entry of a table that lacks them in device time (device_times), writing the table
-    after each, then re-pick its winners (select). Entries already timed are kept: rerunning goes on."""
+    """Time every device-mask entry of a table that lacks them in device time (add_device_us), writing the
+    table after each, then re-pick its winners (select). Entries already timed are kept: rerunning goes on."""
     table = json.loads(table_path.read_text())
     todo = [e for e in table["entries"] if e["key"]["mask"] == "gpu" and "device_us" not in e]
     print(f"mmmerge-tune --device-times: {len(todo)} device-mask entries to time on {device_name(device)}")
     for entry in _progress(todo, "entries"):
         key = entry["key"]
         case = Case(key["n"], key["hidden"], key["rows"] / key["n"], "blocks", key["src"], key["dst"], "gpu")
-        dst, mask, src = make_inputs(case, device)
-        assert src.shape[0] == key["rows"]
-        entry["device_us"] = device_times(dst, mask, src, entry, device)
-        del dst, mask, src
-        torch.cuda.empty_cache()
+        assert case.rows == key["rows"]
+        add_device_us(entry, case, device)
         table_path.write_text(json.dumps(table, indent=1))
     table["environment_device_times"] = environment(device)
     table_path.write_text(json.dumps(table, indent=1))
