@@ -48,16 +48,27 @@ for stage in ${1//,/ }; do
     > "$out/environment.txt"
   case $stage in
     tests)
-      # What else holds the GPU (a run cut before may leave its processes); each failure written as it
-      # happens (tests/conftest.py), and every thread's stack where one test runs past 5 minutes.
+      # What else holds the GPU (a run cut before may leave its processes); then three pytest processes and
+      # compute-sanitizer at once (about 4 minutes on an H100; the GPU idles between one process's small
+      # cases): A the exactness sweep, B threads, launches, graphs, positions, scans, compile, C the rest. Each
+      # failure written as it happens (tests/conftest.py), every thread's stack where a test runs past 5 minutes.
       nvidia-smi > "$out/nvidia_smi.txt" 2>&1
-      MMMERGE_FAILURES="$out/gpu_failures.log" python -m pytest tests/gpu tests/models tests/test_engine_hooks.py \
-        tests/test_requests.py tests/test_sglang_positions.py -q -rs -o faulthandler_timeout=300 \
-        -p no:cacheprovider --junitxml="$out/gpu_junit.xml" > "$out/gpu_tests.log" 2>&1
-      tail -n 3 "$out/gpu_tests.log"
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      shard() {  # name, pytest arguments
+        MMMERGE_FAILURES="$out/gpu_failures_$1.log" python -m pytest "${@:2}" -q -rs -o faulthandler_timeout=300 \
+          -p no:cacheprovider --junitxml="$out/gpu_junit_$1.xml" > "$out/gpu_tests_$1.log" 2>&1
+        echo "tests $1: $(tail -n 1 "$out/gpu_tests_$1.log")"
+      }
+      a=(tests/gpu/test_exact.py)
+      b=(tests/gpu/test_threads.py tests/gpu/test_launch.py tests/gpu/test_cuda_graph.py tests/gpu/test_positions.py
+         tests/gpu/test_scan_copy.py tests/gpu/test_compile.py)
+      shard A "${a[@]}" &
+      shard B "${b[@]}" &
+      shard C tests/gpu "${a[@]/#/--ignore=}" "${b[@]/#/--ignore=}" tests/models tests/test_engine_hooks.py \
+        tests/test_requests.py tests/test_sglang_positions.py &
+      (PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
         python tests/gpu/sanitize.py > "$out/sanitize.log" 2>&1
-      echo "compute-sanitizer exit code: $?" | tee -a "$out/sanitize.log"
+       echo "compute-sanitizer exit code: $?" | tee -a "$out/sanitize.log") &
+      wait
       ;;
     tune)
       python -m mmmerge_triton.tools.tune > "$out/tune.log" 2>&1
