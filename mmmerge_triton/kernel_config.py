@@ -45,14 +45,17 @@ at N = 512-12000 it ran 1.1-2.6x faster in loop time than the best two-launch co
 FUSED_REACH = 1.5
 """A one-launch winner serves N up to this multiple of the N it was measured at (dispatch: a table entry's N,
 and never past FUSED_REACH x FUSED_BELOW; the untuned rule: FUSED_BELOW, see default_config)."""
-FUSED_SHORT_ROW, FUSED_FEW = 2048, 0.25
+FUSED_SHORT_ROW = 2048
 """Past FUSED_BELOW, up to FUSED_REACH x FUSED_BELOW rows, the untuned rule keeps the one-launch kernel where H is at
-most FUSED_SHORT_ROW or under FUSED_FEW of the rows are placeholders. In the H100 table's sweep
-(configs/NVIDIA_H100_80GB_HBM3.json) the one-launch default ran within 5% of the two-launch default, or faster, in
-every such entry at N = 16384; at N = 65536 it lost by 15-37% at H = 2048 with 10% of the rows (its prefix
-re-reads grow as N squared over its 8 rows per program), and a held-out point there (N = 70000, H = 2048, 5%)
-ran 2.0x the table's choice when the rule reached that far (bench/results/h100/2026-12-06-s4/untuned.log).
-tests/test_untuned.py checks the rule against the sweep."""
+most FUSED_SHORT_ROW. In the H100 table's sweep (configs/NVIDIA_H100_80GB_HBM3.json, device time with the GPU kept
+busy, the slower of image blocks and scattered rows) the one-launch default ran 0.93-0.99x the two-launch one at
+N = 16384 with 90% of the rows and 1.05-1.12x with 10%; with longer rows and 10% of the rows it ran 1.16-1.74x
+(the reach once covered those, by loop time, where it had looked within 5%; through the API at N = 16384, H = 4096,
+5% scattered, it ran 1.74x a copy's busy time against 1.30-1.34x: 2026-12-06-s10/counted_scan_91afe13.log). At
+N = 65536 it lost by 15-37% at H = 2048 with 10% of the rows (its prefix re-reads grow as N squared over its 8 rows
+per program), and a held-out point there (N = 70000, H = 2048, 5%) ran 2.0x the table's choice when the rule
+reached that far (bench/results/h100/2026-12-06-s4/untuned.log). tests/test_untuned.py checks the rule against the
+sweep."""
 
 
 SHORT_ROW = 3072
@@ -72,12 +75,11 @@ def default_config(hidden: int, m: int, n: int, mask_on_device: bool) -> KernelC
     (mmmerge_triton/configs/NVIDIA_H100_80GB_HBM3.json): a CPU mask's most frequent winner was one row per
     program over 4096-wide column steps, 8 warps, and four rows per program for many short rows (SHORT_ROW); a
     device mask of under 16384 rows took the one-launch kernel with 8 rows per program (its prefix re-reads stay
-    small there), and past it where rows are short or few are placeholders (FUSED_SHORT_ROW, FUSED_FEW), else the
+    small there), and past it where rows are short (FUSED_SHORT_ROW), else the
     two-launch form. (An earlier rule of up to 16 rows per program over 512-wide steps ran 1.05-1.12x a copy
     where the table's choices ran 1.02-1.07x: bench/results/h100, columns "triton" and "auto"; the two-launch
     form at N = 20000, H = 2048 ran 1.19x the table's one-launch choice: 2026-12-06-s3/untuned.log.)"""
-    fused = mask_on_device and (n < FUSED_BELOW or (n < FUSED_REACH * FUSED_BELOW and (
-        hidden <= FUSED_SHORT_ROW or m < FUSED_FEW * n)))
+    fused = mask_on_device and (n < FUSED_BELOW or (n < FUSED_REACH * FUSED_BELOW and hidden <= FUSED_SHORT_ROW))
     return default_of_kind(hidden, fused=fused, m=m)
 
 
