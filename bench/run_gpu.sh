@@ -49,7 +49,7 @@ for stage in ${1//,/ }; do
   case $stage in
     tests)
       # What else holds the GPU (a run cut before may leave its processes); then three pytest processes and
-      # compute-sanitizer at once (about 4 minutes on an H100; the GPU idles between one process's small
+      # compute-sanitizer at once (under 4 minutes on an H100; the GPU idles between one process's small
       # cases): A the exactness sweep, B threads, launches, graphs, positions, scans, compile, C the rest. Each
       # failure written as it happens (tests/conftest.py), every thread's stack where a test runs past 5 minutes.
       nvidia-smi > "$out/nvidia_smi.txt" 2>&1
