@@ -3,11 +3,12 @@
 Tuned tables (written by ``mmmerge-tune``) live in ``configs/<device name>.json``, the name as
 ``torch.cuda.get_device_name()`` gives it with spaces made underscores; ``MMMERGE_CONFIG_DIR`` points to
 another folder. Each entry holds, for one (mask device, src dtype, dst dtype, N, H, M), the path with the
-lowest loop time and the best Triton configuration (by loop time; a device mask's by device time, tune.select). At run time the nearest entry wins: same mask device,
-the closest dtype pair (by element sizes), then the smallest distance in log2 N, log2 H and log2 M. For a
-device mask the kind of kernel then follows N: under kernel_config.FUSED_BELOW rows the entry's best one-launch
-configuration, and a one-launch winner is not carried past FUSED_REACH times the N it was measured at, nor
-past FUSED_REACH x FUSED_BELOW (the untuned rule's reach): there the two-launch default. A table's
+lowest loop time and the best Triton configuration (by loop time; a device mask's by device time: tune.select).
+At run time the nearest entry wins: same mask device, the closest dtype pair (by element sizes), then the
+smallest distance in log2 N, log2 H and log2 M. For a device mask the kind of kernel then follows N: under
+kernel_config.FUSED_BELOW rows the entry's best one-launch configuration, and a one-launch winner is not carried
+past FUSED_REACH times the N it was measured at, nor past FUSED_REACH x FUSED_BELOW (the untuned rule's reach):
+there the two-launch default. A table's
 two-launch configuration carried to fewer source rows than its entry's takes proportionally fewer rows per
 program (a power of two), so that the launch keeps the entry's number of programs: a small M with many rows
 per program leaves SMs idle.

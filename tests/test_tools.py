@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmmerge_triton import launch
 from mmmerge_triton.tools import analysis, bench, report, timing, tune
 from mmmerge_triton.tools.cases import Case
 
@@ -338,6 +339,41 @@ def test_tune_reselect_of_a_bad_file_is_one_error_line(tmp_path, content):
     assert last.startswith(f"mmmerge-tune: error: --reselect {file}: ") and len(last) > len(str(file)) + 35
     if content is not None:
         assert (file.read_bytes() if isinstance(content, bytes) else file.read_text()) == content  # untouched
+
+
+@pytest.mark.skipif(not launch.INTERPRET, reason="the merges run on the CPU under the interpreter")
+def test_tune_device_times_times_each_layout_then_repicks_and_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """add_device_times on a two-entry table (a CPU mask's entry and a device mask's, recorded loop times that
+    favour the one-launch kernel): the device mask's candidates timed on both layouts, the slower kept, the winner
+    re-picked from those times; the CPU mask's entry untouched. A second run times nothing more."""
+    loop = {"r1_b32_w8_s1": 30.0, "r4_b32_w8_s1": 31.0, "r8_b32_w8_s1_fused": 10.0, "r32_b32_w8_s1_fused": 12.0}
+    key = {"mask": "gpu", "src": "bf16", "dst": "bf16", "n": 2048, "hidden": 32, "rows": 205}
+    entries = [tune.select({"key": dict(key, mask=m), "loop_us": {"index_put": 50.0},
+                            "triton_configs": dict(loop) if m == "gpu" else {"r1_b32_w8_s1": 30.0}})
+               for m in ("cpu", "gpu")]
+    assert entries[1]["best"]["config"]["fused"]
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"version": 1, "entries": entries}))
+    costs = []  # the device µs of each merge timed: a one-launch configuration's 5x a two-launch one's
+    merge = tune.executor.merge_triton
+
+    def timed_merge(dst, mask, src, accumulate, config):
+        costs.append(5.0 if config.fused else 1.0)
+        return merge(dst, mask, src, accumulate, config=config)
+
+    monkeypatch.setattr(tune.executor, "merge_triton", timed_merge)
+    monkeypatch.setattr(timing, "device_time_us", lambda fn, device, reps=0: (fn(), costs[-1])[1])
+    tune.add_device_times(table, torch.device("cpu"))
+    written = json.loads(table.read_text())
+    cpu_entry, gpu_entry = written["entries"]
+    assert "device_us" not in cpu_entry and cpu_entry["best"] == entries[0]["best"]
+    assert set(gpu_entry["device_us_layouts"]) == {"blocks", "scattered"}
+    assert set(gpu_entry["device_us"]) == set(loop)  # the defaults and the two fastest of each kind
+    assert gpu_entry["device_us"]["r8_b32_w8_s1_fused"] == 5.0 and gpu_entry["device_us"]["r1_b32_w8_s1"] == 1.0
+    assert not gpu_entry["best"]["config"]["fused"] and gpu_entry["loop_us"]["triton"] == 30.0
+    calls = len(costs)
+    tune.add_device_times(table, torch.device("cpu"))
+    assert len(costs) == calls and json.loads(table.read_text())["entries"] == written["entries"]
 
 
 @pytest.mark.parametrize("threads", ["-3", "0", "two"])

@@ -8,9 +8,9 @@
 The sweep runs shapes x (src, dst) dtypes x mask device x mask density; at each point it times every path
 and a set of Triton configurations by loop time (host and device together: at small cases the host
 dominates), at a device mask's points its finalists in device time too (DEVICE_TIMED_FINALISTS), and writes
-``configs/<device name>.json`` (see dispatch.py). ``--device-times`` adds those device times to a table
-swept without them, entry by entry (rerun it to go on where it stopped), and re-picks its winners. Finished points are appended to a
-``.partial`` file as they complete, so ``--resume`` picks an interrupted sweep up where it stopped.
+``configs/<device name>.json`` (see dispatch.py). Finished points are appended to a ``.partial`` file as they
+complete, so ``--resume`` picks an interrupted sweep up where it stopped. ``--device-times`` adds those device
+times to a table swept without them, entry by entry (rerun it to go on where it stopped), and re-picks its winners.
 ``--evaluate`` times path="auto" on a grid the sweep never saw, against every path and against the best
 Triton configuration at each point, and writes the regret table (default
 ./mmmerge-results/regret_<device>.json in the current directory).
