@@ -341,6 +341,14 @@ def test_tune_reselect_of_a_bad_file_is_one_error_line(tmp_path, content):
         assert (file.read_bytes() if isinstance(content, bytes) else file.read_text()) == content  # untouched
 
 
+@pytest.mark.parametrize("table", SHIPPED_TABLES, ids=lambda p: p.stem)
+def test_every_shipped_entrys_key_gives_back_its_sweep_case(table):
+    """--device-times rebuilds each entry's inputs from its key: the case it makes has that very key (N, H, M,
+    dtypes, mask device), so the device times are of the point the loop times were."""
+    for entry in json.loads(table.read_text())["entries"]:
+        assert tune._key(tune._case(entry["key"])) == entry["key"]
+
+
 @pytest.mark.skipif(not launch.INTERPRET, reason="the merges run on the CPU under the interpreter")
 def test_tune_device_times_times_each_layout_then_repicks_and_goes_on_where_it_stopped(tmp_path, monkeypatch):
     """add_device_times on a two-entry table (a CPU mask's entry and a device mask's, recorded loop times that

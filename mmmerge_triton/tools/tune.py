@@ -166,10 +166,7 @@ def add_device_times(table_path: Path, device: torch.device) -> None:
     todo = [e for e in table["entries"] if e["key"]["mask"] == "gpu" and "device_us" not in e]
     print(f"mmmerge-tune --device-times: {len(todo)} device-mask entries to time on {device_name(device)}")
     for entry in _progress(todo, "entries"):
-        key = entry["key"]
-        case = Case(key["n"], key["hidden"], key["rows"] / key["n"], "blocks", key["src"], key["dst"], "gpu")
-        assert case.rows == key["rows"]
-        add_device_us(entry, case, device)
+        add_device_us(entry, _case(entry["key"]), device)
         table_path.write_text(json.dumps(table, indent=1))
     table["environment_device_times"] = environment(device)
     table_path.write_text(json.dumps(table, indent=1))
@@ -277,6 +274,13 @@ def sweep(grid_name: str, device: torch.device, out: Path, resume: bool) -> Path
 def _key(case: Case) -> dict:
     return {"mask": case.mask, "src": case.src, "dst": case.dst, "n": case.n, "hidden": case.hidden,
             "rows": case.rows}
+
+
+def _case(key: dict) -> Case:
+    """The sweep's case of an entry's key (the inverse of _key)."""
+    case = Case(key["n"], key["hidden"], key["rows"] / key["n"], "blocks", key["src"], key["dst"], key["mask"])
+    assert _key(case) == key, (key, _key(case))
+    return case
 
 
 def _interleaved_loop_us(calls: dict, device: torch.device, rounds: int) -> dict:
