@@ -153,10 +153,11 @@ def add_device_us(entry: dict, case: Case, device: torch.device) -> None:
             calls, {"device_us": lambda fn: timing.device_time_us(fn, device, reps=timing.ROUND_REPS)},
             DEVICE_ROUNDS)
         layouts[layout] = {name: statistics.median(figures["device_us"]) for name, figures in taken.items()}
-        del dst, mask, src, calls
+        del dst, mask, src
         torch.cuda.empty_cache()
     entry["device_us_layouts"] = layouts
-    entry["device_us"] = {name: max(times[name] for times in layouts.values()) for name in layouts["blocks"]}
+    entry["device_us"] = {name: max(times[name] for times in layouts.values())
+                          for name in map(config_name, candidates)}
 
 
 def add_device_times(table_path: Path, device: torch.device) -> None:
