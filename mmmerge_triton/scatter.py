@@ -8,6 +8,7 @@ import torch
 from .kernel_config import KernelConfig, cdiv, next_pow2
 from .kernels.mask_row_copy import mask_row_copy_kernel
 from .kernels.mask_rows import mask_block_counts_kernel, mask_to_rows_kernel
+from .kernels.mask_select_copy import mask_select_copy_kernel
 from .kernels.row_copy import ADD, COPY, GATHER, row_copy_kernel
 from .launch import INTERPRET, Bound, FastKernel
 from .rowmap import MAX_ROWS, RowMap
@@ -16,6 +17,7 @@ _row_copy = FastKernel(row_copy_kernel)
 _mask_row_copy = FastKernel(mask_row_copy_kernel)
 _mask_to_rows = FastKernel(mask_to_rows_kernel)
 _mask_block_counts = FastKernel(mask_block_counts_kernel)
+_mask_select_copy = FastKernel(mask_select_copy_kernel)
 
 PREFIX_CHUNK = 4096  # mask bytes per step when a program counts the true rows before its block
 SCAN_PREFIX_CHUNK, SCAN_PREFIX_LOADS = 32768, 2
@@ -190,6 +192,61 @@ def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None, b
     bound_rows = _mask_to_rows.launch(key, grid,
                                       (mask_bytes, rows, count, counts, n, capacity), constexprs, options, device)
     return bound_counts, bound_rows
+
+
+SELECT_BELOW = 524288
+"""A device mask of fewer rows merges without a row map (mask_select_copy: the block counts, then the row copy,
+each program finding its own dense rows from them); from here on through the map (mask_to_rows, row_copy), where a
+program's sum over every block's count would grow with N. On an H100 (H = 4096, bf16, CUDA events with the GPU kept
+busy, L2 flushed) the merge ran 1.024x a copy of the same bytes against the map's 1.036x at N = 32768 with half
+the rows in image blocks, 1.063x against 1.094x at N = 131072 with 5%, and as fast or faster at every point of
+N = 16384-262144 (bench/results/h100/2026-12-06-s11/select_copy_proto_986e836.log): the copy's first programs
+wait for the counts' launch alone, not for a second launch after it. A power of two: every N of a dispatch
+bucket falls on one side."""
+SELECT_BLOCK = 1024  # mask bytes per block count
+SELECT_COUNTS = SELECT_BELOW // SELECT_BLOCK  # the most block counts a program of mask_select_copy sums
+
+
+def selects(n: int) -> bool:
+    """Whether a device mask of N rows merges without a row map (SELECT_BELOW)."""
+    return n < SELECT_BELOW
+
+
+def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelConfig) -> tuple[Bound, Bound] | None:
+    """Move ``compact`` [M, H] into the rows of ``dense`` [N, H] (unit column strides) where ``mask_bytes`` [N] uint8
+    is nonzero, in order, on the device, with no row map: mask_block_counts_kernel writes ``counts`` [>= cdiv(N,
+    SELECT_BLOCK)] int32, then mask_select_copy_kernel (a programmatic dependent where dependent_launch()) moves
+    compact row j into the dense row of the j-th true byte, for j < min(M, true bytes). ``mask_bytes`` and
+    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. N < SELECT_BELOW.
+    Returns the kernels as bound (None under the interpreter), as row_copy does: the counts', arguments
+    (grid_x = cdiv(N, SELECT_BLOCK), stream, mask_bytes, counts, N); the copy's, arguments (grid_x = cdiv(min(M,
+    N), cfg.rows), stream, dense, compact, mask_bytes, counts, N, cdiv(N, SELECT_BLOCK), M, H, dense row stride,
+    compact row stride). None if nothing moves."""
+    n = dense.shape[0]
+    n_rows, hidden = compact.shape
+    if mode not in (COPY, ADD) or not selects(n):
+        raise ValueError(f"mask_select_copy copies or adds (mode {mode}) under {SELECT_BELOW} mask rows (got {n})")
+    if n == 0 or n_rows == 0 or hidden == 0:
+        return None
+    device = dense.device.index
+    overlap = dependent_launch(device)
+    programs = cdiv(n, SELECT_BLOCK)
+    mask_align = mask_bytes.data_ptr() % 16
+    key = (device, mask_align, counts.data_ptr() % 16, SELECT_BLOCK, SELECT_BLOCK, overlap)  # as mask_to_rows'
+    bound_counts = _mask_block_counts.launch(key, (programs, 1), (mask_bytes, counts, n),
+                                             (SELECT_BLOCK, SELECT_BLOCK, overlap), (4, 1), device)
+    sd, sc = dense.stride(0), compact.stride(0)
+    key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, mask_align,
+           counts.data_ptr() % 16, hidden, sd, sc, n_rows > 0x7FFFFFFF, mode, overlap, cfg)
+    bound_copy = _mask_select_copy.launch(
+        key,
+        (cdiv(min(n_rows, n), cfg.rows), 1),  # rows past the mask's N never move
+        (dense, compact, mask_bytes, counts, n, programs, n_rows, hidden, sd, sc),
+        (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, SELECT_COUNTS, overlap),
+        (cfg.num_warps, cfg.num_stages, overlap),
+        device,
+    )
+    return bound_counts, bound_copy
 
 
 def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig,

@@ -1,5 +1,5 @@
 """The Triton kernels called directly (under the interpreter on the CPU): row_copy in its four modes,
-mask_row_copy, the device row map, and merge_triton with explicit kernel configurations.
+mask_row_copy, the device row map, mask_select_copy, and merge_triton with explicit kernel configurations.
 
 Tensors sit inside larger guard buffers (extra rows above and below, extra columns on both sides), so a
 read or write out of bounds shows up as a changed guard or as a wrong value in a row that must not move.
@@ -318,6 +318,103 @@ def test_the_scan_block_fits_the_kernels(n):
     else:
         assert block <= scatter.SCAN_TILE
     assert scatter.counted(bucket(n)) == scatter.counted(n)
+
+
+# ---- mask_select_copy: no row map ---------------------------------------------------------------------------
+
+@pytest.fixture
+def small_select_blocks(monkeypatch):
+    """Blocks of 16 mask bytes, up to 64 of them: the interpreter runs many blocks in few rows."""
+    monkeypatch.setattr(scatter, "SELECT_BLOCK", 16)
+    monkeypatch.setattr(scatter, "SELECT_COUNTS", 64)
+    monkeypatch.setattr(scatter, "SELECT_BELOW", 16 * 64)
+
+
+SELECT_CASES = [(offset, mode, m_vs_k, KernelConfig(4, 16)) for offset in (0, 1, 3) for mode in (COPY, ADD)
+                for m_vs_k in ("m_equals_k", "m_below_k", "m_above_k")]
+SELECT_CASES += [(1, COPY, "m_below_k", KernelConfig(1, 16)), (3, ADD, "m_above_k", KernelConfig(2, 64))]
+
+
+@pytest.mark.parametrize(("offset", "mode", "m_vs_k", "config"), SELECT_CASES,
+                         ids=[f"at_byte_{o}-{'add' if d == ADD else 'copy'}-{mk}-rows{c.rows}-bh{c.block_h}"
+                              for o, d, mk, c in SELECT_CASES])
+def test_mask_select_copy_moves_the_first_min_k_m_true_rows(offset, mode, m_vs_k, config, small_select_blocks):
+    """Each program finds the dense row of its j-th true byte from the block counts and one block's bytes: over
+    41 blocks (the last one partial), a mask of single-bit and 255 bytes at any address, M equal to, below and
+    above its true rows, H = 37 (column tails past the first BLOCK_H read, and a BLOCK_H wider than H); nothing
+    written past the counts, the views or the rows that move."""
+    n = 40 * 16 + 13
+    mask, true_rows = single_bit_bytes_mask(n, offset, seed=offset + 30)
+    k = true_rows.size
+    m = {"m_equals_k": k, "m_below_k": k - 70, "m_above_k": k + 9}[m_vs_k]
+    dense = Guarded(n, 37, torch.bfloat16, seed=1)
+    compact = Guarded(m, 37, torch.float32, seed=2)
+    programs = -(-n // 16)
+    counts = torch.full((programs + 4,), -7, dtype=torch.int32)
+    scatter.mask_select_copy(dense.view, compact.view, mask.view(torch.uint8), counts, mode, config)
+    assert_rows_moved(mode, dense, compact, true_rows, min(k, m))
+    assert counts[:programs].tolist() == np.bincount(true_rows // 16, minlength=programs).tolist()
+    assert counts[programs:].eq(-7).all(), "wrote past the block counts"
+
+
+@pytest.mark.parametrize("pattern", ["all_true", "all_false", "last_row_only", "first_block_empty"])
+def test_mask_select_copy_edge_masks(pattern, small_select_blocks):
+    n = 5 * 16 + 1
+    mask = torch.zeros(n, dtype=torch.bool)
+    if pattern == "all_true":
+        mask[:] = True
+    elif pattern == "last_row_only":
+        mask[-1] = True
+    elif pattern == "first_block_empty":
+        mask[16::3] = True
+    true_rows = np.flatnonzero(mask.numpy())
+    k = true_rows.size
+    dense = Guarded(n, 5, torch.float16, seed=3)
+    compact = Guarded(max(k, 2), 5, torch.float16, seed=4)
+    counts = torch.empty(-(-n // 16), dtype=torch.int32)
+    scatter.mask_select_copy(dense.view, compact.view, mask.view(torch.uint8), counts, COPY, KernelConfig(2, 4))
+    assert_rows_moved(COPY, dense, compact, true_rows, min(k, max(k, 2)))
+
+
+def test_mask_select_copy_with_the_shipped_blocks():
+    """SELECT_BLOCK and SELECT_COUNTS as shipped: three blocks and a partial fourth."""
+    n = 3 * scatter.SELECT_BLOCK + 5
+    odd, clean = odd_bytes_mask(n, seed=40)
+    true_rows = np.flatnonzero(clean.numpy())
+    k = true_rows.size
+    dense = Guarded(n, 8, torch.float32, seed=1)
+    compact = Guarded(k, 8, torch.bfloat16, seed=2)
+    counts = torch.empty(4, dtype=torch.int32)
+    scatter.mask_select_copy(dense.view, compact.view, odd.view(torch.uint8), counts, ADD, KernelConfig(16, 8))
+    assert_rows_moved(ADD, dense, compact, true_rows, k)
+
+
+def test_mask_select_copy_refusals_and_empty_inputs():
+    counts = torch.empty(1, dtype=torch.int32)
+    mask = torch.ones(4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="copies or adds"):
+        scatter.mask_select_copy(torch.zeros(4, 2), torch.zeros(4, 2), mask, counts, GATHER, KernelConfig(1, 2))
+    n = scatter.SELECT_BELOW
+    big = torch.zeros(1, 2).expand(n, 2)  # no memory behind the rows: nothing may be launched
+    with pytest.raises(ValueError, match="under"):
+        scatter.mask_select_copy(big, torch.zeros(2, 2), torch.zeros(1, dtype=torch.uint8).expand(n), counts, COPY,
+                                 KernelConfig(1, 2))
+    dense = torch.zeros(4, 2)
+    assert scatter.mask_select_copy(dense, torch.zeros(0, 2), mask, counts, COPY, KernelConfig(1, 2)) is None
+    assert scatter.mask_select_copy(torch.zeros(0, 2), torch.ones(3, 2), mask[:0], counts, COPY,
+                                    KernelConfig(1, 2)) is None
+    assert dense.eq(0).all()
+
+
+@pytest.mark.parametrize("n", [1, 1000, scatter.SELECT_BELOW - 1, scatter.SELECT_BELOW, 2**31 - 1])
+def test_the_select_threshold_fits_the_kernel(n):
+    """Every N under SELECT_BELOW has at most SELECT_COUNTS block counts (the counts a program sums), a power of
+    two, and a dispatch bucket falls on one side of it (an executor Launch keeps its first call's route)."""
+    from mmmerge_triton.dispatch import bucket
+    assert scatter.SELECT_COUNTS & (scatter.SELECT_COUNTS - 1) == 0
+    if scatter.selects(n):
+        assert -(-n // scatter.SELECT_BLOCK) <= scatter.SELECT_COUNTS
+    assert scatter.selects(bucket(n)) == scatter.selects(n)
 
 
 # ---- merge_triton with explicit configurations and row maps ----------------------------------------------

@@ -28,7 +28,7 @@ SCRIPT_RESULTS = {"compare_host_path": "compare_host_path.log", "positions_": "p
                   "untuned_": "untuned.log", "chained_merges_": "chained_merges.log",
                   "device_mask_profile_": "device_mask_profile.log",
                   "device_mask_overlap_": "device_mask_overlap.log", "counted_scan_": "counted_scan.log",
-                  "row_copy_floor_": "row_copy_floor.log"}
+                  "row_copy_floor_": "row_copy_floor.log", "select_copy_": "select_copy.log"}
 COMMITTED = sorted(p for p in RESULTS.rglob("*.json") if not p.name.startswith(tuple(SCRIPT_RESULTS)))
 SHIPPED_TABLES = sorted((ROOT / "mmmerge_triton" / "configs").glob("*.json"))
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a torch without CUDA")

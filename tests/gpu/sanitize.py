@@ -10,8 +10,9 @@ On the GPU machine:
 past a tensor). It also checks every result against torch, so without the sanitizer it is a quick
 correctness run (well under a minute of GPU work). Covered: row_copy_kernel in COPY/ADD/GATHER with
 row maps whose count is below and above M (and maps only as long as their count), the fused
-mask_row_copy_kernel and the two-pass mask_to_rows_kernel + row_copy_kernel (the map scanned in one launch or
-counted in two, mask_block_counts_kernel first) with device masks whose true rows K differ from M both ways
+mask_row_copy_kernel, mask_block_counts_kernel + mask_select_copy_kernel (no row map), and the two-pass
+mask_to_rows_kernel + row_copy_kernel (the map scanned in one launch or counted in two, mask_block_counts_kernel
+first) with device masks whose true rows K differ from M both ways
 (no host check: the kernels alone must stay in bounds), N=1, H=1, odd H,
 empty and full masks, CPU-mask staging (many calls, and a row map larger than an arena quarter), plans,
 the backward (GATHER), misaligned and strided views, every dtype pair, merge_requests with items at odd
@@ -69,14 +70,16 @@ def main() -> int:
             executor.merge_triton(dst, mask_cpu, src, acc, config=cfg)
         elif kind == "fused":
             executor.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=True))
-        elif kind == "two_pass":
+        elif kind == "select":  # the two-launch kind as shipped under SELECT_BELOW rows: no row map
             executor.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=False))
-        elif kind == "counted":  # two_pass with the map scanned in two levels at any N (COUNTED_FROM lowered)
-            saved, scatter.COUNTED_FROM = scatter.COUNTED_FROM, 1
+        elif kind in ("two_pass", "counted"):  # through the row map (SELECT_BELOW lowered), scanned in two levels
+            # at any N for "counted" (COUNTED_FROM lowered)
+            saved = scatter.SELECT_BELOW, scatter.COUNTED_FROM
+            scatter.SELECT_BELOW, scatter.COUNTED_FROM = 0, 1 if kind == "counted" else saved[1]
             try:
                 executor.merge_triton(dst, mask_cpu.to(DEV), src, acc, config=cfg._replace(fused=False))
             finally:
-                scatter.COUNTED_FROM = saved
+                scatter.SELECT_BELOW, scatter.COUNTED_FROM = saved
         elif kind == "plan":
             plan = mt.MergePlan(mask_cpu.to(DEV))
             executor.merge_triton(dst, plan.mask, src, acc, rowmap=plan.rowmap, config=cfg)
@@ -96,7 +99,7 @@ def main() -> int:
     for pair in DTYPE_PAIRS:
         for n, h, m in [(1, 1, 1), (7, 33, 3), (64, 130, 40)]:
             for acc in (False, True):
-                for kind in ("cpu", "fused", "two_pass", "counted"):
+                for kind in ("cpu", "fused", "select", "two_pass", "counted"):
                     def run(pair=pair, n=n, h=h, m=m, acc=acc, kind=kind):
                         mask = random_mask((n,), m, seed=n + h)
                         dst = rand((n, h), pair[1], seed=1)
@@ -113,7 +116,7 @@ def main() -> int:
     for pair in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]:
         for n, k, m in shapes_b:
             for acc in (False, True):
-                for kind in ("fused", "two_pass", "counted", "plan", "api"):
+                for kind in ("fused", "select", "two_pass", "counted", "plan", "api"):
                     def run(pair=pair, n=n, k=k, m=m, acc=acc, kind=kind):
                         mask = random_mask((n,), k, seed=n + k + m)
                         dst = rand((n, 40), pair[1], seed=3)
@@ -173,7 +176,7 @@ def main() -> int:
         dst = rand((10, 16), torch.float32, seed=10)
         before = dst.clone()
         none = torch.zeros(10, dtype=torch.bool)
-        for kind in ("cpu", "fused", "two_pass", "plan"):
+        for kind in ("cpu", "fused", "select", "two_pass", "plan"):
             merge(kind, dst, none, rand((0, 16), torch.float32, seed=11), False)
         scatter.mask_to_rows(torch.zeros(0, dtype=torch.uint8, device=DEV),
                              torch.empty(1, dtype=torch.int32, device=DEV),

@@ -26,7 +26,7 @@ if launch.INTERPRET:
 DEV = dev()
 FAST_KERNELS = {"row_copy": scatter._row_copy, "mask_row_copy": scatter._mask_row_copy,
                 "mask_to_rows": scatter._mask_to_rows, "mask_block_counts": scatter._mask_block_counts,
-                "multi_row_copy": mm_items._multi_row_copy}
+                "mask_select_copy": scatter._mask_select_copy, "multi_row_copy": mm_items._multi_row_copy}
 N, M = 40, 15
 
 # name -> (H, dst row stride, dst offset in elements, src row stride, src offset, mask offset in bytes)
@@ -107,17 +107,20 @@ def _check_binaries(calls):
 
 
 def _run(kind, dst, mask, src, accumulate):
-    if kind in ("two_pass", "counted"):  # "counted": the row map scanned in two levels (COUNTED_FROM patched)
+    if kind in ("select", "two_pass", "counted"):  # the two-launch kind: as shipped at this N, no row map
+        # ("select"); through the row map (SELECT_BELOW patched), scanned in two levels for "counted" (COUNTED_FROM)
         executor.merge_triton(dst, mask, src, accumulate, config=KernelConfig(4, 64, 4, 1, False))
     else:  # "cpu" and "gpu" (N is small: the fused kernel) through the public API
         mt.masked_row_scatter_(dst, mask, src, accumulate=accumulate, path="triton")
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "add"])
-@pytest.mark.parametrize("kind", ["cpu", "gpu", "two_pass", "counted"])
+@pytest.mark.parametrize("kind", ["cpu", "gpu", "select", "two_pass", "counted"])
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant(variant, pair, kind, accumulate, recorded, monkeypatch):
+    if kind in ("two_pass", "counted"):
+        monkeypatch.setattr(scatter, "SELECT_BELOW", 0)
     if kind == "counted":
         monkeypatch.setattr(scatter, "COUNTED_FROM", 1)
     mask_on_gpu = kind != "cpu"
@@ -134,7 +137,8 @@ def test_variant(variant, pair, kind, accumulate, recorded, monkeypatch):
         else:
             assert after == before, f"a repeat of the variant missed the cache: {before} -> {after}"
     assert grew, "the first call compiled nothing into the fast cache"
-    assert any(call[0] == "mask_block_counts" for call in recorded) == (kind == "counted")
+    assert any(call[0] == "mask_block_counts" for call in recorded) == (kind in ("select", "counted"))
+    assert any(call[0] == "mask_select_copy" for call in recorded) == (kind == "select")
     _check_binaries(recorded)
 
 

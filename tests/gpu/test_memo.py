@@ -1,5 +1,6 @@
 """The memo of prepared merges on CUDA (core._prepared): each kind of entry (a host row map staged in the ring,
-the one-launch kernel on a device mask, a device row map then the row copy), made by one call and then hit by
+the one-launch kernel on a device mask, a device mask's block counts then the copy that selects its rows, or its
+row map then the row copy), made by one call and then hit by
 calls of other N, M, masks and values in the same buckets, launched through the bound C entry with addresses as
 ints: every result bit for bit torch's, no sync on a hit, and the per-call checks (shared bytes, counts) on a hit.
 """
@@ -27,11 +28,14 @@ H = 320
 SMALL = [(1280, 640), (1300, 700), (1535, 767), (1400, 641)]
 LARGE = [(FUSED_BELOW + 100, 3100), (FUSED_BELOW + 1000, 3300), (FUSED_BELOW + 2000, 3500)]
 LARGER = [(41000, 4200), (45000, 4600), (49000, 5000)]
-# Device masks from scatter.COUNTED_FROM (65536) rows: the row map scanned in two levels, three bound launches.
+# Device masks from scatter.COUNTED_FROM (65536) rows: through a row map (device_rows_map*: scatter.SELECT_BELOW
+# lowered) scanned in two levels, three bound launches; as shipped, no row map (scatter.selects), two.
 COUNTED = [(66000, 4200), (72000, 4600), (81000, 5000)]
 KINDS = {"host_rows": (SMALL, False, kernel_config.HOST_ROWS), "host_rows_large": (LARGER, False, kernel_config.HOST_ROWS),
          "device_fused": (SMALL, True, kernel_config.DEVICE_FUSED), "device_rows": (LARGE, True, kernel_config.DEVICE_ROWS),
-         "device_rows_counted": (COUNTED, True, kernel_config.DEVICE_ROWS)}
+         "device_rows_large": (COUNTED, True, kernel_config.DEVICE_ROWS),
+         "device_rows_map": (LARGE, True, kernel_config.DEVICE_ROWS),
+         "device_rows_map_counted": (COUNTED, True, kernel_config.DEVICE_ROWS)}
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +49,12 @@ def _inputs(n, m, pair, on_device, seed):
     src_dtype, dst_dtype = pair
     mask = random_mask((n,), m, seed=seed)
     return rand((n, H), dst_dtype, seed=seed + 1), mask.to(dev()) if on_device else mask, rand((m, H), src_dtype, seed + 2)
+
+
+@pytest.fixture
+def through_a_map(monkeypatch):
+    """A device mask's two-launch kind through its row map at any N (scatter.SELECT_BELOW lowered)."""
+    monkeypatch.setattr(scatter, "SELECT_BELOW", 0)
 
 
 @pytest.fixture
@@ -67,6 +77,8 @@ def two_launch(monkeypatch):
 def test_hits_give_torchs_result_without_a_sync(kind, pair, accumulate, request):
     if kind.startswith("device_rows"):
         request.getfixturevalue("two_launch")
+    if kind.startswith("device_rows_map"):
+        request.getfixturevalue("through_a_map")
     sizes, on_device, expected_kind = KINDS[kind]
     for i, (n, m) in enumerate(sizes):
         dst, mask, src = _inputs(n, m, pair, on_device, seed=10 * i)
@@ -77,8 +89,12 @@ def test_hits_give_torchs_result_without_a_sync(kind, pair, accumulate, request)
         assert_same(dst, expected, f"{kind} N={n} M={m}")
     (entry,) = core._prepared.values()
     assert entry.decision.kind == entry.launch.kind == expected_kind and entry.launch.bound is not None
-    if expected_kind == kernel_config.DEVICE_ROWS:  # the block counts' launch bound where the scan is counted
-        assert (entry.launch.bound_rows[0] is not None) == scatter.counted(sizes[0][0]) == (kind == "device_rows_counted")
+    if expected_kind == kernel_config.DEVICE_ROWS:  # the block counts' launch bound with no map or a counted scan,
+        # the map's with a map
+        n = sizes[0][0]
+        assert entry.launch.select == scatter.selects(n) == (not kind.startswith("device_rows_map"))
+        assert (entry.launch.bound_rows[0] is not None) == (entry.launch.select or scatter.counted(n))
+        assert (entry.launch.bound_rows[1] is None) == entry.launch.select
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -86,6 +102,8 @@ def test_the_api_calls_hit_the_entry(kind, monkeypatch, request):
     """merge_multimodal_embeddings and masked_row_scatter_ share the entry; a hit makes no new one."""
     if kind.startswith("device_rows"):
         request.getfixturevalue("two_launch")
+    if kind.startswith("device_rows_map"):
+        request.getfixturevalue("through_a_map")
     sizes, on_device, _ = KINDS[kind]
     made = []
     real = core._prepare

@@ -1,0 +1,117 @@
+"""A device mask's merge with no row map (scatter.mask_select_copy) against the same kind through its row map, and
+against a copy of the same bytes, on a GPU (about a minute on an H100).
+
+    python bench/select_copy.py --out DIR      # prints the table, writes DIR/select_copy_<device>.json
+
+Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configuration:
+- copy: src into a buffer of its size, the bytes a merge must move (every ratio divides by it)
+- map: the row map (scatter.mask_to_rows: one launch under COUNTED_FROM rows, two from there), then the row copy
+  waiting for it (bench/scan_copy_bench.two_launch_and_copy): the kind's launches past scatter.SELECT_BELOW rows
+- select: the block counts, then the row copy that finds its own rows from them (scatter.mask_select_copy): the
+  kind's launches under SELECT_BELOW rows
+- bound_map, bound_select: the same through the executor's hot path with its kernels bound (what a memo hit of
+  the API launches: their idle times compare the host cost of the launches)
+- auto: masked_row_scatter_ as shipped (the tuned table's choice)
+Figures, in interleaved rounds (timing.interleaved): CUDA-event time with the GPU kept busy and L2 flushed
+(timing.device_time_us), and with nothing queued before the call (timing.idle_time_us). Each result checked
+byte for byte against the map's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from mmmerge_triton import executor, masked_row_scatter_, scatter
+from mmmerge_triton.kernel_config import DEVICE_ROWS, Decision, cdiv, default_of_kind
+from mmmerge_triton.tools import timing
+from mmmerge_triton.tools.bench import device_name, environment
+from mmmerge_triton.tools.cases import Case, make_inputs
+from scan_copy_bench import two_launch_and_copy  # bench/ is the script's folder
+
+DEV = torch.device("cuda", 0)
+HIDDEN = 4096
+NS = (16384, 32768, 65536, 131072, 262144)
+DENSITIES = (0.05, 0.5)
+PATTERNS = ("blocks", "scattered")
+GOAL_RATIO, GOAL_FROM_MB = 1.03, 64  # at most 1.03x a copy from 64 MB moved (read and written)
+
+
+def bound_merge(dst, mask, src, select: bool):
+    """The DEVICE_ROWS kind through the executor's hot path, as a memo hit of the API runs it: prepared with no row
+    map or through one (scatter.SELECT_BELOW as the Launch is made), its kernels bound on a first run."""
+    m = src.shape[0]
+    decision = Decision("triton", DEVICE_ROWS, default_of_kind(HIDDEN, fused=False, m=m), False, "select_copy.py")
+    saved = scatter.SELECT_BELOW
+    scatter.SELECT_BELOW = saved if select else 0
+    try:
+        prepared = executor.prepare(decision, mask.numel(), dst, mask, src)
+    finally:
+        scatter.SELECT_BELOW = saved
+    assert prepared.launch.select == select
+    executor.run(prepared, dst, mask, src, False)
+    return lambda: executor.run(prepared, dst, mask, src, False)
+
+
+def figures(calls: dict) -> dict[str, dict]:
+    taken = timing.interleaved(calls, {
+        "device_us": lambda fn: timing.device_time_us(fn, DEV, reps=timing.ROUND_REPS),
+        "idle_us": lambda fn: timing.idle_time_us(fn, DEV, reps=timing.ROUND_REPS)})
+    return {name: {fig: statistics.median(v) for fig, v in figs.items()} | {"rounds": figs}
+            for name, figs in taken.items()}
+
+
+def case(n: int, density: float, pattern: str) -> dict:
+    dst, mask, src = make_inputs(Case(n, HIDDEN, density, pattern, mask="gpu"), DEV)
+    flat, m = scatter.mask_bytes(mask), src.shape[0]
+    cfg = default_of_kind(HIDDEN, fused=False, m=m)
+    through_map, copy = two_launch_and_copy(dst, flat, src, cfg)
+    counts = torch.empty(cdiv(n, scatter.SELECT_BLOCK), dtype=torch.int32, device=DEV)
+    calls = {"copy": copy, "map": through_map,
+             "select": lambda: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, cfg),
+             "bound_map": bound_merge(dst, mask, src, False), "bound_select": bound_merge(dst, mask, src, True),
+             "auto": lambda: masked_row_scatter_(dst, mask, src)}
+    base = dst.clone()
+    through_map()
+    expected = dst.clone()
+    for name in [k for k in calls if k not in ("copy", "map")]:
+        dst.copy_(base)
+        calls[name]()
+        if not torch.equal(dst.view(torch.uint8), expected.view(torch.uint8)):
+            raise SystemExit(f"{name} differs from the map's merge at N={n} {density:.0%} {pattern}")
+    row = {"n": n, "density": density, "pattern": pattern, "m": m,
+           "mb_moved": 2 * src.numel() * dst.element_size() / 1e6, "calls": figures(calls)}
+    c = row["calls"]["copy"]
+    print(f"N={n} {density:.0%} {pattern} (M={m}, {row['mb_moved']:.0f} MB): copy {c['device_us']:.1f} µs busy, "
+          f"{c['idle_us']:.1f} idle | " + ", ".join(
+              f"{name} {x['device_us'] / c['device_us']:.3f}x/{x['idle_us'] / c['idle_us']:.3f}x"
+              for name, x in row["calls"].items() if name != "copy"), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    rows = []
+    for n in NS:
+        for density in DENSITIES:
+            for pattern in PATTERNS:
+                rows.append(case(n, density, pattern))
+                torch.cuda.empty_cache()
+    goal = [r for r in rows if r["mb_moved"] >= GOAL_FROM_MB]
+    for name in ("map", "auto"):
+        met = sum(r["calls"][name]["device_us"] <= GOAL_RATIO * r["calls"]["copy"]["device_us"] for r in goal)
+        print(f"{name}: at most {GOAL_RATIO}x a copy (busy) at {met} of {len(goal)} points from {GOAL_FROM_MB} MB moved")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"select_copy_{device_name(DEV)}.json"
+    path.write_text(json.dumps({"environment": environment(DEV), "hidden": HIDDEN,
+                                "figures": "device_us: busy GPU; idle_us: nothing queued", "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
