@@ -17,6 +17,7 @@
 #   bash bench/run_gpu.sh overlap OUT    # a device mask's two launches, overlapped or one after the other
 #   bash bench/run_gpu.sh counted OUT    # the row-map scan in two levels against one launch, alone and in the merge
 #   bash bench/run_gpu.sh floor OUT      # the row copy alone against a copy: scattered or contiguous rows, per configuration
+#   bash bench/run_gpu.sh select OUT     # a device mask's merge with no row map against the map route and a copy
 #   bash bench/run_gpu.sh compare OUT    # loop and idle time against an earlier package in BEFORE (default .before;
 #                                        # make it with: git archive REV mmmerge_triton kernels | tar -x -C .before)
 # The real-engine hook tests need the engines' Python files: bench/engines/make_engine_env.sh bundle, then carry
@@ -129,6 +130,10 @@ for stage in ${1//,/ }; do
     floor)
       python bench/row_copy_floor.py --out "$out" > "$out/row_copy_floor.log" 2>&1
       grep "^N=" "$out/row_copy_floor.log"
+      ;;
+    select)
+      python bench/select_copy.py --out "$out" > "$out/select_copy.log" 2>&1
+      grep -E "^N=|points from" "$out/select_copy.log"
       ;;
     compare)
       # 6 rounds: about 90 s on an H100 (2026-12-06-s6/compare_host_path.log)

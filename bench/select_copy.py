@@ -1,7 +1,8 @@
 """A device mask's merge with no row map (scatter.mask_select_copy) against the same kind through its row map, and
-against a copy of the same bytes, on a GPU (about a minute on an H100).
+against a copy of the same bytes, on a GPU (about 20 s on an H100).
 
-    python bench/select_copy.py --out DIR      # prints the table, writes DIR/select_copy_<device>.json
+    python bench/select_copy.py --out DIR      # (bash bench/run_gpu.sh select DIR) prints the table, writes
+                                               # DIR/select_copy_<device>.json
 
 Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configuration:
 - copy: src into a buffer of its size, the bytes a merge must move (every ratio divides by it)

@@ -197,11 +197,12 @@ def mask_to_rows(mask_bytes, rows, count, capacity: int, n: int | None = None, b
 SELECT_BELOW = 524288
 """A device mask of fewer rows merges without a row map (mask_select_copy: the block counts, then the row copy,
 each program finding its own dense rows from them); from here on through the map (mask_to_rows, row_copy), where a
-program's sum over every block's count would grow with N. On an H100 (H = 4096, bf16, CUDA events with the GPU kept
-busy, L2 flushed) the merge ran 1.024x a copy of the same bytes against the map's 1.036x at N = 32768 with half
-the rows in image blocks, 1.063x against 1.094x at N = 131072 with 5%, and as fast or faster at every point of
-N = 16384-262144 (bench/results/h100/2026-12-06-s11/select_copy_proto_986e836.log): the copy's first programs
-wait for the counts' launch alone, not for a second launch after it. A power of two: every N of a dispatch
+program's sum over every block's count would grow with N. On an H100 (H = 4096, bf16, 5% and half the rows, image
+blocks and scattered rows; CUDA events, L2 flushed) at N = 32768-262144 it took 0.97-1.01x the map's device time
+with the GPU kept busy (0.2-2.8 µs less at 15 of 16 points, 0.1 µs more at one) and 0.80-1.01x its idle time
+through the executor's bound launches, one launch fewer from COUNTED_FROM; at N = 16384 0-0.8 µs less with half
+the rows, 0.7-0.8 µs more with 5% (bench/results/h100/2026-12-06-s11/select_copy_6dc25ab.log). The copy's first
+programs wait for the counts' launch alone, not for a map's launch after it. A power of two: every N of a dispatch
 bucket falls on one side."""
 SELECT_BLOCK = 1024  # mask bytes per block count
 SELECT_COUNTS = SELECT_BELOW // SELECT_BLOCK  # the most block counts a program of mask_select_copy sums
