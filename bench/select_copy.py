@@ -13,25 +13,24 @@ Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configur
 - bound_map, bound_select: the same through the executor's hot path with its kernels bound (what a memo hit of
   the API launches: their idle times compare the host cost of the launches)
 - auto: masked_row_scatter_ as shipped (the tuned table's choice)
-Figures, in interleaved rounds (timing.interleaved): CUDA-event time with the GPU kept busy and L2 flushed
-(timing.device_time_us), and with nothing queued before the call (timing.idle_time_us). Each result checked
-byte for byte against the map's.
+Figures (counted_scan.figures), in interleaved rounds (timing.interleaved): CUDA-event time with the GPU kept busy
+and L2 flushed (timing.device_time_us), and with nothing queued before the call (timing.idle_time_us). Each result
+checked byte for byte against the map's.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from mmmerge_triton import executor, masked_row_scatter_, scatter
 from mmmerge_triton.kernel_config import DEVICE_ROWS, Decision, cdiv, default_of_kind
-from mmmerge_triton.tools import timing
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
-from scan_copy_bench import two_launch_and_copy  # bench/ is the script's folder
+from counted_scan import figures  # bench/ is the script's folder: busy and idle time, interleaved
+from scan_copy_bench import two_launch_and_copy
 
 DEV = torch.device("cuda", 0)
 HIDDEN = 4096
@@ -55,14 +54,6 @@ def bound_merge(dst, mask, src, select: bool):
     assert prepared.launch.select == select
     executor.run(prepared, dst, mask, src, False)
     return lambda: executor.run(prepared, dst, mask, src, False)
-
-
-def figures(calls: dict) -> dict[str, dict]:
-    taken = timing.interleaved(calls, {
-        "device_us": lambda fn: timing.device_time_us(fn, DEV, reps=timing.ROUND_REPS),
-        "idle_us": lambda fn: timing.idle_time_us(fn, DEV, reps=timing.ROUND_REPS)})
-    return {name: {fig: statistics.median(v) for fig, v in figs.items()} | {"rounds": figs}
-            for name, figs in taken.items()}
 
 
 def case(n: int, density: float, pattern: str) -> dict:
