@@ -218,20 +218,21 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     is nonzero, in order, on the device, with no row map: mask_block_counts_kernel writes ``counts`` [>= cdiv(N,
     SELECT_BLOCK)] int32, then mask_select_copy_kernel (a programmatic dependent where dependent_launch()) moves
     compact row j into the dense row of the j-th true byte, for j < min(M, true bytes). ``mask_bytes`` and
-    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. N < SELECT_BELOW.
-    Returns the kernels as bound (None under the interpreter), as row_copy does: the counts', arguments
+    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. N: at most SELECT_COUNTS block counts.
+    Returns the kernels as bound (each None under the interpreter), as row_copy does: the counts', arguments
     (grid_x = cdiv(N, SELECT_BLOCK), stream, mask_bytes, counts, N); the copy's, arguments (grid_x = cdiv(min(M,
     N), cfg.rows), stream, dense, compact, mask_bytes, counts, N, cdiv(N, SELECT_BLOCK), M, H, dense row stride,
     compact row stride). None if nothing moves."""
     n = dense.shape[0]
     n_rows, hidden = compact.shape
-    if mode not in (COPY, ADD) or not selects(n):
-        raise ValueError(f"mask_select_copy copies or adds (mode {mode}) under {SELECT_BELOW} mask rows (got {n})")
+    programs = cdiv(n, SELECT_BLOCK)
+    if mode not in (COPY, ADD) or programs > SELECT_COUNTS:
+        raise ValueError(f"mask_select_copy copies or adds (mode {mode}) up to {SELECT_COUNTS * SELECT_BLOCK} mask "
+                         f"rows (got {n})")
     if n == 0 or n_rows == 0 or hidden == 0:
         return None
     device = dense.device.index
     overlap = dependent_launch(device)
-    programs = cdiv(n, SELECT_BLOCK)
     mask_align = mask_bytes.data_ptr() % 16
     key = (device, mask_align, counts.data_ptr() % 16, SELECT_BLOCK, SELECT_BLOCK, overlap)  # as mask_to_rows'
     bound_counts = _mask_block_counts.launch(key, (programs, 1), (mask_bytes, counts, n),

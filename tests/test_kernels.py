@@ -394,9 +394,9 @@ def test_mask_select_copy_refusals_and_empty_inputs():
     mask = torch.ones(4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="copies or adds"):
         scatter.mask_select_copy(torch.zeros(4, 2), torch.zeros(4, 2), mask, counts, GATHER, KernelConfig(1, 2))
-    n = scatter.SELECT_BELOW
+    n = scatter.SELECT_COUNTS * scatter.SELECT_BLOCK + 1  # one block count more than a program sums
     big = torch.zeros(1, 2).expand(n, 2)  # no memory behind the rows: nothing may be launched
-    with pytest.raises(ValueError, match="under"):
+    with pytest.raises(ValueError, match="up to"):
         scatter.mask_select_copy(big, torch.zeros(2, 2), torch.zeros(1, dtype=torch.uint8).expand(n), counts, COPY,
                                  KernelConfig(1, 2))
     dense = torch.zeros(4, 2)
