@@ -1,8 +1,8 @@
 """The memo of prepared merges on CUDA (core._prepared): each kind of entry (a host row map staged in the ring,
 the one-launch kernel on a device mask, a device mask's block counts then the copy that selects its rows, or its
-row map then the row copy), made by one call and then hit by
-calls of other N, M, masks and values in the same buckets, launched through the bound C entry with addresses as
-ints: every result bit for bit torch's, no sync on a hit, and the per-call checks (shared bytes, counts) on a hit.
+row map then the row copy), made by one call and then hit by calls of other N, M, masks and values in the same
+buckets, launched through the bound C entry with addresses as ints: every result bit for bit torch's, no sync on
+a hit, and the per-call checks (shared bytes, counts) on a hit.
 """
 import contextlib
 
