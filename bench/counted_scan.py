@@ -67,6 +67,27 @@ def figures(calls: dict) -> dict[str, dict]:
             for name, figs in taken.items()}
 
 
+def check_against(calls: dict, reference: str, dst: torch.Tensor, what: str) -> None:
+    """Run calls[reference] on dst as it is, then every other call but the copy on the same starting dst: each
+    must leave dst's bytes as the reference did (SystemExit: "<call> differs from <what>")."""
+    base = dst.clone()
+    calls[reference]()
+    expected = dst.clone()
+    for name in [name for name in calls if name not in ("copy", reference)]:
+        dst.copy_(base)
+        calls[name]()
+        if not torch.equal(dst.view(torch.uint8), expected.view(torch.uint8)):
+            raise SystemExit(f"{name} differs from {what}")
+
+
+def against_copy(taken: dict[str, dict]) -> str:
+    """The copy's busy and idle µs, and every other call's as ratios to them (figures' output)."""
+    c = taken["copy"]
+    return f"copy {c['device_us']:.1f} µs busy, {c['idle_us']:.1f} idle | " + ", ".join(
+        f"{name} {x['device_us'] / c['device_us']:.3f}x/{x['idle_us'] / c['idle_us']:.3f}x"
+        for name, x in taken.items() if name != "copy")
+
+
 def scan_case(n: int) -> dict:
     _, mask, src = make_inputs(Case(n, 8, 0.05, "scattered", mask="gpu"), DEV)
     flat, m = scatter.mask_bytes(mask), src.shape[0]
@@ -133,21 +154,10 @@ def merge_case(n: int, density: float) -> dict:
     if dst.is_cuda:  # the executor's DEVICE_ROWS kind launches with addresses on a CUDA device only
         calls |= {"bound_counted": bound_merge(dst, mask, src, True),
                   "bound_one_launch": bound_merge(dst, mask, src, False)}
-    base = dst.clone()
-    calls["counted"]()
-    expected = dst.clone()
-    for name in [name for name in calls if name not in ("copy", "counted")]:
-        dst.copy_(base)
-        calls[name]()
-        if not torch.equal(dst.view(torch.uint8), expected.view(torch.uint8)):
-            raise SystemExit(f"{name} differs from the counted scan's merge at N={n} {density:.0%}")
+    check_against(calls, "counted", dst, f"the counted scan's merge at N={n} {density:.0%}")
     row = {"n": n, "density": density, "m": m, "mb_moved": 2 * src.numel() * dst.element_size() / 1e6,
            "calls": figures(calls)}
-    c = row["calls"]["copy"]
-    print(f"merge N={n} {density:.0%} (M={m}, {row['mb_moved']:.0f} MB): copy {c['device_us']:.1f} µs busy, "
-          f"{c['idle_us']:.1f} idle | " + ", ".join(
-              f"{name} {x['device_us'] / c['device_us']:.3f}x/{x['idle_us'] / c['idle_us']:.3f}x"
-              for name, x in row["calls"].items() if name != "copy"), flush=True)
+    print(f"merge N={n} {density:.0%} (M={m}, {row['mb_moved']:.0f} MB): {against_copy(row['calls'])}", flush=True)
     return row
 
 

@@ -29,7 +29,7 @@ from mmmerge_triton import executor, masked_row_scatter_, scatter
 from mmmerge_triton.kernel_config import DEVICE_ROWS, Decision, cdiv, default_of_kind
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
-from counted_scan import figures  # bench/ is the script's folder: busy and idle time, interleaved
+from counted_scan import against_copy, check_against, figures  # bench/ is the script's folder
 from scan_copy_bench import two_launch_and_copy
 
 DEV = torch.device("cuda", 0)
@@ -66,21 +66,11 @@ def case(n: int, density: float, pattern: str) -> dict:
              "select": lambda: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, cfg),
              "bound_map": bound_merge(dst, mask, src, False), "bound_select": bound_merge(dst, mask, src, True),
              "auto": lambda: masked_row_scatter_(dst, mask, src)}
-    base = dst.clone()
-    through_map()
-    expected = dst.clone()
-    for name in [k for k in calls if k not in ("copy", "map")]:
-        dst.copy_(base)
-        calls[name]()
-        if not torch.equal(dst.view(torch.uint8), expected.view(torch.uint8)):
-            raise SystemExit(f"{name} differs from the map's merge at N={n} {density:.0%} {pattern}")
+    check_against(calls, "map", dst, f"the map's merge at N={n} {density:.0%} {pattern}")
     row = {"n": n, "density": density, "pattern": pattern, "m": m,
            "mb_moved": 2 * src.numel() * dst.element_size() / 1e6, "calls": figures(calls)}
-    c = row["calls"]["copy"]
-    print(f"N={n} {density:.0%} {pattern} (M={m}, {row['mb_moved']:.0f} MB): copy {c['device_us']:.1f} µs busy, "
-          f"{c['idle_us']:.1f} idle | " + ", ".join(
-              f"{name} {x['device_us'] / c['device_us']:.3f}x/{x['idle_us'] / c['idle_us']:.3f}x"
-              for name, x in row["calls"].items() if name != "copy"), flush=True)
+    print(f"N={n} {density:.0%} {pattern} (M={m}, {row['mb_moved']:.0f} MB): {against_copy(row['calls'])}",
+          flush=True)
     return row
 
 
