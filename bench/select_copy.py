@@ -3,6 +3,7 @@ against a copy of the same bytes, on a GPU (about 20 s on an H100).
 
     python bench/select_copy.py --out DIR      # (bash bench/run_gpu.sh select DIR) prints the table, writes
                                                # DIR/select_copy_<device>.json
+    python bench/select_copy.py --out DIR --configs r1_b4096_w4_s1 r2_b4096_w4_s1   # select in other tiles too
 
 Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configuration:
 - copy: src into a buffer of its size, the bytes a merge must move (every ratio divides by it)
@@ -13,6 +14,7 @@ Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configur
 - bound_map, bound_select: the same through the executor's hot path with its kernels bound (what a memo hit of
   the API launches: their idle times compare the host cost of the launches)
 - auto: masked_row_scatter_ as shipped (the tuned table's choice)
+- select_<config> (--configs, tools/tune.py's configuration names): select with another tile in the same rounds
 Figures (counted_scan.figures), in interleaved rounds (timing.interleaved): CUDA-event time with the GPU kept busy
 and L2 flushed (timing.device_time_us), and with nothing queued before the call (timing.idle_time_us). Each result
 checked byte for byte against the map's.
@@ -26,9 +28,10 @@ from pathlib import Path
 import torch
 
 from mmmerge_triton import executor, masked_row_scatter_, scatter
-from mmmerge_triton.kernel_config import DEVICE_ROWS, Decision, cdiv, default_of_kind
+from mmmerge_triton.kernel_config import DEVICE_ROWS, Decision, KernelConfig, cdiv, default_of_kind
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
+from mmmerge_triton.tools.tune import config_name, parse_config_name
 from counted_scan import against_copy, check_against, figures  # bench/ is the script's folder
 from scan_copy_bench import two_launch_and_copy
 
@@ -56,7 +59,7 @@ def bound_merge(dst, mask, src, select: bool):
     return lambda: executor.run(prepared, dst, mask, src, False)
 
 
-def case(n: int, density: float, pattern: str) -> dict:
+def case(n: int, density: float, pattern: str, configs: tuple[KernelConfig, ...] = ()) -> dict:
     dst, mask, src = make_inputs(Case(n, HIDDEN, density, pattern, mask="gpu"), DEV)
     flat, m = scatter.mask_bytes(mask), src.shape[0]
     cfg = default_of_kind(HIDDEN, fused=False, m=m)
@@ -66,6 +69,9 @@ def case(n: int, density: float, pattern: str) -> dict:
              "select": lambda: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, cfg),
              "bound_map": bound_merge(dst, mask, src, False), "bound_select": bound_merge(dst, mask, src, True),
              "auto": lambda: masked_row_scatter_(dst, mask, src)}
+    for other in configs:
+        calls[f"select_{config_name(other)}"] = (
+            lambda c=other: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, c))
     check_against(calls, "map", dst, f"the map's merge at N={n} {density:.0%} {pattern}")
     row = {"n": n, "density": density, "pattern": pattern, "m": m,
            "mb_moved": 2 * src.numel() * dst.element_size() / 1e6, "calls": figures(calls)}
@@ -77,15 +83,20 @@ def case(n: int, density: float, pattern: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--configs", nargs="*", default=[], metavar="NAME",
+                        help="also time select in these configurations (tools/tune.py's names: r1_b4096_w4_s1)")
     args = parser.parse_args()
+    configs = tuple(parse_config_name(name) for name in args.configs)
+    if any(c.fused for c in configs):
+        parser.error("--configs: the select copy is a two-launch kind (no _fused names)")
     rows = []
     for n in NS:
         for density in DENSITIES:
             for pattern in PATTERNS:
-                rows.append(case(n, density, pattern))
+                rows.append(case(n, density, pattern, configs))
                 torch.cuda.empty_cache()
     goal = [r for r in rows if r["mb_moved"] >= GOAL_FROM_MB]
-    for name in ("map", "auto"):
+    for name in ("map", "auto", *(f"select_{config_name(c)}" for c in configs)):
         met = sum(r["calls"][name]["device_us"] <= GOAL_RATIO * r["calls"]["copy"]["device_us"] for r in goal)
         print(f"{name}: at most {GOAL_RATIO}x a copy (busy) at {met} of {len(goal)} points from {GOAL_FROM_MB} MB moved")
     args.out.mkdir(parents=True, exist_ok=True)
