@@ -4,6 +4,7 @@ against a copy of the same bytes, on a GPU (about 20 s on an H100).
     python bench/select_copy.py --out DIR      # (bash bench/run_gpu.sh select DIR) prints the table, writes
                                                # DIR/select_copy_<device>.json
     python bench/select_copy.py --out DIR --configs r1_b4096_w4_s1 r2_b4096_w4_s1   # select in other tiles too
+    python bench/select_copy.py --out DIR --sums 512   # select summing 512 block counts at once too
 
 Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configuration:
 - copy: src into a buffer of its size, the bytes a merge must move (every ratio divides by it)
@@ -15,6 +16,7 @@ Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configur
   the API launches: their idle times compare the host cost of the launches)
 - auto: masked_row_scatter_ as shipped (the tuned table's choice)
 - select_<config> (--configs, tools/tune.py's configuration names): select with another tile in the same rounds
+- select_sums<W> (--sums): select with its programs summing W block counts at once (scatter.select_sums's place)
 Figures (counted_scan.figures), in interleaved rounds (timing.interleaved): CUDA-event time with the GPU kept busy
 and L2 flushed (timing.device_time_us), and with nothing queued before the call (timing.idle_time_us). Each result
 checked byte for byte against the map's.
@@ -59,7 +61,20 @@ def bound_merge(dst, mask, src, select: bool):
     return lambda: executor.run(prepared, dst, mask, src, False)
 
 
-def case(n: int, density: float, pattern: str, configs: tuple[KernelConfig, ...] = ()) -> dict:
+def with_sums(width: int, call):
+    """``call`` with scatter.select_sums at ``width`` (the copy's launch key holds it: its own binary)."""
+    def run():
+        saved = scatter.select_sums
+        scatter.select_sums = lambda n: width
+        try:
+            call()
+        finally:
+            scatter.select_sums = saved
+    return run
+
+
+def case(n: int, density: float, pattern: str, configs: tuple[KernelConfig, ...] = (),
+         sums: tuple[int, ...] = ()) -> dict:
     dst, mask, src = make_inputs(Case(n, HIDDEN, density, pattern, mask="gpu"), DEV)
     flat, m = scatter.mask_bytes(mask), src.shape[0]
     cfg = default_of_kind(HIDDEN, fused=False, m=m)
@@ -72,6 +87,8 @@ def case(n: int, density: float, pattern: str, configs: tuple[KernelConfig, ...]
     for other in configs:
         calls[f"select_{config_name(other)}"] = (
             lambda c=other: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, c))
+    for width in sums:
+        calls[f"select_sums{width}"] = with_sums(width, calls["select"])
     check_against(calls, "map", dst, f"the map's merge at N={n} {density:.0%} {pattern}")
     row = {"n": n, "density": density, "pattern": pattern, "m": m,
            "mb_moved": 2 * src.numel() * dst.element_size() / 1e6, "calls": figures(calls)}
@@ -85,7 +102,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--configs", nargs="*", default=[], metavar="NAME",
                         help="also time select in these configurations (tools/tune.py's names: r1_b4096_w4_s1)")
+    parser.add_argument("--sums", nargs="*", type=int, default=[], metavar="W",
+                        help="also time select with its programs summing W block counts at once (a power of two)")
     args = parser.parse_args()
+    if any(w < 1 or w & (w - 1) for w in args.sums):
+        parser.error("--sums: powers of two")
     configs = tuple(parse_config_name(name) for name in args.configs)
     if any(c.fused for c in configs):
         parser.error("--configs: the select copy is a two-launch kind (no _fused names)")
@@ -93,10 +114,11 @@ def main() -> None:
     for n in NS:
         for density in DENSITIES:
             for pattern in PATTERNS:
-                rows.append(case(n, density, pattern, configs))
+                rows.append(case(n, density, pattern, configs, tuple(args.sums)))
                 torch.cuda.empty_cache()
     goal = [r for r in rows if r["mb_moved"] >= GOAL_FROM_MB]
-    for name in ("map", "auto", *(f"select_{config_name(c)}" for c in configs)):
+    for name in ("map", "select", "auto", *(f"select_{config_name(c)}" for c in configs),
+                 *(f"select_sums{w}" for w in args.sums)):
         met = sum(r["calls"][name]["device_us"] <= GOAL_RATIO * r["calls"]["copy"]["device_us"] for r in goal)
         print(f"{name}: at most {GOAL_RATIO}x a copy (busy) at {met} of {len(goal)} points from {GOAL_FROM_MB} MB moved")
     args.out.mkdir(parents=True, exist_ok=True)

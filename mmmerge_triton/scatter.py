@@ -205,7 +205,7 @@ the rows, 0.7-0.8 µs more with 5% (bench/results/h100/2026-12-06-s11/select_cop
 programs wait for the counts' launch alone, not for a map's launch after it. A power of two: every N of a dispatch
 bucket falls on one side."""
 SELECT_BLOCK = 1024  # mask bytes per block count
-SELECT_COUNTS = SELECT_BELOW // SELECT_BLOCK  # the most block counts a program of mask_select_copy sums
+SELECT_COUNTS = SELECT_BELOW // SELECT_BLOCK  # the most block counts a program of mask_select_copy sums at once
 
 
 def selects(n: int) -> bool:
@@ -213,12 +213,21 @@ def selects(n: int) -> bool:
     return n < SELECT_BELOW
 
 
+def select_sums(n: int) -> int:
+    """The block counts a program of mask_select_copy sums at once for a mask of N rows: a power of two that holds
+    every block count of any N of the same bit length (so of N's dispatch bucket: one compiled width serves an
+    executor Launch), 16 to SELECT_COUNTS; the kernel loops over more. A program that summed all SELECT_COUNTS
+    at every N paid for 512 where N = 16384 has 16."""
+    return min(SELECT_COUNTS, max(16, 1 << max(n.bit_length() - SELECT_BLOCK.bit_length() + 1, 0)))
+
+
 def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelConfig) -> tuple[Bound, Bound] | None:
     """Move ``compact`` [M, H] into the rows of ``dense`` [N, H] (unit column strides) where ``mask_bytes`` [N] uint8
     is nonzero, in order, on the device, with no row map: mask_block_counts_kernel writes ``counts`` [>= cdiv(N,
     SELECT_BLOCK)] int32, then mask_select_copy_kernel (a programmatic dependent where dependent_launch()) moves
     compact row j into the dense row of the j-th true byte, for j < min(M, true bytes). ``mask_bytes`` and
-    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. N: at most SELECT_COUNTS block counts.
+    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. A program sums select_sums(N) block
+    counts at a time (any N runs; past SELECT_BELOW each program's loop grows with N).
     Returns the kernels as bound (each None under the interpreter), as row_copy does: the counts', arguments
     (grid_x = cdiv(N, SELECT_BLOCK), stream, mask_bytes, counts, N); the copy's, arguments (grid_x = cdiv(min(M,
     N), cfg.rows), stream, dense, compact, mask_bytes, counts, N, cdiv(N, SELECT_BLOCK), M, H, dense row stride,
@@ -226,9 +235,8 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     n = dense.shape[0]
     n_rows, hidden = compact.shape
     programs = cdiv(n, SELECT_BLOCK)
-    if mode not in (COPY, ADD) or programs > SELECT_COUNTS:
-        raise ValueError(f"mask_select_copy copies or adds (mode {mode}) up to {SELECT_COUNTS * SELECT_BLOCK} mask "
-                         f"rows (got {n})")
+    if mode not in (COPY, ADD):
+        raise ValueError(f"mask_select_copy copies or adds (got mode {mode})")
     if n == 0 or n_rows == 0 or hidden == 0:
         return None
     device = dense.device.index
@@ -238,13 +246,14 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     bound_counts = _mask_block_counts.launch(key, (programs, 1), (mask_bytes, counts, n),
                                              (SELECT_BLOCK, SELECT_BLOCK, overlap), (4, 1), device)
     sd, sc = dense.stride(0), compact.stride(0)
+    sums = select_sums(n)
     key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, mask_align,
-           counts.data_ptr() % 16, hidden, sd, sc, n_rows > 0x7FFFFFFF, mode, overlap, cfg)
+           counts.data_ptr() % 16, hidden, sd, sc, n_rows > 0x7FFFFFFF, mode, overlap, cfg, sums)
     bound_copy = _mask_select_copy.launch(
         key,
         (cdiv(min(n_rows, n), cfg.rows), 1),  # rows past the mask's N never move
         (dense, compact, mask_bytes, counts, n, programs, n_rows, hidden, sd, sc),
-        (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, SELECT_COUNTS, overlap),
+        (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, sums, overlap),
         (cfg.num_warps, cfg.num_stages, overlap),
         device,
     )
