@@ -40,21 +40,23 @@ def mask_select_copy_kernel(
     first = tl.load(compact_rows + cols[None, :], mask=(j < n_rows)[:, None] & (cols < H)[None, :])
     if AFTER_COUNTS:
         tl.extra.cuda.gdc_wait()  # the counts are written and visible
-    # Blocks wholly before the j-th true byte (those whose inclusive count is at most j), and their true bytes.
-    block = tl.zeros([ROWS], dtype=tl.int64)
-    before = tl.zeros([ROWS], dtype=tl.int64)
-    total = tl.zeros([1], dtype=tl.int64)  # the mask's true bytes (the counts so far)
+    # Blocks wholly before the j-th true byte (those whose inclusive count is at most j), and their true bytes,
+    # in 32 bits: N < 2**31 (scatter.mask_select_copy), so every count and every j that can move fits.
+    j32 = j.to(tl.int32)
+    block = tl.zeros([ROWS], dtype=tl.int32)
+    before = tl.zeros([ROWS], dtype=tl.int32)
+    total = tl.full([], 0, tl.int32)  # the mask's true bytes in the blocks summed so far
     for start in range(0, n_blocks, COUNTS):
         b = start + tl.arange(0, COUNTS)
-        count = tl.load(counts_ptr + b, mask=b < n_blocks, other=0).to(tl.int64)
+        count = tl.load(counts_ptr + b, mask=b < n_blocks, other=0)
         inclusive = tl.cumsum(count, axis=0) + total
-        done = inclusive[None, :] <= j[:, None]
-        block += tl.sum(done.to(tl.int64), axis=1)
+        done = inclusive[None, :] <= j32[:, None]
+        block += tl.sum(done.to(tl.int32), axis=1)
         before += tl.sum(tl.where(done, count[None, :], 0), axis=1)
         total += tl.sum(count, axis=0)
-    row_ok = (j < n_rows) & (j < total)
-    rank = j - before
-    i = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # 64-bit: N*H may pass 2**31
+    row_ok = (j < n_rows) & (j < total)  # 64-bit: j past 2**31 wraps in j32
+    rank = j32 - before
+    i = block.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # 64-bit: N*H may pass 2**31
     is_true = (tl.load(mask_ptr + i, mask=row_ok[:, None] & (i < n), other=0) != 0).to(tl.int32)
     below = tl.cumsum(is_true, axis=1) - is_true
     dense_row = tl.sum(tl.where((is_true != 0) & (below == rank[:, None]), i, 0), axis=1)

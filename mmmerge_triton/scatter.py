@@ -226,8 +226,8 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     is nonzero, in order, on the device, with no row map: mask_block_counts_kernel writes ``counts`` [>= cdiv(N,
     SELECT_BLOCK)] int32, then mask_select_copy_kernel (a programmatic dependent where dependent_launch()) moves
     compact row j into the dense row of the j-th true byte, for j < min(M, true bytes). ``mask_bytes`` and
-    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. A program sums select_sums(N) block
-    counts at a time (any N runs; past SELECT_BELOW each program's loop grows with N).
+    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. N under 2**31 (the kernel sums counts in
+    32 bits); a program sums select_sums(N) block counts at a time (past SELECT_BELOW its loop grows with N).
     Returns the kernels as bound (each None under the interpreter), as row_copy does: the counts', arguments
     (grid_x = cdiv(N, SELECT_BLOCK), stream, mask_bytes, counts, N); the copy's, arguments (grid_x = cdiv(min(M,
     N), cfg.rows), stream, dense, compact, mask_bytes, counts, N, cdiv(N, SELECT_BLOCK), M, H, dense row stride,
@@ -235,8 +235,8 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     n = dense.shape[0]
     n_rows, hidden = compact.shape
     programs = cdiv(n, SELECT_BLOCK)
-    if mode not in (COPY, ADD):
-        raise ValueError(f"mask_select_copy copies or adds (got mode {mode})")
+    if mode not in (COPY, ADD) or n >= 2**31:
+        raise ValueError(f"mask_select_copy copies or adds (mode {mode}) under 2**31 mask rows (got {n})")
     if n == 0 or n_rows == 0 or hidden == 0:
         return None
     device = dense.device.index
@@ -248,7 +248,7 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     sd, sc = dense.stride(0), compact.stride(0)
     sums = select_sums(n)
     key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, mask_align,
-           counts.data_ptr() % 16, hidden, sd, sc, n_rows > 0x7FFFFFFF, mode, overlap, cfg, sums)
+           counts.data_ptr() % 16, hidden, sd, sc, n_rows > 0x7FFFFFFF, mode, sums, overlap, cfg)
     bound_copy = _mask_select_copy.launch(
         key,
         (cdiv(min(n_rows, n), cfg.rows), 1),  # rows past the mask's N never move

@@ -400,6 +400,11 @@ def test_mask_select_copy_refusals_and_empty_inputs():
     mask = torch.ones(4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="copies or adds"):
         scatter.mask_select_copy(torch.zeros(4, 2), torch.zeros(4, 2), mask, counts, GATHER, KernelConfig(1, 2))
+    n = 2**31  # past the kernel's 32-bit sums
+    big = torch.zeros(1, 2).expand(n, 2)  # no memory behind the rows: nothing may be launched
+    with pytest.raises(ValueError, match="under 2"):
+        scatter.mask_select_copy(big, torch.zeros(2, 2), torch.zeros(1, dtype=torch.uint8).expand(n), counts, COPY,
+                                 KernelConfig(1, 2))
     dense = torch.zeros(4, 2)
     assert scatter.mask_select_copy(dense, torch.zeros(0, 2), mask, counts, COPY, KernelConfig(1, 2)) is None
     assert scatter.mask_select_copy(torch.zeros(0, 2), torch.ones(3, 2), mask[:0], counts, COPY,
