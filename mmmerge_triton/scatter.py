@@ -205,7 +205,7 @@ the rows, 0.7-0.8 µs more with 5% (bench/results/h100/2026-12-06-s11/select_cop
 programs wait for the counts' launch alone, not for a map's launch after it. A power of two: every N of a dispatch
 bucket falls on one side."""
 SELECT_BLOCK = 1024  # mask bytes per block count
-SELECT_COUNTS = SELECT_BELOW // SELECT_BLOCK  # the most block counts a program of mask_select_copy sums at once
+SELECT_COUNTS = SELECT_BELOW // SELECT_BLOCK  # the most block counts a program of mask_select_copy sums
 
 
 def selects(n: int) -> bool:
@@ -214,10 +214,10 @@ def selects(n: int) -> bool:
 
 
 def select_sums(n: int) -> int:
-    """The block counts a program of mask_select_copy sums at once for a mask of N rows: a power of two that holds
-    every block count of any N of the same bit length (so of N's dispatch bucket: one compiled width serves an
-    executor Launch), 16 to SELECT_COUNTS; the kernel loops over more. A program that summed all SELECT_COUNTS
-    at every N paid for 512 where N = 16384 has 16."""
+    """The block counts a program of mask_select_copy sums for a mask of N rows: a power of two that holds every
+    block count of any N of the same bit length (so of N's dispatch bucket: an executor Launch's bound copy,
+    compiled for its first N, serves the bucket), 16 to SELECT_COUNTS. A program that summed SELECT_COUNTS at
+    every N scanned 512 counts where N = 16384 has 16."""
     return min(SELECT_COUNTS, max(16, 1 << max(n.bit_length() - SELECT_BLOCK.bit_length() + 1, 0)))
 
 
@@ -226,8 +226,8 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     is nonzero, in order, on the device, with no row map: mask_block_counts_kernel writes ``counts`` [>= cdiv(N,
     SELECT_BLOCK)] int32, then mask_select_copy_kernel (a programmatic dependent where dependent_launch()) moves
     compact row j into the dense row of the j-th true byte, for j < min(M, true bytes). ``mask_bytes`` and
-    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. N under 2**31 (the kernel sums counts in
-    32 bits); a program sums select_sums(N) block counts at a time (past SELECT_BELOW its loop grows with N).
+    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. N: at most select_sums(N) block counts
+    (SELECT_COUNTS), the counts a program sums.
     Returns the kernels as bound (each None under the interpreter), as row_copy does: the counts', arguments
     (grid_x = cdiv(N, SELECT_BLOCK), stream, mask_bytes, counts, N); the copy's, arguments (grid_x = cdiv(min(M,
     N), cfg.rows), stream, dense, compact, mask_bytes, counts, N, cdiv(N, SELECT_BLOCK), M, H, dense row stride,
@@ -235,8 +235,10 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     n = dense.shape[0]
     n_rows, hidden = compact.shape
     programs = cdiv(n, SELECT_BLOCK)
-    if mode not in (COPY, ADD) or n >= 2**31:
-        raise ValueError(f"mask_select_copy copies or adds (mode {mode}) under 2**31 mask rows (got {n})")
+    sums = select_sums(n)
+    if mode not in (COPY, ADD) or programs > sums:
+        raise ValueError(f"mask_select_copy copies or adds (mode {mode}) up to {SELECT_COUNTS * SELECT_BLOCK} mask "
+                         f"rows (got {n})")
     if n == 0 or n_rows == 0 or hidden == 0:
         return None
     device = dense.device.index
@@ -246,7 +248,6 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     bound_counts = _mask_block_counts.launch(key, (programs, 1), (mask_bytes, counts, n),
                                              (SELECT_BLOCK, SELECT_BLOCK, overlap), (4, 1), device)
     sd, sc = dense.stride(0), compact.stride(0)
-    sums = select_sums(n)
     key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, mask_align,
            counts.data_ptr() % 16, hidden, sd, sc, n_rows > 0x7FFFFFFF, mode, sums, overlap, cfg)
     bound_copy = _mask_select_copy.launch(

@@ -330,26 +330,23 @@ def small_select_blocks(monkeypatch):
     monkeypatch.setattr(scatter, "SELECT_BELOW", 16 * 64)
 
 
-SELECT_CASES = [(offset, mode, m_vs_k, KernelConfig(4, 16), 64) for offset in (0, 1, 3) for mode in (COPY, ADD)
-                for m_vs_k in ("m_equals_k", "m_below_k", "m_above_k")]
-SELECT_CASES += [(1, COPY, "m_below_k", KernelConfig(1, 16), 64), (3, ADD, "m_above_k", KernelConfig(2, 64), 64)]
-SELECT_CASES += [(0, COPY, "m_equals_k", KernelConfig(4, 16), 16), (3, ADD, "m_above_k", KernelConfig(1, 16), 16),
-                 (1, COPY, "m_below_k", KernelConfig(2, 64), 16)]
+SELECT_CASES = [(offset, mode, m_vs_k, KernelConfig(4, 16), 40 * 16 + 13) for offset in (0, 1, 3)
+                for mode in (COPY, ADD) for m_vs_k in ("m_equals_k", "m_below_k", "m_above_k")]
+SELECT_CASES += [(1, COPY, "m_below_k", KernelConfig(1, 16), 653), (3, ADD, "m_above_k", KernelConfig(2, 64), 653)]
+SELECT_CASES += [(0, COPY, "m_equals_k", KernelConfig(4, 16), 511), (3, ADD, "m_above_k", KernelConfig(1, 16), 511),
+                 (1, COPY, "m_below_k", KernelConfig(2, 64), 511)]
 
 
-@pytest.mark.parametrize(("offset", "mode", "m_vs_k", "config", "sums"), SELECT_CASES,
-                         ids=[f"at_byte_{o}-{'add' if d == ADD else 'copy'}-{mk}-rows{c.rows}-bh{c.block_h}-sums{w}"
-                              for o, d, mk, c, w in SELECT_CASES])
-def test_mask_select_copy_moves_the_first_min_k_m_true_rows(offset, mode, m_vs_k, config, sums, small_select_blocks,
-                                                              monkeypatch):
+@pytest.mark.parametrize(("offset", "mode", "m_vs_k", "config", "n"), SELECT_CASES,
+                         ids=[f"at_byte_{o}-{'add' if d == ADD else 'copy'}-{mk}-rows{c.rows}-bh{c.block_h}-n{n}"
+                              for o, d, mk, c, n in SELECT_CASES])
+def test_mask_select_copy_moves_the_first_min_k_m_true_rows(offset, mode, m_vs_k, config, n, small_select_blocks):
     """Each program finds the dense row of its j-th true byte from the block counts and one block's bytes: over
-    41 blocks (the last one partial), summed at once (64) or 16 at a time (three turns of the kernel's loop), a
-    mask of single-bit and 255 bytes at any address, M equal to, below and above its true rows, H = 37 (column
-    tails past the first BLOCK_H read, and a BLOCK_H wider than H); nothing written past the counts, the views or
-    the rows that move."""
-    monkeypatch.setattr(scatter, "SELECT_COUNTS", sums)
-    n = 40 * 16 + 13
-    assert scatter.select_sums(n) == sums
+    41 blocks (the last one partial) summed 64 at a time (select_sums), or 32 blocks summed 32 at a time (every
+    count a program sums is a block's), a mask of single-bit and 255 bytes at any address, M equal to, below and
+    above its true rows, H = 37 (column tails past the first BLOCK_H read, and a BLOCK_H wider than H); nothing
+    written past the counts, the views or the rows that move."""
+    assert scatter.select_sums(n) == {653: 64, 511: 32}[n]
     mask, true_rows = single_bit_bytes_mask(n, offset, seed=offset + 30)
     k = true_rows.size
     m = {"m_equals_k": k, "m_below_k": k - 70, "m_above_k": k + 9}[m_vs_k]
@@ -400,9 +397,9 @@ def test_mask_select_copy_refusals_and_empty_inputs():
     mask = torch.ones(4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="copies or adds"):
         scatter.mask_select_copy(torch.zeros(4, 2), torch.zeros(4, 2), mask, counts, GATHER, KernelConfig(1, 2))
-    n = 2**31  # past the kernel's 32-bit sums
+    n = scatter.SELECT_COUNTS * scatter.SELECT_BLOCK + 1  # one block count more than a program sums
     big = torch.zeros(1, 2).expand(n, 2)  # no memory behind the rows: nothing may be launched
-    with pytest.raises(ValueError, match="under 2"):
+    with pytest.raises(ValueError, match="up to"):
         scatter.mask_select_copy(big, torch.zeros(2, 2), torch.zeros(1, dtype=torch.uint8).expand(n), counts, COPY,
                                  KernelConfig(1, 2))
     dense = torch.zeros(4, 2)
@@ -417,7 +414,7 @@ def test_mask_select_copy_refusals_and_empty_inputs():
 def test_the_select_threshold_and_width_fit_the_kernel(n):
     """A dispatch bucket falls on one side of SELECT_BELOW (an executor Launch keeps its first call's route) and
     has one select_sums (its bound copy's compiled width), a power of two that holds every block count of an N
-    under SELECT_BELOW in one turn of the kernel's loop."""
+    under SELECT_BELOW."""
     from mmmerge_triton.dispatch import bucket
     sums = scatter.select_sums(n)
     assert sums & (sums - 1) == 0 and 16 <= sums <= scatter.SELECT_COUNTS
