@@ -198,12 +198,11 @@ SELECT_BELOW = 524288
 """A device mask of fewer rows merges without a row map (mask_select_copy: the block counts, then the row copy,
 each program finding its own dense rows from them); from here on through the map (mask_to_rows, row_copy), where a
 program's sum over every block's count would grow with N. On an H100 (H = 4096, bf16, 5% and half the rows, image
-blocks and scattered rows; CUDA events, L2 flushed) at N = 32768-262144 it took 0.97-1.01x the map's device time
-with the GPU kept busy (0.2-2.8 µs less at 15 of 16 points, 0.1 µs more at one) and 0.80-1.01x its idle time
-through the executor's bound launches, one launch fewer from COUNTED_FROM; at N = 16384 0-0.8 µs less with half
-the rows, 0.7-0.8 µs more with 5% (bench/results/h100/2026-12-06-s11/select_copy_6dc25ab.log). The copy's first
-programs wait for the counts' launch alone, not for a map's launch after it. A power of two: every N of a dispatch
-bucket falls on one side."""
+blocks and scattered rows, N = 16384-262144; CUDA events, L2 flushed, the GPU kept busy) it took 0.96-0.99x the
+map's device time at 19 of 20 points, 1.03x (0.5 µs more) at N = 32768 with 5% scattered, and 0.94-1.03x its idle
+time through the executor's bound launches (bench/results/h100/2026-12-06-s12/select_copy_3ea2e0a.log), one launch
+fewer from COUNTED_FROM: the copy's first programs wait for the counts' launch alone, not for a map's launch after
+it. A power of two: every N of a dispatch bucket falls on one side."""
 SELECT_BLOCK = 1024  # mask bytes per block count
 SELECT_COUNTS = SELECT_BELOW // SELECT_BLOCK  # the most block counts a program of mask_select_copy sums
 
@@ -216,8 +215,9 @@ def selects(n: int) -> bool:
 def select_sums(n: int) -> int:
     """The block counts a program of mask_select_copy sums for a mask of N rows: a power of two that holds every
     block count of any N of the same bit length (so of N's dispatch bucket: an executor Launch's bound copy,
-    compiled for its first N, serves the bucket), 16 to SELECT_COUNTS. A program that summed SELECT_COUNTS at
-    every N scanned 512 counts where N = 16384 has 16."""
+    compiled for its first N, serves the bucket), 16 to SELECT_COUNTS. Summing SELECT_COUNTS at every N (512
+    counts where N = 16384 has 16) took 1.3-1.4 µs more per merge at N = 16384 with 5% of the rows on an H100, and
+    as much as this width within 0.8 µs from N = 32768 (2026-12-06-s12/select_copy_3ea2e0a.log, select_sums512)."""
     return min(SELECT_COUNTS, max(16, 1 << max(n.bit_length() - SELECT_BLOCK.bit_length() + 1, 0)))
 
 
