@@ -5,6 +5,7 @@ against a copy of the same bytes, on a GPU (about 20 s on an H100).
                                                # DIR/select_copy_<device>.json
     python bench/select_copy.py --out DIR --configs r1_b4096_w4_s1 r2_b4096_w4_s1   # select in other tiles too
     python bench/select_copy.py --out DIR --sums 512   # select summing 512 block counts at once too
+    python bench/select_copy.py --out DIR --parts      # and select's parts: where its time above a copy goes
 
 Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configuration:
 - copy: src into a buffer of its size, the bytes a merge must move (every ratio divides by it)
@@ -17,6 +18,9 @@ Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configur
 - auto: masked_row_scatter_ as shipped (the tuned table's choice)
 - select_<config> (--configs, tools/tune.py's configuration names): select with another tile in the same rounds
 - select_sums<W> (--sums): select with its programs summing W block counts at once (scatter.select_sums's place)
+- --parts: floor, the row copy through the mask's row map built beforehand (scatter.row_copy, the kernel a CPU
+  mask's merge runs: no scan on the way); select_ready, select's copy alone, its block counts written beforehand
+  and launched as no dependent (what select costs past the counts' launch); counts, the block counts' launch alone
 Figures (counted_scan.figures), in interleaved rounds (timing.interleaved): CUDA-event time with the GPU kept busy
 and L2 flushed (timing.device_time_us), and with nothing queued before the call (timing.idle_time_us). Each result
 checked byte for byte against the map's.
@@ -73,8 +77,34 @@ def with_sums(width: int, call):
     return run
 
 
+class _NoLaunch:
+    """Stands in for scatter._mask_block_counts: launches nothing."""
+
+    @staticmethod
+    def launch(*args):
+        return None
+
+
+def select_parts(dst, mask, src, flat, counts, cfg: KernelConfig) -> dict:
+    """--parts' calls (the module docstring): floor, select_ready (both write dst as select does) and counts."""
+    n, m = dst.shape[0], src.shape[0]
+    rowmap = scatter.device_rows(mask, m)
+    bound_counts, _ = scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, cfg)  # the counts written
+    saved = scatter.dependent_launch, scatter._mask_block_counts
+    scatter.dependent_launch, scatter._mask_block_counts = (lambda device: False), _NoLaunch()
+    try:
+        _, bound_copy = scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, cfg)
+    finally:
+        scatter.dependent_launch, scatter._mask_block_counts = saved
+    programs, stream = cdiv(n, scatter.SELECT_BLOCK), torch.cuda.current_stream(DEV).cuda_stream
+    return {"floor": lambda: scatter.row_copy(dst, src, rowmap.rows, rowmap.count, scatter.COPY, cfg),
+            "select_ready": lambda: bound_copy(cdiv(min(m, n), cfg.rows), stream, dst, src, flat, counts, n,
+                                               programs, m, HIDDEN, dst.stride(0), src.stride(0)),
+            "counts": lambda: bound_counts(programs, stream, flat, counts, n)}
+
+
 def case(n: int, density: float, pattern: str, configs: tuple[KernelConfig, ...] = (),
-         sums: tuple[int, ...] = ()) -> dict:
+         sums: tuple[int, ...] = (), parts: bool = False) -> dict:
     dst, mask, src = make_inputs(Case(n, HIDDEN, density, pattern, mask="gpu"), DEV)
     flat, m = scatter.mask_bytes(mask), src.shape[0]
     cfg = default_of_kind(HIDDEN, fused=False, m=m)
@@ -89,7 +119,11 @@ def case(n: int, density: float, pattern: str, configs: tuple[KernelConfig, ...]
             lambda c=other: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, c))
     for width in sums:
         calls[f"select_sums{width}"] = with_sums(width, calls["select"])
+    more = select_parts(dst, mask, src, flat, counts, cfg) if parts else {}
+    calls |= {name: call for name, call in more.items() if name != "counts"}
     check_against(calls, "map", dst, f"the map's merge at N={n} {density:.0%} {pattern}")
+    if parts:
+        calls["counts"] = more["counts"]  # writes no row
     row = {"n": n, "density": density, "pattern": pattern, "m": m,
            "mb_moved": 2 * src.numel() * dst.element_size() / 1e6, "calls": figures(calls)}
     print(f"N={n} {density:.0%} {pattern} (M={m}, {row['mb_moved']:.0f} MB): {against_copy(row['calls'])}",
@@ -104,6 +138,8 @@ def main() -> None:
                         help="also time select in these configurations (tools/tune.py's names: r1_b4096_w4_s1)")
     parser.add_argument("--sums", nargs="*", type=int, default=[], metavar="W",
                         help="also time select with its programs summing W block counts at once (a power of two)")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time select's parts: floor, select_ready, counts (the module docstring)")
     args = parser.parse_args()
     if any(w < 1 or w & (w - 1) for w in args.sums):
         parser.error("--sums: powers of two")
@@ -114,11 +150,11 @@ def main() -> None:
     for n in NS:
         for density in DENSITIES:
             for pattern in PATTERNS:
-                rows.append(case(n, density, pattern, configs, tuple(args.sums)))
+                rows.append(case(n, density, pattern, configs, tuple(args.sums), args.parts))
                 torch.cuda.empty_cache()
     goal = [r for r in rows if r["mb_moved"] >= GOAL_FROM_MB]
     for name in ("map", "select", "auto", *(f"select_{config_name(c)}" for c in configs),
-                 *(f"select_sums{w}" for w in args.sums)):
+                 *(f"select_sums{w}" for w in args.sums), *(("floor", "select_ready") if args.parts else ())):
         met = sum(r["calls"][name]["device_us"] <= GOAL_RATIO * r["calls"]["copy"]["device_us"] for r in goal)
         print(f"{name}: at most {GOAL_RATIO}x a copy (busy) at {met} of {len(goal)} points from {GOAL_FROM_MB} MB moved")
     args.out.mkdir(parents=True, exist_ok=True)
