@@ -8,7 +8,8 @@ At run time the nearest entry wins: same mask device, the closest dtype pair (by
 smallest distance in log2 N, log2 H and log2 M. For a device mask the kind of kernel then follows N: under
 kernel_config.FUSED_BELOW rows the entry's best one-launch configuration, and a one-launch winner is not carried
 past FUSED_REACH times the N it was measured at, nor past FUSED_REACH x FUSED_BELOW (the untuned rule's reach):
-there the two-launch default. A table's
+there the two-launch default. A PyTorch path's win is not carried to an input that casts where its entry did not,
+or the other way (the cast is a launch of its own there): the Triton path's untuned configuration. A table's
 two-launch configuration carried to fewer source rows than its entry's takes proportionally fewer rows per
 program (a power of two), so that the launch keeps the entry's number of programs: a small M with many rows
 per program leaves SMs idle.
@@ -171,6 +172,14 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
         if fewer < config.rows:
             config = config._replace(rows=fewer)
             reason += f"; {fewer} rows per program, as many programs as at the entry's M"
+    if best["path"] != "triton" and (entry["key"]["src"] == entry["key"]["dst"]) != (src == dst):
+        # A PyTorch path casts src in a launch and a copy of its own, which the Triton path fuses: its win at an
+        # entry without a cast says nothing of an input with one (or the other way). On the H200, index_put's loop-
+        # time wins at N = 256, bf16 -> bf16 (0.94-0.98x the Triton path's, host-bound) carried to N = 700 with a
+        # cast ran 2.2-2.3x the Triton path's loop time there (bench/results/h200/2026-12-06-s13/untuned_49c88af.log).
+        measured = "without" if entry["key"]["src"] == entry["key"]["dst"] else "with"
+        reason += f"; {best['path']} was measured {measured} a cast, so the Triton path's untuned configuration"
+        return Decision("triton", None, default_config(hidden, m, n, mask == "gpu"), False, reason)
     return Decision(best["path"], None, config if best["path"] == "triton" else None, False, reason)
 
 

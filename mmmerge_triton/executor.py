@@ -57,7 +57,7 @@ _bump = torch._C._increment_version  # of a tuple of tensors (autograd.graph.inc
 class Launch:
     """How one layout of merge launches: ``kind``, ``config``, the CUDA ``device`` index (-1: the interpreter's
     CPU tensors), for DEVICE_ROWS whether the copy selects its own rows from the mask's block counts (``select``,
-    scatter.selects) and the mask bytes per block count or per program of the row-map scan (``block``), and the
+    scatter.selects) and otherwise the mask bytes per program of its row-map scan (``block``), and the
     kernels bound on the first run: the copy (``bound``) and the launches before it (``bound_rows``: the block
     counts', None where a row map's scan is not counted, and the row map's, None where the copy selects)."""
 
@@ -67,7 +67,7 @@ class Launch:
         """n: N, or any N of its dispatch bucket (the thresholds start buckets)."""
         self.kind, self.config = kind, config
         self.select = kind == DEVICE_ROWS and selects(n)
-        self.block = SELECT_BLOCK if self.select else scan_block(max(n, 1))
+        self.block = None if self.select else scan_block(max(n, 1))
         self.device = device.index if device.type == "cuda" else -1
         self.bound = self.bound_rows = None
 

@@ -9,7 +9,7 @@ import torch
 
 import mmmerge_triton as mm
 from mmmerge_triton import dispatch, executor
-from mmmerge_triton.kernel_config import KernelConfig, default_of_kind
+from mmmerge_triton.kernel_config import KernelConfig, default_config, default_of_kind
 from mmmerge_triton.tools import tune
 
 from .conftest import assert_merged, make_mask
@@ -124,6 +124,29 @@ def test_a_device_mask_under_fused_below_takes_the_entrys_one_launch_configurati
     assert at.config == KernelConfig(4, 512, 8, 1, False)
     cpu = dispatch.decide_from_table(table(entry(n=16384, rows=8192)), "cpu", "bf16", "bf16", 12000, 4096, 6000)
     assert not cpu.config.fused
+
+
+@pytest.mark.parametrize("mask", ["cpu", "gpu"])
+def test_a_pytorch_paths_win_is_carried_only_to_inputs_that_cast_as_its_entry_did(mask):
+    """index_put measured without a cast (bf16 -> bf16) is not carried to an input with one (bf16 -> fp16), nor one
+    measured with a cast (fp32 -> bf16) to an input without: there the Triton path's untuned configuration."""
+    for key_src, key_dst, same, other in (("bf16", "bf16", ("fp16", "fp16"), ("bf16", "fp16")),
+                                          ("fp32", "bf16", ("fp16", "fp32"), ("fp32", "fp32"))):
+        t = table(entry(mask=mask, src=key_src, dst=key_dst, n=256, hidden=2048, rows=26, path="index_put"))
+        kept = dispatch.decide_from_table(t, mask, *same, 700, 2048, 35)
+        assert (kept.path, kept.config) == ("index_put", None)
+        moved = dispatch.decide_from_table(t, mask, *other, 700, 2048, 35)
+        assert moved.path == "triton" and moved.config == default_config(2048, 35, 700, mask == "gpu")
+        assert "cast" in moved.reason
+
+
+def test_the_h200_tables_index_put_wins_are_not_carried_to_a_cast():
+    """At the held-out points where the H200 table's index_put entries (N = 256, bf16 -> bf16) met a cast, auto
+    ran 2.2-2.3x the Triton path's loop time (bench/results/h200/2026-12-06-s13/untuned_49c88af.log)."""
+    h200 = json.loads((dispatch.table_dir() / "NVIDIA_H200.json").read_text())
+    assert dispatch.decide_from_table(h200, "cpu", "bf16", "bf16", 256, 4096, 230).path == "index_put"
+    for src, dst, hidden, m in (("bf16", "fp16", 3584, 210), ("fp16", "fp32", 2048, 35)):
+        assert dispatch.decide_from_table(h200, "cpu", src, dst, 700, hidden, m).path == "triton"
 
 
 def test_a_two_launch_configuration_carried_to_fewer_rows_keeps_its_number_of_programs():
