@@ -16,6 +16,8 @@ Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configur
 - bound_map, bound_select: the same through the executor's hot path with its kernels bound (what a memo hit of
   the API launches: their idle times compare the host cost of the launches)
 - auto: masked_row_scatter_ as shipped (the tuned table's choice)
+- plan: masked_row_scatter_ with a MergePlan of the mask built beforehand (PLAN_ROWS: the row copy through the
+  plan's map; a plan made while the GPU still has other work queued, before the merge, takes the scan off it)
 - select_<config> (--configs, tools/tune.py's configuration names): select with another tile in the same rounds
 - select_sums<W> (--sums): select with its programs summing W block counts at once (scatter.select_sums's place)
 - --parts: floor, the row copy through the mask's row map built beforehand (scatter.row_copy, the kernel a CPU
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from mmmerge_triton import executor, masked_row_scatter_, scatter
+from mmmerge_triton import MergePlan, executor, masked_row_scatter_, scatter
 from mmmerge_triton.kernel_config import DEVICE_ROWS, Decision, KernelConfig, cdiv, default_of_kind
 from mmmerge_triton.tools.bench import device_name, environment
 from mmmerge_triton.tools.cases import Case, make_inputs
@@ -110,10 +112,12 @@ def case(n: int, density: float, pattern: str, configs: tuple[KernelConfig, ...]
     cfg = default_of_kind(HIDDEN, fused=False, m=m)
     through_map, copy = two_launch_and_copy(dst, flat, src, cfg)
     counts = torch.empty(cdiv(n, scatter.SELECT_BLOCK), dtype=torch.int32, device=DEV)
+    plan = MergePlan(mask)
     calls = {"copy": copy, "map": through_map,
              "select": lambda: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, cfg),
              "bound_map": bound_merge(dst, mask, src, False), "bound_select": bound_merge(dst, mask, src, True),
-             "auto": lambda: masked_row_scatter_(dst, mask, src)}
+             "auto": lambda: masked_row_scatter_(dst, mask, src),
+             "plan": lambda: masked_row_scatter_(dst, src=src, plan=plan)}
     for other in configs:
         calls[f"select_{config_name(other)}"] = (
             lambda c=other: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, c))
@@ -153,7 +157,7 @@ def main() -> None:
                 rows.append(case(n, density, pattern, configs, tuple(args.sums), args.parts))
                 torch.cuda.empty_cache()
     goal = [r for r in rows if r["mb_moved"] >= GOAL_FROM_MB]
-    for name in ("map", "select", "auto", *(f"select_{config_name(c)}" for c in configs),
+    for name in ("map", "select", "auto", "plan", *(f"select_{config_name(c)}" for c in configs),
                  *(f"select_sums{w}" for w in args.sums), *(("floor", "select_ready") if args.parts else ())):
         met = sum(r["calls"][name]["device_us"] <= GOAL_RATIO * r["calls"]["copy"]["device_us"] for r in goal)
         print(f"{name}: at most {GOAL_RATIO}x a copy (busy) at {met} of {len(goal)} points from {GOAL_FROM_MB} MB moved")
