@@ -17,7 +17,7 @@ Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configur
   the API launches: their idle times compare the host cost of the launches)
 - auto: masked_row_scatter_ as shipped (the tuned table's choice)
 - plan: masked_row_scatter_ with a MergePlan of the mask built beforehand (PLAN_ROWS: the row copy through the
-  plan's map; a plan made while the GPU still has other work queued, before the merge, takes the scan off it)
+  plan's map, no scan at the merge)
 - select_<config> (--configs, tools/tune.py's configuration names): select with another tile in the same rounds
 - select_sums<W> (--sums): select with its programs summing W block counts at once (scatter.select_sums's place)
 - --parts: floor, the row copy through the mask's row map built beforehand (scatter.row_copy, the kernel a CPU
