@@ -42,7 +42,7 @@ from .launch import FastKernel
 from .paths import POSITION_RUNNERS, RUNNERS, rows_view
 from .rowmap import RowMap, check_count, check_fits, cpu_rows, host_positions, host_rows, refuse_capture, stage_rows
 from .scatter import (ADD, COPY, GATHER, PREFIX_CHUNK, SELECT_BLOCK, device_rows, mask_bytes, mask_row_copy,
-                      mask_select_copy, mask_to_rows, row_copy, scan_block, selects, supports)
+                      mask_select_copy, mask_to_rows, row_copy, scan_block, select_grid, selects, supports)
 from .staging import RawPointer, arena
 
 _LAUNCHED = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, POSITIONS)  # the kinds a Launch binds
@@ -337,8 +337,8 @@ def _launch(launch: Launch, dst, mask, src, accumulate, at, layout) -> None:
         stream = _raw_stream(device)
         counts_ptr = counts.data_ptr()
         launch.bound_rows[0](programs, stream, mask_ptr, counts_ptr, n)
-        bound(cdiv(min(m, n), config.rows), stream, dst_ptr, src_ptr, mask_ptr, counts_ptr, n, programs, m, h,
-              dst_stride, src_stride)
+        bound(select_grid(n, m, config.rows), stream, dst_ptr, src_ptr, mask_ptr, counts_ptr, counts_ptr, n, programs,
+              m, h, dst_stride, src_stride)
     else:  # DEVICE_ROWS: in one fresh device buffer the map (M entries), the count at 16 bytes, the block counts
         capacity = -(-m // 4) * 4
         programs = cdiv(n, launch.block)
