@@ -82,7 +82,8 @@ def published_counts(mask_ptr, status_ptr, pid, tag, n, n_blocks, BLOCK: tl.cons
 
     No program waits on another for good: after SPINS reads with some count still missing (its owner not yet
     running, e.g. every slot of the GPU taken by waiting programs, or programs run one after another as under
-    the interpreter), a program counts the missing blocks itself and publishes them too (the same value)."""
+    the interpreter), a program counts the missing blocks itself, in registers (it publishes nothing: the
+    owners will). Straight-line vector code only: no atomic and no branch inside the loop."""
     owners = (n_blocks + OWNED - 1) // OWNED
     if pid < owners:
         own = pid + owners * tl.arange(0, OWNED)
@@ -91,18 +92,19 @@ def published_counts(mask_ptr, status_ptr, pid, tag, n, n_blocks, BLOCK: tl.cons
         mine = tl.sum((tl.load(mask_ptr + own_bytes, mask=ok, other=0) != 0).to(tl.int64), axis=1)  # nonzero: True
         tl.atomic_xchg(status_ptr + own, tag | mine, mask=own < n_blocks, sem="relaxed", scope="gpu")
     b = tl.arange(0, COUNTS)
-    word = tl.load(status_ptr + b, mask=b < n_blocks, other=tag, volatile=True)  # past n_blocks: a count of 0
-    missing = (word >> 32) != (tag >> 32)
+    listed = b < n_blocks
+    word = tl.load(status_ptr + b, mask=listed, other=0, volatile=True)
+    missing = listed & ((word >> 32) != (tag >> 32))
     spins = 0
     while (tl.max(missing.to(tl.int32), axis=0) > 0) & (spins < SPINS):
-        word = tl.load(status_ptr + b, mask=b < n_blocks, other=tag, volatile=True)
-        missing = (word >> 32) != (tag >> 32)
+        word = tl.load(status_ptr + b, mask=listed, other=0, volatile=True)
+        missing = listed & ((word >> 32) != (tag >> 32))
         spins += 1
+    count = tl.where(listed & ~missing, word - tag, 0).to(tl.int32)  # a word of this launch: tag | count
     if tl.max(missing.to(tl.int32), axis=0) > 0:
-        for k in range(0, n_blocks):
-            if tl.max((missing & (b == k)).to(tl.int32), axis=0) > 0:
-                k_bytes = k * BLOCK + tl.arange(0, BLOCK)
-                found = tl.sum((tl.load(mask_ptr + k_bytes, mask=k_bytes < n, other=0) != 0).to(tl.int64), axis=0)
-                tl.atomic_xchg(status_ptr + k, tag | found, sem="relaxed", scope="gpu")
-                word = tl.where(b == k, tag | found, word)
-    return (word - tag).to(tl.int32)  # every word now this launch's: tag | count
+        for k in range(0, n_blocks):  # loads only a missing block's bytes
+            end = tl.where(tl.max((missing & (b == k)).to(tl.int32), axis=0) > 0, n, 0)  # bytes to read: none
+            k_bytes = k * BLOCK + tl.arange(0, BLOCK)                                   # if block k is published
+            found = tl.sum((tl.load(mask_ptr + k_bytes, mask=k_bytes < end, other=0) != 0).to(tl.int32), axis=0)
+            count = tl.where(missing & (b == k), found, count)
+    return count

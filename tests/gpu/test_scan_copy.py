@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from mmmerge_triton import scan_copy, scatter, workspaces  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
-from mmmerge_triton.kernels.scan_state import DONE, GEN, TICKET  # noqa: E402
+from mmmerge_triton.kernels.scan_state import DONE, GEN, STATUS, TICKET  # noqa: E402
 from mmmerge_triton.scatter import ADD, COPY, GATHER  # noqa: E402
 
 from gpu_helpers import (DTYPE_PAIRS, assert_same, capture, dev, first_true, pair_id, rand, reference,  # noqa: E402
@@ -330,12 +330,18 @@ def test_select1_count_mismatch_moves_the_first_min_k_m_rows(mode, m_vs_k, kind)
 @pytest.mark.parametrize("spins", [0, 1, 4])
 @pytest.mark.parametrize("n", [16385, 300_001, scatter.SELECT_BELOW - 1])
 def test_select1_programs_that_count_missing_blocks_themselves(n, spins):
-    """Few or no reads of the counts before a program counts the missing ones itself, while their owners count
-    and publish them too (the same values, written at once by several programs): every row right."""
+    """Few or no reads of the counts before a program counts the missing ones itself, in registers, while their
+    owners count and publish them: every row right, and every block's count published."""
     for step, kind in enumerate(("random50", "blocks", "random5")):
         mask = make_mask(n, kind, seed=step)
         run_and_check(COPY if step % 2 == 0 else ADD, mask, int(mask.sum()), cfg(1, 16), h=16, seed=step,
                       kernel="select1", spins=spins)
+        blocks = -(-n // scatter.SELECT_BLOCK)
+        state = workspaces.workspace(DEV, blocks)
+        words = state[STATUS.value : STATUS.value + blocks]
+        counts = torch.nn.functional.pad(true_rows(mask).long(), (0, blocks * scatter.SELECT_BLOCK - n))
+        assert torch.equal(words & 0xFFFFFFFF, counts.view(blocks, -1).sum(1)), "a block count published wrong"
+        assert (words >> 32).eq(state[GEN.value]).all(), "a block count not published under the launch's tag"
 
 
 def test_select1_and_scan_alternate_on_one_workspace():
