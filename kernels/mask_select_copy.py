@@ -82,8 +82,14 @@ def published_counts(mask_ptr, status_ptr, pid, tag, n, n_blocks, BLOCK: tl.cons
 
     No program waits on another for good: after SPINS reads with some count still missing (its owner not yet
     running, e.g. every slot of the GPU taken by waiting programs, or programs run one after another as under
-    the interpreter), a program counts the missing blocks itself, in registers (it publishes nothing: the
-    owners will). Straight-line vector code only: no atomic and no branch inside the loop."""
+    the interpreter), a program counts the missing blocks itself, in registers (the owners publish them).
+
+    Every thread of the program must end with the same counts. A [COUNTS] tensor has fewer elements than the
+    program has threads where COUNTS < 32 * num_warps, so several threads hold each element and load its word
+    themselves: one may read it just before its owner publishes it, another just after. Only reductions (whose
+    result all threads share) decide what to count here, and the words are read once more at the end: each
+    word not counted here was seen under this launch's tag by some thread before that decision (a reduction's
+    barrier ago), so every thread now reads it so (a word keeps its tag for the rest of the launch)."""
     owners = (n_blocks + OWNED - 1) // OWNED
     if pid < owners:
         own = pid + owners * tl.arange(0, OWNED)
@@ -100,11 +106,16 @@ def published_counts(mask_ptr, status_ptr, pid, tag, n, n_blocks, BLOCK: tl.cons
         word = tl.load(status_ptr + b, mask=listed, other=0, volatile=True)
         missing = listed & ((word >> 32) != (tag >> 32))
         spins += 1
-    count = tl.where(listed & ~missing, word - tag, 0).to(tl.int32)  # a word of this launch: tag | count
+    counted = b < 0  # the blocks counted here, the same in every thread
+    found = tl.zeros([COUNTS], tl.int32)
     if tl.max(missing.to(tl.int32), axis=0) > 0:
-        for k in range(0, n_blocks):  # loads only a missing block's bytes
-            end = tl.where(tl.max((missing & (b == k)).to(tl.int32), axis=0) > 0, n, 0)  # bytes to read: none
-            k_bytes = k * BLOCK + tl.arange(0, BLOCK)                                   # if block k is published
-            found = tl.sum((tl.load(mask_ptr + k_bytes, mask=k_bytes < end, other=0) != 0).to(tl.int32), axis=0)
-            count = tl.where(missing & (b == k), found, count)
-    return count
+        for k in range(0, n_blocks):
+            block_k = b == k
+            end = tl.where(tl.max((missing & block_k).to(tl.int32), axis=0) > 0, n, 0)  # 0: block k not counted
+            k_bytes = k * BLOCK + tl.arange(0, BLOCK)
+            count_k = tl.sum((tl.load(mask_ptr + k_bytes, mask=k_bytes < end, other=0) != 0).to(tl.int32), axis=0)
+            hit = block_k & (tl.zeros([COUNTS], tl.int32) + end > 0)
+            counted = counted | hit
+            found = tl.where(hit, count_k, found)
+    word = tl.load(status_ptr + b, mask=listed & ~counted, other=0, volatile=True)
+    return tl.where(counted, found, tl.where(listed, word - tag, 0).to(tl.int32))
