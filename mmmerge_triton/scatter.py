@@ -277,7 +277,8 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
         key,
         (select_grid(n, n_rows, cfg.rows), 1),
         (dense, compact, mask_bytes, counts, state, n, programs, n_rows, hidden, sd, sc),
-        (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, sums, overlap, one_launch, owned, spins),
+        (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, sums, overlap, one_launch, owned, spins,
+         max(sums, 32 * cfg.num_warps)),
         (cfg.num_warps, cfg.num_stages, overlap),
         device,
     )
