@@ -27,12 +27,12 @@ def mask_select_copy_kernel(
     ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK: tl.constexpr,  # mask bytes per count
-    COUNTS: tl.constexpr,  # a power of two >= n_blocks: the counts a program sums in registers
+    COUNTS: tl.constexpr,  # a power of two >= n_blocks: the counts a program sums in registers; ONE_LAUNCH: and
+    #                        >= the program's threads (32 * num_warps), see published_counts
     AFTER_COUNTS: tl.constexpr,  # a programmatic dependent launch after mask_block_counts_kernel
     ONE_LAUNCH: tl.constexpr,  # the block counts counted and published by this launch's first programs
     OWNED: tl.constexpr,  # ONE_LAUNCH: blocks a counting program counts (a power of two)
     SPINS: tl.constexpr,  # ONE_LAUNCH: reads of the counts before a program counts the missing ones itself
-    WORDS: tl.constexpr,  # ONE_LAUNCH: a power of two >= COUNTS and >= the program's threads (32 * num_warps)
 ):
     """Program p moves compact rows j in [p*ROWS, p*ROWS + ROWS) into the dense row of the mask's j-th true byte
     (any nonzero byte is True), for j < min(n_rows, K) where K is the mask's true bytes: as row_copy_kernel
@@ -54,7 +54,7 @@ def mask_select_copy_kernel(
     b = tl.arange(0, COUNTS)
     if ONE_LAUNCH:
         count = published_counts(mask_ptr, state_ptr + STATUS, pid, tag_of(gen), n, n_blocks, BLOCK, COUNTS,
-                                 WORDS, OWNED, SPINS)
+                                 OWNED, SPINS)
     else:
         if AFTER_COUNTS:
             tl.extra.cuda.gdc_wait()  # the counts are written and visible
@@ -76,7 +76,7 @@ def mask_select_copy_kernel(
 
 @triton.jit
 def published_counts(mask_ptr, status_ptr, pid, tag, n, n_blocks, BLOCK: tl.constexpr, COUNTS: tl.constexpr,
-                     WORDS: tl.constexpr, OWNED: tl.constexpr, SPINS: tl.constexpr):
+                     OWNED: tl.constexpr, SPINS: tl.constexpr):
     """The [COUNTS] int32 block counts (0 past n_blocks), counted within the launch. Program p < cdiv(n_blocks,
     OWNED) counts blocks p, p + owners, ... (OWNED of them, owners = cdiv(n_blocks, OWNED)) and publishes each as
     a status word ``tag | count``; then every program reads the n_blocks words until all carry this launch's tag.
@@ -85,12 +85,11 @@ def published_counts(mask_ptr, status_ptr, pid, tag, n, n_blocks, BLOCK: tl.cons
     running, e.g. every slot of the GPU taken by waiting programs, or programs run one after another as under
     the interpreter), a program counts the missing blocks itself, in registers (the owners publish them).
 
-    The words are read as a [WORDS] tensor, WORDS at least the program's threads, so that one thread alone reads
-    each word. In a smaller tensor several threads (whole warps) hold each element and read its word themselves,
-    one maybe just before its owner publishes it and one just after; and a reduction over such a tensor is done
-    in each warp on its own copy, so the warps could differ on whether to wait or count, and on the counts (on
-    an H100 this ended in wrong rows and, where warps took different branches past a barrier, illegal
-    addresses: bench/results/h100/2026-12-07-s15/)."""
+    COUNTS is at least the program's threads, so that one thread alone reads each word. In a smaller tensor
+    whole warps are copies of it, each reading the words itself, one maybe just before an owner publishes a
+    count and one just after; and a reduction over it is done in each warp on its own copy, so the warps could
+    differ on the counts and on whether to wait or count (on an H100: wrong rows, and illegal addresses where
+    warps took different branches past a barrier; bench/results/h100/2026-12-07-s15/)."""
     owners = (n_blocks + OWNED - 1) // OWNED
     if pid < owners:
         own = pid + owners * tl.arange(0, OWNED)
@@ -98,23 +97,20 @@ def published_counts(mask_ptr, status_ptr, pid, tag, n, n_blocks, BLOCK: tl.cons
         ok = (own < n_blocks)[:, None] & (own_bytes < n)
         mine = tl.sum((tl.load(mask_ptr + own_bytes, mask=ok, other=0) != 0).to(tl.int64), axis=1)  # nonzero: True
         tl.atomic_xchg(status_ptr + own, tag | mine, mask=own < n_blocks, sem="relaxed", scope="gpu")
-    w = tl.arange(0, WORDS)
-    listed = w < n_blocks
-    word = tl.load(status_ptr + w, mask=listed, other=0, volatile=True)
+    b = tl.arange(0, COUNTS)
+    listed = b < n_blocks
+    word = tl.load(status_ptr + b, mask=listed, other=0, volatile=True)
     missing = listed & ((word >> 32) != (tag >> 32))
     spins = 0
     while (tl.max(missing.to(tl.int32), axis=0) > 0) & (spins < SPINS):
-        word = tl.load(status_ptr + w, mask=listed, other=0, volatile=True)
+        word = tl.load(status_ptr + b, mask=listed, other=0, volatile=True)
         missing = listed & ((word >> 32) != (tag >> 32))
         spins += 1
     count = tl.where(listed, word - tag, 0).to(tl.int32)  # a word of this launch: tag | count
     if tl.max(missing.to(tl.int32), axis=0) > 0:
         for k in range(0, n_blocks):  # loads only a missing block's bytes
-            end = tl.where(tl.max((missing & (w == k)).to(tl.int32), axis=0) > 0, n, 0)  # 0: block k published
+            end = tl.where(tl.max((missing & (b == k)).to(tl.int32), axis=0) > 0, n, 0)  # 0: block k published
             k_bytes = k * BLOCK + tl.arange(0, BLOCK)
             found = tl.sum((tl.load(mask_ptr + k_bytes, mask=k_bytes < end, other=0) != 0).to(tl.int32), axis=0)
-            count = tl.where(missing & (w == k), found, count)
-    if WORDS == COUNTS:
-        return count
-    else:  # the first COUNTS of the WORDS counts
-        return tl.sum(tl.where(tl.arange(0, COUNTS)[:, None] == w[None, :], count[None, :], 0), axis=1)
+            count = tl.where(missing & (b == k), found, count)
+    return count

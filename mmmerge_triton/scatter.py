@@ -261,6 +261,7 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     if one_launch:
         overlap = False
         owned = max(1, sums // SELECT_OWNERS)
+        sums = max(sums, 32 * cfg.num_warps)  # a thread per status word at most (published_counts)
         spins = (1 if INTERPRET else SELECT_SPINS) if spins is None else spins
         counts = state = workspace(dense.device, programs)
     else:
@@ -277,8 +278,7 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
         key,
         (select_grid(n, n_rows, cfg.rows), 1),
         (dense, compact, mask_bytes, counts, state, n, programs, n_rows, hidden, sd, sc),
-        (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, sums, overlap, one_launch, owned, spins,
-         max(sums, 32 * cfg.num_warps)),
+        (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, sums, overlap, one_launch, owned, spins),
         (cfg.num_warps, cfg.num_stages, overlap),
         device,
     )
