@@ -109,8 +109,9 @@ def published_counts(mask_ptr, status_ptr, pid, tag, n, n_blocks, BLOCK: tl.cons
     count = tl.where(listed, word - tag, 0).to(tl.int32)  # a word of this launch: tag | count
     if tl.max(missing.to(tl.int32), axis=0) > 0:
         for k in range(0, n_blocks):  # loads only a missing block's bytes
-            end = tl.where(tl.max((missing & (b == k)).to(tl.int32), axis=0) > 0, n, 0)  # 0: block k published
+            missing_k = missing & (b == k)
+            end = tl.where(tl.max(missing_k.to(tl.int32), axis=0) > 0, n, 0)  # 0: block k published
             k_bytes = k * BLOCK + tl.arange(0, BLOCK)
             found = tl.sum((tl.load(mask_ptr + k_bytes, mask=k_bytes < end, other=0) != 0).to(tl.int32), axis=0)
-            count = tl.where(missing & (b == k), found, count)
+            count = tl.where(missing_k, found, count)
     return count
