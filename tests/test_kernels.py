@@ -14,7 +14,7 @@ import mmmerge_triton as mm
 from mmmerge_triton import executor, scatter, workspaces
 from mmmerge_triton.scatter import ADD, COPY, GATHER
 from mmmerge_triton.kernel_config import KernelConfig
-from mmmerge_triton.kernels.scan_state import DONE, GEN, HIGH, STATUS, TICKET
+from mmmerge_triton.kernels.scan_state import DONE, FINISHED, GEN, HIGH, STATUS, TICKET
 
 from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal, assert_merged, make_mask, randn
 
@@ -405,6 +405,7 @@ def test_mask_select_copy_in_one_launch(offset, owners, spins, config, small_sel
         assert (words & 0xFFFFFFFF).tolist() == np.bincount(true_rows // 16, minlength=programs).tolist()
         assert state[STATUS.value + programs :].eq(0).all(), "wrote past the block counts"
         assert [state[w.value].item() for w in (TICKET, DONE, GEN, HIGH)] == [0, 0, step + 1, programs]
+        assert state[FINISHED.value : STATUS.value].eq(0).all(), "slot counters not reset"
 
 
 @pytest.mark.parametrize("pattern", ["all_true", "all_false", "last_row_only", "first_block_empty"])

@@ -12,7 +12,7 @@ import torch
 from mmmerge_triton import scan_copy, scatter, workspaces
 from mmmerge_triton.kernel_config import KernelConfig
 from mmmerge_triton.kernels.mask_scan_copy import mask_scan_copy_kernel
-from mmmerge_triton.kernels.scan_state import DONE, GEN, HIGH, STATUS, TAG_PERIOD, TICKET
+from mmmerge_triton.kernels.scan_state import DONE, FINISHED, GEN, HIGH, STATUS, TAG_PERIOD, TICKET
 from mmmerge_triton.scatter import ADD, COPY, GATHER
 
 from .conftest import (DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal, assert_close_ulps, make_mask,
@@ -74,8 +74,9 @@ def run(mode, mask, m, cfg, dense_dtype=torch.bfloat16, compact_dtype=torch.floa
 
 
 def assert_state_ready(state: torch.Tensor, gen: int, high: int) -> None:
-    """The workspace header as a launch leaves it: counters back at 0, GEN and HIGH as given."""
+    """The workspace header as a launch leaves it: counters back at 0 (the slots' too), GEN and HIGH as given."""
     assert state[TICKET.value].item() == 0 and state[DONE.value].item() == 0, "counters not reset"
+    assert state[FINISHED.value : STATUS.value].eq(0).all(), "slot counters not reset"
     assert state[GEN.value].item() == gen and state[HIGH.value].item() == high
 
 
@@ -153,7 +154,7 @@ def test_back_to_back_launches_leave_the_workspace_ready(fresh_workspaces):
     cfg = KernelConfig(1, 16, num_warps=4)
     gen = high = 0
     state = None
-    for step, n in enumerate((12, 5, 40, 3, 30)):
+    for step, n in enumerate((12, 5, 150, 3, 30)):  # 150 tiles: some slots end 3 programs, some 2
         mask = make_mask(("random50", "blocks", "random10", "full", "random90")[step], (n,), seed=step)
         run(COPY if step % 2 == 0 else ADD, mask, int(mask.sum()), cfg, h=8)
         now = workspaces.workspace(CPU, 1)
