@@ -44,10 +44,10 @@ def release_state(state_ptr, gen, words):
     ``gen``: the GEN it read at its start; ``words``: status words this launch may have written (from STATUS).
 
     Program p adds one to its slot's counter (FINISHED, slot p % SLOTS); the last of a slot's programs zeroes
-    that counter and adds one to DONE; the last slot's last program resets the workspace. One counter for every
-    program took 5-6 ns per program on an H100 (each add waits for the one before it on the same word: about
-    twice a copy's time at half a 2 GB merge's rows, bench/results/h100/2026-12-07-s16/); SLOTS counters 128
-    bytes apart take the adds in parallel.
+    that counter and adds one to DONE; the last slot's last program resets the workspace. With one counter for
+    every program, the one-launch select took 3.5-5.4 ns more per program than its copy alone on an H100 (the
+    adds to one word wait for one another: 1.6-2.0x a copy's time, bench/results/h100/2026-12-07-s16/);
+    SLOTS counters, each on its own 128-byte line, spread the adds.
 
     Memory order (scope gpu): every program finishes its reads and writes of status words and counters before
     its acq_rel add to its slot; the slot's last program acquires them (the adds form one release sequence) and
