@@ -18,11 +18,7 @@ Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configur
 - auto: masked_row_scatter_ as shipped (the tuned table's choice)
 - plan: masked_row_scatter_ with a MergePlan of the mask built beforehand (PLAN_ROWS: the row copy through the
   plan's map, no scan at the merge)
-- select1: select in one launch, its programs counting the blocks and publishing the counts to one another
-  (scatter.mask_select_copy without counts); select1_counting: the same with no read of the counts repeated, every
-  program counting the blocks it finds missing at once
-- select_<config>, select1_<config> (--configs, tools/tune.py's configuration names): select and select1 with
-  another tile in the same rounds
+- select_<config> (--configs, tools/tune.py's configuration names): select with another tile in the same rounds
 - select_sums<W> (--sums): select with its programs summing W block counts at once (scatter.select_sums's place)
 - --parts: floor, the row copy through the mask's row map built beforehand (scatter.row_copy, the kernel a CPU
   mask's merge runs: no scan on the way); select_ready, select's copy alone, its block counts written beforehand
@@ -104,8 +100,8 @@ def select_parts(dst, mask, src, flat, counts, cfg: KernelConfig) -> dict:
         scatter.dependent_launch, scatter._mask_block_counts = saved
     programs, stream = cdiv(n, scatter.SELECT_BLOCK), torch.cuda.current_stream(DEV).cuda_stream
     return {"floor": lambda: scatter.row_copy(dst, src, rowmap.rows, rowmap.count, scatter.COPY, cfg),
-            "select_ready": lambda: bound_copy(scatter.select_grid(n, m, cfg.rows), stream, dst, src, flat, counts,
-                                               counts, n, programs, m, HIDDEN, dst.stride(0), src.stride(0)),
+            "select_ready": lambda: bound_copy(cdiv(min(m, n), cfg.rows), stream, dst, src, flat, counts, n,
+                                               programs, m, HIDDEN, dst.stride(0), src.stride(0)),
             "counts": lambda: bound_counts(programs, stream, flat, counts, n)}
 
 
@@ -119,16 +115,12 @@ def case(n: int, density: float, pattern: str, configs: tuple[KernelConfig, ...]
     plan = MergePlan(mask)
     calls = {"copy": copy, "map": through_map,
              "select": lambda: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, cfg),
-             "select1": lambda: scatter.mask_select_copy(dst, src, flat, None, scatter.COPY, cfg),
-             "select1_counting": lambda: scatter.mask_select_copy(dst, src, flat, None, scatter.COPY, cfg, spins=0),
              "bound_map": bound_merge(dst, mask, src, False), "bound_select": bound_merge(dst, mask, src, True),
              "auto": lambda: masked_row_scatter_(dst, mask, src),
              "plan": lambda: masked_row_scatter_(dst, src=src, plan=plan)}
     for other in configs:
         calls[f"select_{config_name(other)}"] = (
             lambda c=other: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, c))
-        calls[f"select1_{config_name(other)}"] = (
-            lambda c=other: scatter.mask_select_copy(dst, src, flat, None, scatter.COPY, c))
     for width in sums:
         calls[f"select_sums{width}"] = with_sums(width, calls["select"])
     more = select_parts(dst, mask, src, flat, counts, cfg) if parts else {}
@@ -165,8 +157,7 @@ def main() -> None:
                 rows.append(case(n, density, pattern, configs, tuple(args.sums), args.parts))
                 torch.cuda.empty_cache()
     goal = [r for r in rows if r["mb_moved"] >= GOAL_FROM_MB]
-    for name in ("map", "select", "select1", "select1_counting", "auto", "plan",
-                 *(f"select{one}_{config_name(c)}" for c in configs for one in ("", "1")),
+    for name in ("map", "select", "auto", "plan", *(f"select_{config_name(c)}" for c in configs),
                  *(f"select_sums{w}" for w in args.sums), *(("floor", "select_ready") if args.parts else ())):
         met = sum(r["calls"][name]["device_us"] <= GOAL_RATIO * r["calls"]["copy"]["device_us"] for r in goal)
         print(f"{name}: at most {GOAL_RATIO}x a copy (busy) at {met} of {len(goal)} points from {GOAL_FROM_MB} MB moved")

@@ -172,16 +172,17 @@ def decide_from_table(table: dict, mask: str, src: str, dst: str, n: int, hidden
         if fewer < config.rows:
             config = config._replace(rows=fewer)
             reason += f"; {fewer} rows per program, as many programs as at the entry's M"
-    entry_casts = entry["key"]["src"] != entry["key"]["dst"]
-    if best["path"] != "triton" and entry_casts != (src != dst):
+    if best["path"] != "triton" and (entry["key"]["src"] == entry["key"]["dst"]) != (src == dst):
         # A PyTorch path casts src in a launch and a copy of its own, which the Triton path fuses: its win at an
         # entry without a cast says nothing of an input with one (or the other way). On the H200, index_put's loop-
         # time wins at N = 256, bf16 -> bf16 (0.94-0.98x the Triton path's, host-bound) carried to N = 700 with a
         # cast ran 2.2-2.3x the Triton path's loop time there (bench/results/h200/2026-12-06-s13/untuned_49c88af.log).
-        reason += (f"; {best['path']} was measured {'with' if entry_casts else 'without'} a cast, so the Triton "
-                   "path's untuned configuration")
+        measured = "without" if entry["key"]["src"] == entry["key"]["dst"] else "with"
+        reason += f"; {best['path']} was measured {measured} a cast, so the Triton path's untuned configuration"
         return Decision("triton", None, default_config(hidden, m, n, mask == "gpu"), False, reason)
     return Decision(best["path"], None, config if best["path"] == "triton" else None, False, reason)
+
+
 
 
 def triton_refusal(dst: torch.Tensor, mask: torch.Tensor, src_dtype: torch.dtype,

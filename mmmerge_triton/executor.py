@@ -9,22 +9,20 @@ Kinds of the Triton path (kernel_config.Decision.kind), by where the row map com
   device saved host time past N = 32768 but cost more device time, up to 41%, three launches where this is one:
   bench/results/h100/RUNS.md, "staged CPU masks".)
 - DEVICE_FUSED: a device mask with a one-launch configuration: mask_row_copy finds its offsets in-kernel.
-- DEVICE_ROWS: a device mask otherwise. Under scatter.SELECT_BELOW mask rows, mask_select_copy in one launch: its
-  first programs count the mask's blocks and publish the counts in the stream's scan workspace (workspaces.py),
-  and each program finds its own dense rows from them (no row map). From there, mask_to_rows into a fresh buffer
-  (4 bytes per source row; from scatter.COUNTED_FROM mask rows in two launches, the blocks' counts first), then
-  row_copy. On Hopper and later each of these launches starts while the one before it runs
-  (scatter.dependent_launch).
+- DEVICE_ROWS: a device mask otherwise. Under scatter.SELECT_BELOW mask rows, mask_select_copy: the blocks'
+  counts into a fresh buffer (4 bytes per 1024 mask rows), then the row copy, each program finding its own dense
+  rows from them (no row map). From there, mask_to_rows into a fresh buffer (4 bytes per source row; from
+  scatter.COUNTED_FROM mask rows in two launches, the blocks' counts first), then row_copy. On Hopper and later
+  each launch starts while the one before it runs (scatter.dependent_launch).
 - PLAN_ROWS: a MergePlan's row map, already on the device: one row_copy.
 - ITEMS: a list of items read in place (items.merge_items): its item table and row map staged, one launch.
 - POSITIONS: row positions given by the caller (indexed_row_scatter_): CPU ones checked on the host and staged
   as a CPU mask's map is; device ones read in place by one bounded row_copy (a position out of range skipped).
 (Under TRITON_INTERPRET=1 masks are CPU tensors: HOST_ROWS, the map read from host memory.)
 A CPU mask's count is checked on the host before anything is queued (CountMismatch), and a CUDA graph being
-captured is refused where anything is staged per call (rowmap.refuse_capture). Extra device memory per call:
-none for a CPU mask, nor for DEVICE_ROWS under scatter.SELECT_BELOW mask rows (a scan workspace of 8 KB per
-stream, and one per captured launch, kept); past it 4 bytes per source row (the row map) and 4 per 1024 mask rows
-(the block counts).
+captured is refused where anything is staged per call (rowmap.refuse_capture). Extra device memory: none for a
+CPU mask; for DEVICE_ROWS 4 bytes per 1024 mask rows (the block counts), and past scatter.SELECT_BELOW mask rows
+4 bytes per source row (the row map).
 
 A ``Prepared`` merge holds the decision and, for the kinds that launch one kernel layout per call, a ``Launch``
 whose kernels are bound on its first run (launch.bind): core.py memoizes ``prepare`` per input signature, so
@@ -44,9 +42,8 @@ from .launch import FastKernel
 from .paths import POSITION_RUNNERS, RUNNERS, rows_view
 from .rowmap import RowMap, check_count, check_fits, cpu_rows, host_positions, host_rows, refuse_capture, stage_rows
 from .scatter import (ADD, COPY, GATHER, PREFIX_CHUNK, SELECT_BLOCK, device_rows, mask_bytes, mask_row_copy,
-                      mask_select_copy, mask_to_rows, row_copy, scan_block, select_grid, selects, supports)
+                      mask_select_copy, mask_to_rows, row_copy, scan_block, selects, supports)
 from .staging import RawPointer, arena
-from .workspaces import workspace
 
 _LAUNCHED = (HOST_ROWS, DEVICE_FUSED, DEVICE_ROWS, POSITIONS)  # the kinds a Launch binds
 _COUNTED_BY_MAP = (HOST_ROWS, ITEMS)  # with a CPU mask and no plan, these count from the row map they stage
@@ -59,10 +56,10 @@ _bump = torch._C._increment_version  # of a tuple of tensors (autograd.graph.inc
 
 class Launch:
     """How one layout of merge launches: ``kind``, ``config``, the CUDA ``device`` index (-1: the interpreter's
-    CPU tensors), for DEVICE_ROWS whether the copy selects its own rows from the mask's block counts in one
-    launch (``select``, scatter.selects) and otherwise the mask bytes per program of its row-map scan
-    (``block``), and the kernels bound on the first run: the copy (``bound``) and, for a row map, the launches
-    before it (``bound_rows``: the block counts', None where the scan is not counted, and the map's)."""
+    CPU tensors), for DEVICE_ROWS whether the copy selects its own rows from the mask's block counts (``select``,
+    scatter.selects) and otherwise the mask bytes per program of its row-map scan (``block``), and the
+    kernels bound on the first run: the copy (``bound``) and the launches before it (``bound_rows``: the block
+    counts', None where a row map's scan is not counted, and the row map's, None where the copy selects)."""
 
     __slots__ = ("kind", "config", "device", "select", "block", "bound", "bound_rows")
 
@@ -329,15 +326,19 @@ def _launch(launch: Launch, dst, mask, src, accumulate, at, layout) -> None:
         else:
             bound(cdiv(n, config.rows), _raw_stream(device), dst_ptr, src_ptr, mask_ptr, n, m, h, dst_stride,
                   src_stride)
-    elif launch.select:  # DEVICE_ROWS with no row map: one launch, its programs counting the mask's blocks
-        if bound is None:
-            launch.bound = (mask_select_copy(dst, src, RawPointer(mask_ptr, torch.uint8), None, mode, config)
-                            or (None, None))[1]
-            return
+    elif launch.select:  # DEVICE_ROWS with no row map: the block counts in a fresh buffer, alive until queued
         programs = cdiv(n, SELECT_BLOCK)
-        state = workspace(dst.device, programs).data_ptr()
-        bound(select_grid(n, m, config.rows), _raw_stream(device), dst_ptr, src_ptr, mask_ptr, state, state, n,
-              programs, m, h, dst_stride, src_stride)
+        counts = torch.empty(programs, dtype=torch.int32, device=dst.device)
+        if launch.bound_rows is None or bound is None:
+            bound_counts, launch.bound = mask_select_copy(dst, src, RawPointer(mask_ptr, torch.uint8), counts, mode,
+                                                          config) or (None, None)
+            launch.bound_rows = (bound_counts, None)
+            return
+        stream = _raw_stream(device)
+        counts_ptr = counts.data_ptr()
+        launch.bound_rows[0](programs, stream, mask_ptr, counts_ptr, n)
+        bound(cdiv(min(m, n), config.rows), stream, dst_ptr, src_ptr, mask_ptr, counts_ptr, n, programs, m, h,
+              dst_stride, src_stride)
     else:  # DEVICE_ROWS: in one fresh device buffer the map (M entries), the count at 16 bytes, the block counts
         capacity = -(-m // 4) * 4
         programs = cdiv(n, launch.block)

@@ -12,7 +12,6 @@ from .kernels.mask_select_copy import mask_select_copy_kernel
 from .kernels.row_copy import ADD, COPY, GATHER, row_copy_kernel
 from .launch import INTERPRET, Bound, FastKernel
 from .rowmap import MAX_ROWS, RowMap
-from .workspaces import workspace
 
 _row_copy = FastKernel(row_copy_kernel)
 _mask_row_copy = FastKernel(mask_row_copy_kernel)
@@ -222,29 +221,17 @@ def select_sums(n: int) -> int:
     return min(SELECT_COUNTS, max(16, 1 << max(n.bit_length() - SELECT_BLOCK.bit_length() + 1, 0)))
 
 
-SELECT_OWNERS = 128
-"""One launch (mask_select_copy without ``counts``): the most programs that count the mask's blocks, each
-SELECT_BLOCK bytes at a time. Fewer than the SMs of the GPUs it serves, so that on an idle GPU every counting
-program runs while the others wait for its counts (kernels/mask_select_copy.py, published_counts)."""
-SELECT_SPINS = 256
-"""One launch: reads of the published block counts before a program counts the missing blocks itself (1 under
-the interpreter, which runs programs one after another)."""
-
-
-def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelConfig,
-                     spins: int | None = None) -> tuple[Bound | None, Bound] | None:
+def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelConfig) -> tuple[Bound, Bound] | None:
     """Move ``compact`` [M, H] into the rows of ``dense`` [N, H] (unit column strides) where ``mask_bytes`` [N] uint8
-    is nonzero, in order, on the device, with no row map: compact row j goes to the dense row of the j-th true
-    byte, for j < min(M, true bytes). N: at most select_sums(N) block counts (SELECT_COUNTS), the counts a
-    program sums. mode: COPY or ADD. ``mask_bytes`` and ``counts``: tensors or RawPointers on the device.
-    ``counts`` [>= cdiv(N, SELECT_BLOCK)] int32: mask_block_counts_kernel writes the block counts there, then
-    mask_select_copy_kernel (a programmatic dependent where dependent_launch()) moves the rows. ``counts`` None:
-    one launch, whose programs count the blocks and publish them in the stream's scan workspace
-    (workspaces.workspace); ``spins`` overrides SELECT_SPINS.
-    Returns the kernels as bound (each None under the interpreter), as row_copy does: the counts' (None in one
-    launch), arguments (grid_x = cdiv(N, SELECT_BLOCK), stream, mask_bytes, counts, N); the copy's, arguments
-    (grid_x = select_grid(N, M, cfg.rows), stream, dense, compact, mask_bytes, counts, workspace (or counts),
-    N, cdiv(N, SELECT_BLOCK), M, H, dense row stride, compact row stride). None if nothing moves."""
+    is nonzero, in order, on the device, with no row map: mask_block_counts_kernel writes ``counts`` [>= cdiv(N,
+    SELECT_BLOCK)] int32, then mask_select_copy_kernel (a programmatic dependent where dependent_launch()) moves
+    compact row j into the dense row of the j-th true byte, for j < min(M, true bytes). ``mask_bytes`` and
+    ``counts``: tensors or RawPointers on the device. mode: COPY or ADD. N: at most select_sums(N) block counts
+    (SELECT_COUNTS), the counts a program sums.
+    Returns the kernels as bound (each None under the interpreter), as row_copy does: the counts', arguments
+    (grid_x = cdiv(N, SELECT_BLOCK), stream, mask_bytes, counts, N); the copy's, arguments (grid_x = cdiv(min(M,
+    N), cfg.rows), stream, dense, compact, mask_bytes, counts, N, cdiv(N, SELECT_BLOCK), M, H, dense row stride,
+    compact row stride). None if nothing moves."""
     n = dense.shape[0]
     n_rows, hidden = compact.shape
     programs = cdiv(n, SELECT_BLOCK)
@@ -255,41 +242,23 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     if n == 0 or n_rows == 0 or hidden == 0:
         return None
     device = dense.device.index
-    one_launch = counts is None
+    overlap = dependent_launch(device)
     mask_align = mask_bytes.data_ptr() % 16
-    bound_counts = None
-    if one_launch:
-        overlap = False
-        owned = max(1, sums // SELECT_OWNERS)
-        sums = max(sums, 32 * cfg.num_warps)  # a thread per status word at most (published_counts)
-        spins = (1 if INTERPRET else SELECT_SPINS) if spins is None else spins
-        counts = state = workspace(dense.device, programs)
-    else:
-        overlap = dependent_launch(device)
-        owned = spins = 1
-        key = (device, mask_align, counts.data_ptr() % 16, SELECT_BLOCK, SELECT_BLOCK, overlap)  # as mask_to_rows'
-        bound_counts = _mask_block_counts.launch(key, (programs, 1), (mask_bytes, counts, n),
-                                                 (SELECT_BLOCK, SELECT_BLOCK, overlap), (4, 1), device)
-        state = counts  # not read
+    key = (device, mask_align, counts.data_ptr() % 16, SELECT_BLOCK, SELECT_BLOCK, overlap)  # as mask_to_rows'
+    bound_counts = _mask_block_counts.launch(key, (programs, 1), (mask_bytes, counts, n),
+                                             (SELECT_BLOCK, SELECT_BLOCK, overlap), (4, 1), device)
     sd, sc = dense.stride(0), compact.stride(0)
     key = (device, dense.dtype, compact.dtype, dense.data_ptr() % 16, compact.data_ptr() % 16, mask_align,
-           counts.data_ptr() % 16, hidden, sd, sc, n_rows > 0x7FFFFFFF, mode, sums, one_launch, spins, overlap, cfg)
+           counts.data_ptr() % 16, hidden, sd, sc, n_rows > 0x7FFFFFFF, mode, sums, overlap, cfg)
     bound_copy = _mask_select_copy.launch(
         key,
-        (select_grid(n, n_rows, cfg.rows), 1),
-        (dense, compact, mask_bytes, counts, state, n, programs, n_rows, hidden, sd, sc),
-        (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, sums, overlap, one_launch, owned, spins),
+        (cdiv(min(n_rows, n), cfg.rows), 1),  # rows past the mask's N never move
+        (dense, compact, mask_bytes, counts, n, programs, n_rows, hidden, sd, sc),
+        (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, sums, overlap),
         (cfg.num_warps, cfg.num_stages, overlap),
         device,
     )
     return bound_counts, bound_copy
-
-
-def select_grid(n: int, m: int, rows: int) -> int:
-    """Programs of mask_select_copy_kernel for N mask rows and M compact rows, ``rows`` per program: one per
-    ``rows`` of min(M, N) (compact rows past the mask's N never move), at least one per SELECT_OWNERS block
-    counter in one launch (extra programs count, then find no row to move)."""
-    return max(cdiv(min(m, n), rows), min(cdiv(n, SELECT_BLOCK), SELECT_OWNERS))
 
 
 def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig,

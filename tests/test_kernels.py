@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import mmmerge_triton as mm
-from mmmerge_triton import executor, scatter, workspaces
+from mmmerge_triton import executor, scatter
 from mmmerge_triton.scatter import ADD, COPY, GATHER
 from mmmerge_triton.kernel_config import KernelConfig
-from mmmerge_triton.kernels.scan_state import DONE, FINISHED, GEN, HIGH, STATUS, TICKET
 
 from .conftest import DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal, assert_merged, make_mask, randn
 
@@ -359,53 +358,6 @@ def test_mask_select_copy_moves_the_first_min_k_m_true_rows(offset, mode, m_vs_k
     assert_rows_moved(mode, dense, compact, true_rows, min(k, m))
     assert counts[:programs].tolist() == np.bincount(true_rows // 16, minlength=programs).tolist()
     assert counts[programs:].eq(-7).all(), "wrote past the block counts"
-
-
-@pytest.fixture
-def fresh_workspace(monkeypatch):
-    """No scan workspace from earlier tests: the CPU one made anew, zeroed."""
-    monkeypatch.setattr(workspaces, "_eager", {})
-
-
-# (SELECT_OWNERS, spins): blocks counted one per program, or 8 per program by 6 counting programs (41 blocks);
-# the counts read once then the missing ones counted (as the interpreter runs programs one after another), or
-# counted at once.
-ONE_LAUNCH_CASES = [(offset, owners, spins, config) for offset, config in ((0, KernelConfig(4, 16)),
-                                                                        (3, KernelConfig(1, 64)))
-                    for owners, spins in ((64, 1), (8, 1), (8, 0))]
-
-
-@pytest.mark.parametrize(("offset", "owners", "spins", "config"), ONE_LAUNCH_CASES,
-                         ids=[f"at_byte_{o}-owners{w}-spins{s}-rows{c.rows}" for o, w, s, c in ONE_LAUNCH_CASES])
-def test_mask_select_copy_in_one_launch(offset, owners, spins, config, small_select_blocks, fresh_workspace,
-                                        monkeypatch):
-    """No counts given: the launch's first programs count the blocks and publish them as status words of its
-    tag; a program that finds one missing after its reads counts it itself. Three launches in a row on one
-    workspace, each with other masks and M (K, fewer, more), and no true byte in its first 5, 12 or 19 blocks:
-    the first programs need counts that no program has published when they run (the interpreter runs them one
-    after another, from the first), and find the launch before's words there, counts of another mask under
-    another tag. Each moves its own rows, leaves every block's count under its tag, DONE at 0, GEN one
-    further, HIGH the most blocks."""
-    monkeypatch.setattr(scatter, "SELECT_OWNERS", owners)
-    n = 40 * 16 + 13
-    programs = -(-n // 16)
-    state = workspaces.workspace(torch.device("cpu"), programs)
-    for step, (mode, m_vs_k) in enumerate(((COPY, "m_equals_k"), (ADD, "m_below_k"), (COPY, "m_above_k"))):
-        mask, _ = single_bit_bytes_mask(n, offset, seed=offset + 50 + step)
-        mask[: 16 * (5 + 7 * step)] = False
-        true_rows = np.flatnonzero(mask.numpy())
-        k = true_rows.size
-        m = {"m_equals_k": k, "m_below_k": k - 70, "m_above_k": k + 9}[m_vs_k]
-        dense = Guarded(n, 37, torch.bfloat16, seed=1 + step)
-        compact = Guarded(m, 37, torch.float32, seed=2 + step)
-        scatter.mask_select_copy(dense.view, compact.view, mask.view(torch.uint8), None, mode, config, spins=spins)
-        assert_rows_moved(mode, dense, compact, true_rows, min(k, m))
-        words = state[STATUS.value : STATUS.value + programs]
-        assert (words >> 32).eq(step + 1).all(), "a block count not published under this launch's tag"
-        assert (words & 0xFFFFFFFF).tolist() == np.bincount(true_rows // 16, minlength=programs).tolist()
-        assert state[STATUS.value + programs :].eq(0).all(), "wrote past the block counts"
-        assert [state[w.value].item() for w in (TICKET, DONE, GEN, HIGH)] == [0, 0, step + 1, programs]
-        assert state[FINISHED.value : STATUS.value].eq(0).all(), "slot counters not reset"
 
 
 @pytest.mark.parametrize("pattern", ["all_true", "all_false", "last_row_only", "first_block_empty"])

@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmmerge_triton import scan_copy, scatter, workspaces
+from mmmerge_triton import scan_copy, scatter
 from mmmerge_triton.kernel_config import KernelConfig
-from mmmerge_triton.kernels.mask_scan_copy import mask_scan_copy_kernel
-from mmmerge_triton.kernels.scan_state import DONE, FINISHED, GEN, HIGH, STATUS, TAG_PERIOD, TICKET
+from mmmerge_triton.kernels.mask_scan_copy import DONE, GEN, HIGH, STATUS, TAG_PERIOD, TICKET, mask_scan_copy_kernel
 from mmmerge_triton.scatter import ADD, COPY, GATHER
 
 from .conftest import (DTYPE_PAIR_IDS, DTYPE_PAIRS, assert_bits_equal, assert_close_ulps, make_mask,
@@ -74,9 +73,8 @@ def run(mode, mask, m, cfg, dense_dtype=torch.bfloat16, compact_dtype=torch.floa
 
 
 def assert_state_ready(state: torch.Tensor, gen: int, high: int) -> None:
-    """The workspace header as a launch leaves it: counters back at 0 (the slots' too), GEN and HIGH as given."""
+    """The workspace header as a launch leaves it: counters back at 0, GEN and HIGH as given."""
     assert state[TICKET.value].item() == 0 and state[DONE.value].item() == 0, "counters not reset"
-    assert state[FINISHED.value : STATUS.value].eq(0).all(), "slot counters not reset"
     assert state[GEN.value].item() == gen and state[HIGH.value].item() == high
 
 
@@ -123,7 +121,7 @@ def test_casts_between_every_dtype_pair(mode, compact_dtype, dense_dtype):
 
 
 def test_nothing_to_move_launches_nothing():
-    state = workspaces.workspace(CPU, 1)
+    state = scan_copy.workspace(CPU, 1)
     gen = state[GEN.value].item()
     for n, m, h in ((0, 3, 8), (5, 0, 8), (5, 3, 0)):
         dense, compact = torch.zeros(n, h), torch.ones(m, h)
@@ -143,8 +141,8 @@ def test_refuses_2_to_the_31_mask_rows_before_anything():
 @pytest.fixture
 def fresh_workspaces(monkeypatch):
     """No workspace from earlier tests: the first launch below makes the CPU one, of 16 tiles at least."""
-    monkeypatch.setattr(workspaces, "_eager", {})
-    monkeypatch.setattr(workspaces, "_MIN_TILES", 16)
+    monkeypatch.setattr(scan_copy, "_eager", {})
+    monkeypatch.setattr(scan_copy, "_MIN_TILES", 16)
 
 
 def test_back_to_back_launches_leave_the_workspace_ready(fresh_workspaces):
@@ -154,10 +152,10 @@ def test_back_to_back_launches_leave_the_workspace_ready(fresh_workspaces):
     cfg = KernelConfig(1, 16, num_warps=4)
     gen = high = 0
     state = None
-    for step, n in enumerate((12, 5, 150, 3, 30)):  # 150 tiles: some slots end 3 programs, some 2
+    for step, n in enumerate((12, 5, 40, 3, 30)):
         mask = make_mask(("random50", "blocks", "random10", "full", "random90")[step], (n,), seed=step)
         run(COPY if step % 2 == 0 else ADD, mask, int(mask.sum()), cfg, h=8)
-        now = workspaces.workspace(CPU, 1)
+        now = scan_copy.workspace(CPU, 1)
         if now is not state:
             assert step in (0, 2), f"workspace replaced at step {step}"
             state, gen, high = now, 0, 0
@@ -170,7 +168,7 @@ def test_tags_wrap_after_the_status_words_are_zeroed(fresh_workspaces):
     """The launch with the last tag of a period zeroes every status word ever written (below HIGH), so the
     tags can start over; the launch before it leaves them."""
     cfg = KernelConfig(2, 16, num_warps=4)
-    state = workspaces.workspace(CPU, 64)
+    state = scan_copy.workspace(CPU, 64)
     period = TAG_PERIOD.value
     state[GEN.value] = 5 * period - 2  # two launches before the wrap
     state[HIGH.value] = 60
@@ -231,12 +229,12 @@ def test_captured_launches_carve_the_reserve_apart(monkeypatch):
     """Each captured launch gets its own zeroed workspace: 128-byte aligned slices of the device's reserve
     while they fit, then a buffer of its own; all kept, and the reserve marked for a refill."""
     reserve = torch.zeros(100, dtype=torch.int64)
-    monkeypatch.setattr(workspaces, "_reserve", {None: [reserve, 0]})  # a CPU tensor's device index is None
-    monkeypatch.setattr(workspaces, "_captured", [])
-    monkeypatch.setattr(workspaces, "_drawn", set())
-    first, second, third = (workspaces._for_capture(CPU, 40) for _ in range(3))
+    monkeypatch.setattr(scan_copy, "_reserve", {None: [reserve, 0]})  # a CPU tensor's device index is None
+    monkeypatch.setattr(scan_copy, "_captured", [])
+    monkeypatch.setattr(scan_copy, "_drawn", set())
+    first, second, third = (scan_copy._for_capture(CPU, 40) for _ in range(3))
     assert first.data_ptr() == reserve.data_ptr() and first.numel() == 40
     assert second.data_ptr() == reserve.data_ptr() + 48 * 8 and second.numel() == 40
     assert third.untyped_storage().data_ptr() != reserve.untyped_storage().data_ptr() and not third.any()
-    assert [id(t) for t in workspaces._captured] == [id(first), id(second), id(third)]
-    assert workspaces._drawn == {None}
+    assert [id(t) for t in scan_copy._captured] == [id(first), id(second), id(third)]
+    assert scan_copy._drawn == {None}

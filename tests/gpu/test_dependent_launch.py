@@ -1,11 +1,10 @@
-"""A device mask's row copy through its row map, launched to start while the launch before it runs (the map's
-scan; scatter.dependent_launch: compute capability 9.0 and later), reads its source rows before it waits.
+"""A device mask's row copy, launched to start while the launch before it runs (the block counts, or the row
+map's scan; scatter.dependent_launch: compute capability 9.0 and later), reads its source rows before it waits.
 These tests check what that early read relies on: the kernels queued before have finished when the copy starts
 (their writes to src and to the mask are seen), the counts, map and count are read only after the launch before
 has flushed them, and the same holds in a CUDA graph, with the host far ahead of the GPU, and in ADD mode; plus
 that the launch really is a dependent one where the device allows it (else these tests would pass on the plain
-launch alone). (Under scatter.SELECT_BELOW mask rows the merge is one launch, no dependent: tests/gpu/
-test_scan_copy.py's select1 cases.)
+launch alone).
 """
 import pytest
 import torch
@@ -28,14 +27,16 @@ def _merge(dst, mask, src, accumulate=False):
     executor.merge_triton(dst, mask, src, accumulate, config=TWO_LAUNCH)
 
 
-@pytest.fixture(params=["one_launch_scan", "counted_scan"], autouse=True)
+@pytest.fixture(params=["select", "one_launch_scan", "counted_scan"], autouse=True)
 def scan(request, monkeypatch):
-    """The row map (scatter.SELECT_BELOW lowered past N) scanned in one launch, or in two (scatter.COUNTED_FROM
-    lowered past N): then three launches in a chain, each a dependent of the one before where the device
-    allows."""
-    monkeypatch.setattr(scatter, "SELECT_BELOW", 0)
-    monkeypatch.setattr(scatter, "COUNTED_FROM", 2**31 if request.param == "one_launch_scan" else 1)
-    assert not scatter.selects(N)
+    """No row map, as shipped at this N (scatter.selects: the block counts, then the copy that selects its rows
+    from them); or the row map (scatter.SELECT_BELOW lowered past N) scanned in one launch, or in two
+    (scatter.COUNTED_FROM lowered past N): then three launches in a chain, each a dependent of the one before
+    where the device allows."""
+    if request.param != "select":
+        monkeypatch.setattr(scatter, "SELECT_BELOW", 0)
+        monkeypatch.setattr(scatter, "COUNTED_FROM", 2**31 if request.param == "one_launch_scan" else 1)
+    assert scatter.selects(N) == (request.param == "select")
     return request.param
 
 
@@ -45,10 +46,11 @@ def test_dependent_launch_is_used_where_the_device_allows(scan):
     _merge(dst, mask, src)
     expected = torch.cuda.get_device_capability(DEV)[0] >= 9 and torch.version.hip is None
     assert scatter.dependent_launch(DEV.index) == expected
-    keys = [key for key in scatter._row_copy._cache if key[0] == DEV.index and key[-1] == TWO_LAUNCH]
+    copies = scatter._mask_select_copy if scan == "select" else scatter._row_copy
+    keys = [key for key in copies._cache if key[0] == DEV.index and key[-1] == TWO_LAUNCH]
     assert keys and any(key[-2] for key in keys) == expected, keys  # after the counts or scan: the field before
     # the config
-    if scan != "one_launch_scan":  # the map's scan a dependent of the block counts' (their key's last)
+    if scan != "one_launch_scan":  # the copy, or the map's scan, a dependent of the block counts' (their key's last)
         counts_keys = [key for key in scatter._mask_block_counts._cache if key[0] == DEV.index]
         assert counts_keys and any(key[-1] for key in counts_keys) == expected, counts_keys
 

@@ -163,20 +163,20 @@ def test_special_values(pair, accumulate, kind):
 
 
 @pytest.mark.parametrize("offset", [0, 1, 2, 4], ids=lambda o: f"mask_at_byte_{o}")
-@pytest.mark.parametrize("kind", ["two_launch", "two_launch_counted", "select", "one_launch"])
+@pytest.mark.parametrize("kind", ["two_launch", "two_launch_counted", "two_launch_select", "one_launch"])
 def test_a_device_masks_prefix_count_at_any_address(offset, kind, monkeypatch):
     """The prefix count reads a 4-byte-aligned mask in words and any other by bytes (scatter.words): a device
     mask of single-bit and 255 bytes at byte offsets 0-4, N past several steps of the scan's prefix
     (scatter.SCAN_PREFIX_CHUNK x SCAN_PREFIX_LOADS; the row map's scan in one launch, COUNTED_FROM raised past N)
-    or scanned in two levels (SELECT_BELOW lowered past N), or no row map (as shipped at this N: one launch whose
-    programs count the blocks and publish the counts), merged by each device kind as index_put does."""
+    or scanned in two levels (SELECT_BELOW lowered past N), or no row map (as shipped at this N: the block counts,
+    then each program's block), merged by each device kind as index_put does."""
     fused = kind == "one_launch"
     if kind in ("two_launch", "two_launch_counted"):
         monkeypatch.setattr(scatter, "SELECT_BELOW", 0)
     if kind == "two_launch":
         monkeypatch.setattr(scatter, "COUNTED_FROM", 2**31)
     n, h = 300_003 if not fused else 20_001, 8
-    assert scatter.selects(n) == (kind in ("select", "one_launch"))
+    assert scatter.selects(n) == (kind in ("two_launch_select", "one_launch"))
     if not scatter.selects(n):
         assert scatter.counted(n) == (kind == "two_launch_counted")
     g = torch.Generator().manual_seed(offset)

@@ -29,7 +29,7 @@ SMALL = [(1280, 640), (1300, 700), (1535, 767), (1400, 641)]
 LARGE = [(FUSED_BELOW + 100, 3100), (FUSED_BELOW + 1000, 3300), (FUSED_BELOW + 2000, 3500)]
 LARGER = [(41000, 4200), (45000, 4600), (49000, 5000)]
 # Device masks from scatter.COUNTED_FROM (65536) rows: through a row map (device_rows_map*: scatter.SELECT_BELOW
-# lowered) scanned in two levels, three bound launches; as shipped, no row map (scatter.selects), one.
+# lowered) scanned in two levels, three bound launches; as shipped, no row map (scatter.selects), two.
 COUNTED = [(66000, 4200), (72000, 4600), (81000, 5000)]
 KINDS = {"host_rows": (SMALL, False, kernel_config.HOST_ROWS), "host_rows_large": (LARGER, False, kernel_config.HOST_ROWS),
          "device_fused": (SMALL, True, kernel_config.DEVICE_FUSED), "device_rows": (LARGE, True, kernel_config.DEVICE_ROWS),
@@ -93,11 +93,8 @@ def test_hits_give_torchs_result_without_a_sync(kind, pair, accumulate, request)
         # the map's with a map
         n = sizes[0][0]
         assert entry.launch.select == scatter.selects(n) == (not kind.startswith("device_rows_map"))
-        if entry.launch.select:  # one launch: the copy alone
-            assert entry.launch.bound_rows is None
-        else:
-            assert (entry.launch.bound_rows[0] is not None) == scatter.counted(n)
-            assert entry.launch.bound_rows[1] is not None
+        assert (entry.launch.bound_rows[0] is not None) == (entry.launch.select or scatter.counted(n))
+        assert (entry.launch.bound_rows[1] is None) == entry.launch.select
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -1,20 +1,16 @@
-"""The one-launch device-mask kernels on the GPU, which share the persistent scan workspace (kernels/scan_state.py):
-mask_scan_copy and mask_select_copy without block counts ("select1": its first programs count the blocks and
-publish the counts to the others). PyTorch's result bit for bit from N = 1 to 2**20 (select1: to its limit,
-scatter.SELECT_BELOW - 1; many programs, so programs really wait for one another), every dtype pair, fewer or more
-source rows than true ones, select1's programs counting missing blocks at once instead of waiting, the workspace
-left ready by every launch (200 in a row, both kernels alternating on one workspace), one workspace per stream (two
-streams at once), CUDA graphs (replayed with new mask contents, next to eager calls and other graphs on other
-streams), no host sync, and N*H past 2**31."""
+"""mask_scan_copy on the GPU: PyTorch's result bit for bit from N = 1 to 2**20 (many tiles, so programs
+really wait in the look-back), the workspace left ready by every launch (200 in a row), one workspace per
+stream (two streams at once), CUDA graphs (replayed with new mask contents, next to eager calls and other
+graphs on other streams), no host sync, and N*H past 2**31."""
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (tests/gpu runs on the GPU machine)", allow_module_level=True)
 
-from mmmerge_triton import scan_copy, scatter, workspaces  # noqa: E402
+from mmmerge_triton import scan_copy  # noqa: E402
 from mmmerge_triton.kernel_config import KernelConfig  # noqa: E402
-from mmmerge_triton.kernels.scan_state import DONE, GEN, STATUS, TICKET  # noqa: E402
+from mmmerge_triton.kernels.mask_scan_copy import DONE, GEN, TICKET  # noqa: E402
 from mmmerge_triton.scatter import ADD, COPY, GATHER  # noqa: E402
 
 from gpu_helpers import (DTYPE_PAIRS, assert_same, capture, dev, first_true, pair_id, rand, reference,  # noqa: E402
@@ -62,34 +58,20 @@ def expected(mode: int, dense: torch.Tensor, compact: torch.Tensor, mask: torch.
 
 
 def run_and_check(mode, mask, m, config, dense_dtype=torch.bfloat16, compact_dtype=torch.float32, seed=0,
-                  lookback=scan_copy.LOOKBACK, h=H, kernel="scan", spins=None):
+                  lookback=scan_copy.LOOKBACK, h=H):
     n = mask.numel()
     dense = rand((n, h), dense_dtype, seed=seed)
     compact = rand((m, h), compact_dtype, seed=seed + 1)
     want = expected(mode, dense, compact, mask)
-    if kernel == "scan":
-        scan_copy.mask_scan_copy(dense, compact, mask.view(torch.uint8), mode, config, lookback=lookback)
-    else:
-        one_launch(kernel, dense, compact, mask, mode, config, spins)
+    scan_copy.mask_scan_copy(dense, compact, mask.view(torch.uint8), mode, config, lookback=lookback)
     torch.cuda.synchronize()
     assert_same(dense, want[0], "dense")
     assert_same(compact, want[1], "compact")
 
 
-KERNELS = ("scan", "select1")
-
-
-def one_launch(kernel: str, dense, compact, mask, mode: int, config: KernelConfig, spins: int | None = None) -> None:
-    """One launch of ``kernel``: mask_scan_copy ("scan") or mask_select_copy with no block counts ("select1")."""
-    if kernel == "scan":
-        scan_copy.mask_scan_copy(dense, compact, mask.view(torch.uint8), mode, config)
-    else:
-        scatter.mask_select_copy(dense, compact, mask.view(torch.uint8), None, mode, config, spins=spins)
-
-
 def header() -> list[int]:
     """TICKET, DONE and GEN of the current stream's workspace."""
-    state = workspaces.workspace(DEV, 1)
+    state = scan_copy.workspace(DEV, 1)
     torch.cuda.synchronize()
     return [state[TICKET.value].item(), state[DONE.value].item(), state[GEN.value].item()]
 
@@ -129,7 +111,7 @@ def test_a_million_one_row_tiles(kind, lookback):
     """2**20 programs of one row each: most look-backs find predecessors still running and wait on them. The
     launch leaves its workspace's counters at 0 and GEN one further."""
     mask = make_mask(2**20, kind, seed=5)
-    workspaces.workspace(DEV, 2**20)  # large enough already: the launch below keeps it
+    scan_copy.workspace(DEV, 2**20)  # large enough already: the launch below keeps it
     before = header()
     run_and_check(COPY, mask, int(mask.sum()), cfg(1, 8), lookback=lookback, h=8)
     assert header() == [0, 0, before[2] + 1]
@@ -165,7 +147,7 @@ def test_two_streams_at_once_use_their_own_workspaces():
     gens = []
     for s in streams:
         with torch.cuda.stream(s):
-            workspaces.workspace(DEV, 2**20)  # large enough for the launches below
+            scan_copy.workspace(DEV, 2**20)  # large enough for the launches below
             gens.append(header()[2])
     cases = []
     for step in range(20):
@@ -197,8 +179,8 @@ class Static:
         self.dense = rand((self.N, H), torch.bfloat16, seed=seed)
         self.compact = rand((self.M, H), torch.float32, seed=seed + 1)
 
-    def merge(self, mode: int, kernel: str = "scan") -> None:
-        one_launch(kernel, self.dense, self.compact, self.mask, mode, cfg(2))
+    def merge(self, mode: int) -> None:
+        scan_copy.mask_scan_copy(self.dense, self.compact, self.mask.view(torch.uint8), mode, cfg(2))
 
     def new_prompt(self, mode: int, seed: int, k: int):
         """New contents with ``k`` true rows; returns what the merge must leave (dense, compact)."""
@@ -221,10 +203,10 @@ def test_cuda_graph_replays_with_new_mask_contents(mode, reserve, monkeypatch):
     st = Static(seed=1)
     if reserve == "reserve":
         g = capture(lambda: st.merge(mode))
-        assert workspaces._reserve[DEV.index][1] > 0, "the captured workspace is not the reserve's"
+        assert scan_copy._reserve[DEV.index][1] > 0, "the captured workspace is not the reserve's"
     else:
-        g = capture(lambda: st.merge(mode), lambda: monkeypatch.setattr(workspaces, "_reserve", {}))
-        assert workspaces._reserve == {}
+        g = capture(lambda: st.merge(mode), lambda: monkeypatch.setattr(scan_copy, "_reserve", {}))
+        assert scan_copy._reserve == {}
     for seed, k in ((10, Static.M), (20, Static.M - 12345), (30, Static.M + 777), (40, 0), (50, Static.M)):
         want = st.new_prompt(mode, seed, k)
         g.replay()
@@ -288,187 +270,6 @@ def test_n_times_h_past_2_to_the_31():
     dense = torch.zeros(n, h, dtype=torch.bfloat16, device=DEV)
     compact = torch.arange(k, device=DEV, dtype=torch.float32)[:, None].expand(k, h).to(torch.bfloat16)
     scan_copy.mask_scan_copy(dense, compact, mask.view(torch.uint8), COPY, cfg(8, 1024))
-    torch.cuda.synchronize()
-    assert torch.equal(dense[mask], compact)
-    assert not dense[~mask].any()
-
-
-# ---- select1: mask_select_copy in one launch -----------------------------------------------------------------
-
-SELECT_SIZES = [1, 2, 31, 1000, 1025, 16383, 16384, 16385, 65537, 262144, 300_001, scatter.SELECT_BELOW - 1]
-SELECT_MODES = {"copy": COPY, "add": ADD}
-
-
-@pytest.mark.parametrize("rows", [1, 8])
-@pytest.mark.parametrize("kind", ["random50", "random5", "blocks", "bytes"])
-@pytest.mark.parametrize("n", SELECT_SIZES)
-@pytest.mark.parametrize("mode", SELECT_MODES.values(), ids=SELECT_MODES.keys())
-def test_select1_exact_up_to_its_limit(mode, n, kind, rows):
-    mask = make_mask(n, kind, seed=n)
-    run_and_check(mode, mask, int(true_rows(mask).sum()), cfg(rows), seed=n, kernel="select1")
-
-
-@pytest.mark.parametrize("pair", DTYPE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("mode", SELECT_MODES.values(), ids=SELECT_MODES.keys())
-def test_select1_every_dtype_pair(mode, pair):
-    src_dtype, dst_dtype = pair
-    mask = make_mask(20000, "random50", seed=3)
-    run_and_check(mode, mask, int(mask.sum()), cfg(8, 32), dst_dtype, src_dtype, h=H + 5, kernel="select1")
-
-
-@pytest.mark.parametrize("kind", ["bytes", "random90", "blocks"])
-@pytest.mark.parametrize("m_vs_k", ["m_below_k", "m_above_k", "m_one"])
-@pytest.mark.parametrize("mode", SELECT_MODES.values(), ids=SELECT_MODES.keys())
-def test_select1_count_mismatch_moves_the_first_min_k_m_rows(mode, m_vs_k, kind):
-    """M below, above or far below K (one source row: the launch's extra programs only count blocks)."""
-    mask = make_mask(400_003, kind, seed=4)
-    k = int(true_rows(mask).sum())
-    run_and_check(mode, mask, {"m_below_k": k - 777, "m_above_k": k + 999, "m_one": 1}[m_vs_k], cfg(4),
-                  kernel="select1")
-
-
-@pytest.mark.parametrize("spins", [0, 1, 4])
-@pytest.mark.parametrize("n", [16385, 300_001, scatter.SELECT_BELOW - 1])
-def test_select1_programs_that_count_missing_blocks_themselves(n, spins):
-    """Few or no reads of the counts before a program counts the missing ones itself, in registers, while their
-    owners count and publish them: every row right, and every block's count published."""
-    for step, kind in enumerate(("random50", "blocks", "random5")):
-        mask = make_mask(n, kind, seed=step)
-        run_and_check(COPY if step % 2 == 0 else ADD, mask, int(mask.sum()), cfg(1, 16), h=16, seed=step,
-                      kernel="select1", spins=spins)
-        blocks = -(-n // scatter.SELECT_BLOCK)
-        state = workspaces.workspace(DEV, blocks)
-        words = state[STATUS.value : STATUS.value + blocks]
-        counts = torch.nn.functional.pad(true_rows(mask).long(), (0, blocks * scatter.SELECT_BLOCK - n))
-        assert torch.equal(words & 0xFFFFFFFF, counts.view(blocks, -1).sum(1)), "a block count published wrong"
-        assert (words >> 32).eq(state[GEN.value]).all(), "a block count not published under the launch's tag"
-
-
-def test_select1_and_scan_alternate_on_one_workspace():
-    """200 launches queued without a sync on one stream, the two kernels alternating (their status words differ
-    in kind; each must read only its own launch's), masks and sizes changing: each right, the counters at 0."""
-    g = torch.Generator().manual_seed(16)
-    sizes = torch.randint(1, scatter.SELECT_BELOW, (200,), generator=g).tolist()
-    cases = []
-    for step, n in enumerate(sizes):
-        mask = make_mask(n, ("random50", "random5", "blocks", "random90", "bytes")[step % 5], seed=step)
-        k = int(true_rows(mask).sum())
-        m = max(0, k + (step % 7) - 3)
-        dense = rand((n, 16), torch.bfloat16, seed=step)
-        compact = rand((m, 16), torch.bfloat16, seed=step + 1)
-        mode = (COPY, ADD)[(step // 2) % 2]
-        cases.append((KERNELS[step % 2], mode, mask, dense, compact, expected(mode, dense, compact, mask)))
-    torch.cuda.synchronize()
-    for kernel, mode, mask, dense, compact, _ in cases:
-        one_launch(kernel, dense, compact, mask, mode, cfg(1 + 3 * (mode == ADD), 16))
-    torch.cuda.synchronize()
-    for step, (kernel, _, _, dense, compact, want) in enumerate(cases):
-        assert_same(dense, want[0], f"dense of launch {step} ({kernel})")
-        assert_same(compact, want[1], f"compact of launch {step} ({kernel})")
-    assert header()[:2] == [0, 0]
-
-
-def test_select1_on_two_streams_at_once():
-    """Merges queued alternately on two streams, running at the same time: each right, each stream's workspace
-    advanced by its own launches only."""
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-    gens = []
-    for s in streams:
-        with torch.cuda.stream(s):
-            gens.append(header()[2])
-    cases = []
-    for step in range(40):
-        mask = make_mask(scatter.SELECT_BELOW - 1, "random50" if step % 2 else "blocks", seed=200 + step)
-        dense = rand((mask.numel(), 8), torch.float32, seed=step)
-        compact = rand((int(mask.sum()), 8), torch.float32, seed=step + 1)
-        cases.append((mask, dense, compact, expected(COPY, dense, compact, mask)))
-    torch.cuda.synchronize()
-    for step, (mask, dense, compact, _) in enumerate(cases):
-        s = streams[step % 2]
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            one_launch("select1", dense, compact, mask, COPY, cfg(1, 8))
-    torch.cuda.synchronize()
-    for step, (_, dense, _, want) in enumerate(cases):
-        assert_same(dense, want[0], f"launch {step} on stream {step % 2}")
-    for s, gen in zip(streams, gens):
-        with torch.cuda.stream(s):
-            assert header() == [0, 0, gen + 20]
-
-
-@pytest.mark.parametrize("reserve", ["reserve", "no_reserve"])
-@pytest.mark.parametrize("mode", SELECT_MODES.values(), ids=SELECT_MODES.keys())
-def test_select1_cuda_graph_replays_with_new_mask_contents(mode, reserve, monkeypatch):
-    """As test_cuda_graph_replays_with_new_mask_contents, the merge in one launch of mask_select_copy; a replay
-    finds the counts its last replay published (a mask of other contents) and must count anew."""
-    st = Static(seed=1)
-    if reserve == "reserve":
-        g = capture(lambda: st.merge(mode, "select1"))
-        assert workspaces._reserve[DEV.index][1] > 0, "the captured workspace is not the reserve's"
-    else:
-        g = capture(lambda: st.merge(mode, "select1"), lambda: monkeypatch.setattr(workspaces, "_reserve", {}))
-    for seed, k in ((10, Static.M), (20, Static.M - 12345), (30, Static.M + 777), (40, 0), (50, Static.M)):
-        want = st.new_prompt(mode, seed, k)
-        g.replay()
-        torch.cuda.synchronize()
-        st.check(want, f"replay {seed}, K={k}")
-
-
-def test_select1_graphs_and_eager_calls_at_once_on_three_streams():
-    """Two graphs, each capturing a select1 merge and a scan merge, replayed on two streams while eager select1
-    merges run on a third: every result right."""
-    pairs = [(Static(seed=1), Static(seed=2)), (Static(seed=3), Static(seed=4))]
-    graphs = [capture(lambda a=a, b=b: (a.merge(COPY, "select1"), b.merge(ADD, "scan"))) for a, b in pairs]
-    streams = [torch.cuda.Stream() for _ in range(3)]
-    eager = Static(seed=5)
-    for round_ in range(5):
-        wants = [(a.new_prompt(COPY, 100 * round_ + 1, Static.M - round_ * 1000),
-                  b.new_prompt(ADD, 100 * round_ + 2, Static.M + round_ * 1000)) for a, b in pairs]
-        eager_want = eager.new_prompt(ADD, 100 * round_ + 3, Static.M - 5)
-        torch.cuda.synchronize()
-        for g, s in zip(graphs, streams):
-            with torch.cuda.stream(s):
-                g.replay()
-        with torch.cuda.stream(streams[2]):
-            eager.merge(ADD, "select1")
-        torch.cuda.synchronize()
-        for (a, b), (want_a, want_b) in zip(pairs, wants):
-            a.check(want_a, f"round {round_}, select1 merge")
-            b.check(want_b, f"round {round_}, scan merge")
-        eager.check(eager_want, f"round {round_}, eager")
-
-
-def test_select1_no_host_sync():
-    """After a first call, select1 merges under set_sync_debug_mode("error"), one on a new stream (a new
-    workspace), raise nothing, and are right."""
-    masks = [make_mask(5000, "random50", seed=7), make_mask(300_000, "blocks"), make_mask(5000, "random5", seed=9)]
-    run_and_check(COPY, masks[0], int(masks[0].sum()), cfg(1), kernel="select1")
-    cases = []
-    for mask in masks:
-        dense = rand((mask.numel(), H), torch.bfloat16, seed=9)
-        compact = rand((int(mask.sum()), H), torch.float32, seed=10)
-        cases.append((mask, dense, compact, expected(COPY, dense, compact, mask)))
-    fresh = torch.cuda.Stream()
-    torch.cuda.synchronize()
-    with sync_debug_error():
-        for step, (mask, dense, compact, _) in enumerate(cases):
-            fresh.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(fresh if step == len(cases) - 1 else torch.cuda.current_stream()):
-                one_launch("select1", dense, compact, mask, COPY, cfg(1))
-    torch.cuda.synchronize()
-    for step, (_, dense, _, want) in enumerate(cases):
-        assert_same(dense, want[0], f"merge {step}")
-
-
-def test_select1_n_times_h_past_2_to_the_31():
-    """dense [SELECT_BELOW - 1, 4160] bf16 (2.2e9 elements), 90% of its rows and the last 1000 taken."""
-    n, h = scatter.SELECT_BELOW - 1, 4160
-    mask = make_mask(n, "random90", seed=11)
-    mask[-1000:] = True
-    k = int(mask.sum())
-    dense = torch.zeros(n, h, dtype=torch.bfloat16, device=DEV)
-    compact = (torch.arange(k, device=DEV, dtype=torch.float32) % 251)[:, None].expand(k, h).to(torch.bfloat16)
-    one_launch("select1", dense, compact, mask, COPY, cfg(8, 1024))
     torch.cuda.synchronize()
     assert torch.equal(dense[mask], compact)
     assert not dense[~mask].any()
