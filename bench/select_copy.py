@@ -19,8 +19,9 @@ Calls, on a device mask, H = 4096, bf16 -> bf16, the two-launch default configur
 - plan: masked_row_scatter_ with a MergePlan of the mask built beforehand (PLAN_ROWS: the row copy through the
   plan's map, no scan at the merge)
 - select1: select in one launch, its programs counting the blocks and publishing the counts to one another
-  (scatter.mask_select_copy without counts); select1_counting: the same with no read of the counts repeated, every
-  program counting the blocks it finds missing at once
+  (scatter.mask_select_copy without counts), a persistent grid of scatter.SELECT_PER_SM programs per SM;
+  select1_counting: the same with no read of the counts repeated, every program counting the blocks it finds
+  missing at once; select1_sm<K>: select1 with K programs per SM
 - select_<config>, select1_<config> (--configs, tools/tune.py's configuration names): select and select1 with
   another tile in the same rounds
 - select_sums<W> (--sums): select with its programs summing W block counts at once (scatter.select_sums's place)
@@ -69,6 +70,18 @@ def bound_merge(dst, mask, src, select: bool):
     assert prepared.launch.select == select
     executor.run(prepared, dst, mask, src, False)
     return lambda: executor.run(prepared, dst, mask, src, False)
+
+
+def with_per_sm(per_sm: int, call):
+    """``call`` with scatter.SELECT_PER_SM at ``per_sm`` (the persistent grid of one launch)."""
+    def run():
+        saved = scatter.SELECT_PER_SM
+        scatter.SELECT_PER_SM = per_sm
+        try:
+            call()
+        finally:
+            scatter.SELECT_PER_SM = saved
+    return run
 
 
 def with_sums(width: int, call):
@@ -121,6 +134,8 @@ def case(n: int, density: float, pattern: str, configs: tuple[KernelConfig, ...]
              "select": lambda: scatter.mask_select_copy(dst, src, flat, counts, scatter.COPY, cfg),
              "select1": lambda: scatter.mask_select_copy(dst, src, flat, None, scatter.COPY, cfg),
              "select1_counting": lambda: scatter.mask_select_copy(dst, src, flat, None, scatter.COPY, cfg, spins=0),
+             **{f"select1_sm{k}": with_per_sm(k, lambda: scatter.mask_select_copy(dst, src, flat, None, scatter.COPY,
+                                                                                  cfg)) for k in (1, 2, 8, 64)},
              "bound_map": bound_merge(dst, mask, src, False), "bound_select": bound_merge(dst, mask, src, True),
              "auto": lambda: masked_row_scatter_(dst, mask, src),
              "plan": lambda: masked_row_scatter_(dst, src=src, plan=plan)}
@@ -165,7 +180,8 @@ def main() -> None:
                 rows.append(case(n, density, pattern, configs, tuple(args.sums), args.parts))
                 torch.cuda.empty_cache()
     goal = [r for r in rows if r["mb_moved"] >= GOAL_FROM_MB]
-    for name in ("map", "select", "select1", "select1_counting", "auto", "plan",
+    for name in ("map", "select", "select1", "select1_counting", *(f"select1_sm{k}" for k in (1, 2, 8, 64)), "auto",
+                 "plan",
                  *(f"select{one}_{config_name(c)}" for c in configs for one in ("", "1")),
                  *(f"select_sums{w}" for w in args.sums), *(("floor", "select_ready") if args.parts else ())):
         met = sum(r["calls"][name]["device_us"] <= GOAL_RATIO * r["calls"]["copy"]["device_us"] for r in goal)

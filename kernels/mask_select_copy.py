@@ -45,33 +45,56 @@ def mask_select_copy_kernel(
     it only here, scatter.mask_select_copy), or ONE_LAUNCH (grid >= cdiv(n_blocks, OWNED)): published by this
     launch's programs, see published_counts."""
     pid = tl.program_id(0)
-    if ONE_LAUNCH:
-        gen = tl.load(state_ptr + GEN, volatile=True)
-    j = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    compact_rows = compact_ptr + j[:, None] * stride_compact_row
-    cols = tl.arange(0, BLOCK_H)
-    first = tl.load(compact_rows + cols[None, :], mask=(j < n_rows)[:, None] & (cols < H)[None, :])
     b = tl.arange(0, COUNTS)
-    if ONE_LAUNCH:
+    if ONE_LAUNCH:  # a persistent grid: each program gets the counts once, then moves tiles pid, pid + grid, ...
+        gen = tl.load(state_ptr + GEN, volatile=True)
         count = published_counts(mask_ptr, state_ptr + STATUS, pid, tag_of(gen), n, n_blocks, BLOCK, COUNTS,
                                  OWNED, SPINS)
+        inclusive = tl.cumsum(count, axis=0)
+        found = tl.sum(count, axis=0)
+        tiles = (tl.minimum(n_rows, found) + ROWS - 1) // ROWS
+        for tile in range(pid, tiles, tl.num_programs(0)):
+            j = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+            move_selected(dense_ptr, compact_ptr, mask_ptr, j, count, inclusive, n, n_rows, found, H,
+                          stride_dense_row, stride_compact_row, MODE, BLOCK_H, BLOCK, COUNTS)
+        release_state(state_ptr, gen, n_blocks)
     else:
+        j = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        compact_rows = compact_ptr + j[:, None] * stride_compact_row
+        cols = tl.arange(0, BLOCK_H)
+        first = tl.load(compact_rows + cols[None, :], mask=(j < n_rows)[:, None] & (cols < H)[None, :])
         if AFTER_COUNTS:
             tl.extra.cuda.gdc_wait()  # the counts are written and visible
         count = tl.load(counts_ptr + b, mask=b < n_blocks, other=0)
-    inclusive = tl.cumsum(count, axis=0)
-    row_ok = (j < n_rows) & (j < tl.sum(count, axis=0))
+        inclusive = tl.cumsum(count, axis=0)
+        row_ok = (j < n_rows) & (j < tl.sum(count, axis=0))
+        block = tl.sum((inclusive[None, :] <= j[:, None]).to(tl.int32), axis=1)  # blocks wholly before the j-th
+        rank = j - tl.sum(tl.where(b[None, :] == block[:, None], (inclusive - count)[None, :], 0), axis=1)
+        i = block.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # 64-bit: N*H may pass 2**31
+        is_true = (tl.load(mask_ptr + i, mask=row_ok[:, None] & (i < n), other=0) != 0).to(tl.int32)
+        below = tl.cumsum(is_true, axis=1) - is_true
+        dense_row = tl.sum(tl.where((is_true != 0) & (below == rank[:, None]), i, 0), axis=1)
+        dense_rows = dense_ptr + dense_row[:, None] * stride_dense_row
+        put_tile(dense_rows + cols[None, :], first, row_ok[:, None] & (cols < H)[None, :], MODE)
+        move_rows(dense_rows + BLOCK_H, compact_rows + BLOCK_H, row_ok, H - BLOCK_H, MODE, BLOCK_H)
+
+
+@triton.jit
+def move_selected(dense_ptr, compact_ptr, mask_ptr, j, count, inclusive, n, n_rows, found, H, stride_dense_row,
+                  stride_compact_row, MODE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
+                  COUNTS: tl.constexpr):
+    """Compact rows ``j`` [ROWS] into the dense rows of the mask's j-th true bytes, for j < min(n_rows, found),
+    from the block counts ``count`` [COUNTS] and their cumsum ``inclusive``."""
+    b = tl.arange(0, COUNTS)
+    row_ok = (j < n_rows) & (j < found)
     block = tl.sum((inclusive[None, :] <= j[:, None]).to(tl.int32), axis=1)  # blocks wholly before the j-th
     rank = j - tl.sum(tl.where(b[None, :] == block[:, None], (inclusive - count)[None, :], 0), axis=1)
     i = block.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # 64-bit: N*H may pass 2**31
     is_true = (tl.load(mask_ptr + i, mask=row_ok[:, None] & (i < n), other=0) != 0).to(tl.int32)
     below = tl.cumsum(is_true, axis=1) - is_true
     dense_row = tl.sum(tl.where((is_true != 0) & (below == rank[:, None]), i, 0), axis=1)
-    dense_rows = dense_ptr + dense_row[:, None] * stride_dense_row
-    put_tile(dense_rows + cols[None, :], first, row_ok[:, None] & (cols < H)[None, :], MODE)
-    move_rows(dense_rows + BLOCK_H, compact_rows + BLOCK_H, row_ok, H - BLOCK_H, MODE, BLOCK_H)
-    if ONE_LAUNCH:
-        release_state(state_ptr, gen, n_blocks)
+    move_rows(dense_ptr + dense_row[:, None] * stride_dense_row, compact_ptr + j[:, None] * stride_compact_row,
+              row_ok, H, MODE, BLOCK_H)
 
 
 @triton.jit

@@ -336,8 +336,8 @@ def _launch(launch: Launch, dst, mask, src, accumulate, at, layout) -> None:
             return
         programs = cdiv(n, SELECT_BLOCK)
         state = workspace(dst.device, programs).data_ptr()
-        bound(select_grid(n, m, config.rows), _raw_stream(device), dst_ptr, src_ptr, mask_ptr, state, state, n,
-              programs, m, h, dst_stride, src_stride)
+        bound(select_grid(n, m, config.rows, device), _raw_stream(device), dst_ptr, src_ptr, mask_ptr, state, state,
+              n, programs, m, h, dst_stride, src_stride)
     else:  # DEVICE_ROWS: in one fresh device buffer the map (M entries), the count at 16 bytes, the block counts
         capacity = -(-m // 4) * 4
         programs = cdiv(n, launch.block)

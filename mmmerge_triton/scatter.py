@@ -243,7 +243,7 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     (workspaces.workspace); ``spins`` overrides SELECT_SPINS.
     Returns the kernels as bound (each None under the interpreter), as row_copy does: the counts' (None in one
     launch), arguments (grid_x = cdiv(N, SELECT_BLOCK), stream, mask_bytes, counts, N); the copy's, arguments
-    (grid_x = select_grid(N, M, cfg.rows), stream, dense, compact, mask_bytes, counts, workspace (or counts),
+    (grid_x = select_grid(N, M, cfg.rows, device in one launch), stream, dense, compact, mask_bytes, counts, workspace (or counts),
     N, cdiv(N, SELECT_BLOCK), M, H, dense row stride, compact row stride). None if nothing moves."""
     n = dense.shape[0]
     n_rows, hidden = compact.shape
@@ -276,7 +276,7 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
            counts.data_ptr() % 16, hidden, sd, sc, n_rows > 0x7FFFFFFF, mode, sums, one_launch, spins, overlap, cfg)
     bound_copy = _mask_select_copy.launch(
         key,
-        (select_grid(n, n_rows, cfg.rows), 1),
+        (select_grid(n, n_rows, cfg.rows, (-1 if INTERPRET else device) if one_launch else None), 1),
         (dense, compact, mask_bytes, counts, state, n, programs, n_rows, hidden, sd, sc),
         (mode, cfg.rows, cfg.block_h, SELECT_BLOCK, sums, overlap, one_launch, owned, spins),
         (cfg.num_warps, cfg.num_stages, overlap),
@@ -285,11 +285,26 @@ def mask_select_copy(dense, compact, mask_bytes, counts, mode: int, cfg: KernelC
     return bound_counts, bound_copy
 
 
-def select_grid(n: int, m: int, rows: int) -> int:
-    """Programs of mask_select_copy_kernel for N mask rows and M compact rows, ``rows`` per program: one per
-    ``rows`` of min(M, N) (compact rows past the mask's N never move), at least one per SELECT_OWNERS block
-    counter in one launch (extra programs count, then find no row to move)."""
-    return max(cdiv(min(m, n), rows), min(cdiv(n, SELECT_BLOCK), SELECT_OWNERS))
+SELECT_PER_SM = 4
+"""One launch: programs per SM of its persistent grid (select_grid), each reading the published block counts once
+and then moving every grid-th tile of rows."""
+
+
+def select_grid(n: int, m: int, rows: int, device: int | None = None) -> int:
+    """Programs of mask_select_copy_kernel for N mask rows and M compact rows, ``rows`` per tile: one per tile of
+    min(M, N) rows (compact rows past the mask's N never move). ``device``: one launch on that CUDA device (-1:
+    the interpreter): a persistent grid of at most SELECT_PER_SM programs per SM, at least one per SELECT_OWNERS
+    block counter (extra programs count, then find no row to move)."""
+    tiles = cdiv(min(m, n), rows)
+    if device is None:
+        return tiles
+    return max(min(tiles, SELECT_PER_SM * _sm_count(device)), min(cdiv(n, SELECT_BLOCK), SELECT_OWNERS))
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    """SMs of a CUDA device; 2 under the interpreter (-1), so that its programs loop over several tiles."""
+    return 2 if device < 0 else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gather_rows(dense2d, rows, count, n_rows: int, dtype: torch.dtype, cfg: KernelConfig,
