@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmmerge_triton import launch
-from mmmerge_triton.tools import analysis, bench, report, timing, tune
+from mmmerge_triton import PATHS, launch
+from mmmerge_triton.tools import analysis, bench, heldout, report, timing, tune
 from mmmerge_triton.tools.cases import Case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +308,7 @@ def test_report_compares_auto_with_the_best_other_path(tmp_path):
     assert "| triton (r1_b2048_w8_s1) | index_put | 0.50 |" in out.out  # not auto, not triton (auto's own call)
     assert "| triton (r1_b2048_w8_s1) | index_put | 1.25 |" in out.out
     assert "reads worst 1.000x" in out.out  # the file's own summary, and why it differs
-    assert tune.auto_against_others is report.auto_against_others is analysis.auto_against_others  # one metric
+    assert heldout.auto_against_others is report.auto_against_others is analysis.auto_against_others  # one metric
 
 
 def test_report_rejects_a_json_of_numbers_that_no_tool_wrote(tmp_path):
@@ -382,6 +382,27 @@ def test_tune_device_times_times_each_layout_then_repicks_and_goes_on_where_it_s
     calls = len(costs)
     tune.add_device_times(table, torch.device("cpu"))
     assert len(costs) == calls and json.loads(table.read_text())["entries"] == written["entries"]
+
+
+@pytest.mark.skipif(not launch.INTERPRET, reason="the merges run on the CPU under the interpreter")
+def test_heldout_check_writes_a_regret_table_the_report_reads(tmp_path, monkeypatch):
+    """mmmerge-tune --evaluate's body (heldout.write_evaluation) on a two-point grid, each call run once and
+    given a time by what it ran: auto against every path and the oracle, the summary, a file report prints."""
+    monkeypatch.setattr(heldout, "HELD_OUT", dict(n=(64,), hidden=(32,), density=(0.5,),
+                                                  dtypes=(("bf16", "bf16"),), mask=("cpu", "gpu")))
+    times = iter(range(1, 10_000))  # every timing distinct: a fastest exists at each step
+    monkeypatch.setattr(tune, "_time", lambda call, device: (call(), float(next(times)))[1])
+    out = tmp_path / "regret_x.json"
+    heldout.write_evaluation(torch.device("cpu"), out)
+    run = json.loads(out.read_text())
+    assert [(p["case"]["n"], p["case"]["mask"]) for p in run["points"]] == [(64, "cpu"), (64, "gpu")]
+    for point in run["points"]:
+        assert set(point["loop_us"]) == {"auto", *PATHS}
+        assert point["auto_choice"] in point["final_loop_us"] and point["oracle_ratio"] >= 1.0
+        assert point["oracle_choice"] == min(point["final_loop_us"], key=point["final_loop_us"].get)
+    assert 0 < run["dispatch_us"] and run["environment"]["device_type"] == "cpu"
+    printed = _captured(lambda: report.main([str(out)]))
+    assert printed.rc == 0 and "2 points" in printed.out, printed.err
 
 
 @pytest.mark.parametrize("threads", ["-3", "0", "two"])

@@ -1,6 +1,6 @@
 """What the figures of a run say, each a ratio within that run: a figure of one path, the spread of its rounds, the
 points below a copy of the same bytes, the targets, and auto against the other paths at held-out points.
-report.py prints them; bench.py, tune.py, plots.py and the bench scripts read them."""
+report.py prints them; bench.py, heldout.py, plots.py and the bench scripts read them."""
 from __future__ import annotations
 
 import statistics

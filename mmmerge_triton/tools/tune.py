@@ -1,4 +1,5 @@
-"""The tuning sweep, and the held-out check of what it wrote. The sweep, --evaluate and --device-times need a CUDA GPU.
+"""The tuning sweep and its selection rule, and the command that runs them and the held-out check (heldout.py).
+The sweep, --evaluate and --device-times need a CUDA GPU.
 
     python -m mmmerge_triton.tools.tune [--quick] [--resume]     (installed as ``mmmerge-tune``)
     python -m mmmerge_triton.tools.tune --evaluate [--out FILE]
@@ -11,15 +12,12 @@ dominates), at a device mask's points its finalists in device time too (DEVICE_T
 ``configs/<device name>.json`` (see dispatch.py). Finished points are appended to a ``.partial`` file as they
 complete, so ``--resume`` picks an interrupted sweep up where it stopped. ``--device-times`` adds those device
 times to a table swept without them, entry by entry (rerun it to go on where it stopped), and re-picks its winners.
-``--evaluate`` times path="auto" on a grid the sweep never saw, against every path and against the best
-Triton configuration at each point, and writes the regret table (default
-./mmmerge-results/regret_<device>.json in the current directory).
+``--evaluate`` runs the held-out check of what it wrote (heldout.py).
 
 Runtime internals used (no public function does the same): ``paths.RUNNERS`` (the bare paths, as in bench.py),
 ``executor.merge_triton(config=...)`` (a Triton configuration launched directly), ``kernel_config.default_config`` and
 ``kernel_config.default_of_kind`` (the defaults a measured configuration must beat), and ``dispatch.TABLE_VERSION``,
-``table_dir``, ``table_file_name``, ``clear_cache`` and ``choose`` (the table's format, where it lives, and the
-cached decision whose cost --evaluate reports).
+``table_dir``, ``table_file_name`` and ``clear_cache`` (the table's format, where it lives, its cached decisions).
 """
 from __future__ import annotations
 
@@ -30,16 +28,14 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import triton
 
 from . import timing
-from .. import PATHS, KernelConfig, dispatch, executor, explain, masked_row_scatter_, paths
+from .. import KernelConfig, dispatch, executor, paths
 from ..kernel_config import default_config, default_of_kind
-from .analysis import auto_against_others, ratio_summary
 from .bench import DEFAULT_OUT, _progress, device_name, environment
 from .cases import Case, make_inputs
 
@@ -48,8 +44,6 @@ SWEEP = {
                  dtypes=(("bf16", "bf16"), ("fp32", "bf16")), mask=("cpu", "gpu")),
     "quick": dict(n=(2048, 16384), hidden=(4096,), density=(0.5,), dtypes=(("bf16", "bf16"),), mask=("cpu", "gpu")),
 }
-HELD_OUT = dict(n=(512, 3000, 12000, 40000, 100000), hidden=(1536, 2560, 3584, 5120, 7168), density=(0.5,),
-                dtypes=(("bf16", "bf16"), ("fp32", "bf16")), mask=("cpu", "gpu"))
 BUDGET_S = 0.015  # loop-time budget per measurement
 CONFIRM_ROUNDS = 2  # fresh interleaved timings of a point's finalists (see tune_case)
 
@@ -94,7 +88,7 @@ def tune_case(case: Case, device: torch.device) -> dict:
     defaults = {default_of_kind(case.hidden, fused) for fused in ((False, True) if case.mask == "gpu" else (False,))}
     finalists = set(sorted(configs, key=configs.get)[:2]) | defaults
     calls = {c: (lambda c=c: executor.merge_triton(dst, mask, src, False, config=c)) for c in finalists}
-    configs.update(_interleaved_loop_us(calls, device, CONFIRM_ROUNDS))
+    configs.update(interleaved_loop_us(calls, device, CONFIRM_ROUNDS))
     entry = {
         "key": _key(case),
         "loop_us": loop_us,
@@ -284,7 +278,7 @@ def _case(key: dict) -> Case:
     return case
 
 
-def _interleaved_loop_us(calls: dict, device: torch.device, rounds: int) -> dict:
+def interleaved_loop_us(calls: dict, device: torch.device, rounds: int) -> dict:
     """Loop µs of each call, timed ``rounds`` times in rotating order (no call always runs first) and the
     fastest kept: drift on a shared machine hits all alike, and noise only ever adds time."""
     samples = {name: [] for name in calls}
@@ -293,69 +287,6 @@ def _interleaved_loop_us(calls: dict, device: torch.device, rounds: int) -> dict
         for name in names[r % len(names):] + names[:r % len(names)]:
             samples[name].append(_time(calls[name], device))
     return {name: min(v) for name, v in samples.items()}
-
-
-def evaluate(device: torch.device, rounds: int = 5, finalists: int = 3) -> dict:
-    """path="auto" on the held-out grid, two ways, each within one point's measurements:
-
-    - against every other path through the public API (``ratio``: auto / the best of the other paths,
-      analysis.auto_against_others), as a user would call them. The path auto chose, called by name, is the very
-      same call (a named "triton" takes the tuned configuration too), so it is timed and recorded but not
-      compared: the difference would be the host's noise, not a choice;
-    - against an oracle (``oracle_ratio``): the configuration auto chose, launched directly, against the best
-      path runner or Triton configuration (every one the sweep tries, and the heuristic's) at this very point:
-      what a sweep that had seen the point would have picked. All are screened once; the ``finalists`` fastest
-      and auto's choice are then timed afresh, ``rounds`` times, and the ratio taken from those times only (so
-      the oracle is not merely the luckiest of twenty noisy samples).
-    """
-    points = []
-    for case in _progress(sweep_cases(HELD_OUT), "held-out points"):
-        dst, mask, src = make_inputs(case, device)
-        api_calls = {name: (lambda p=name: masked_row_scatter_(dst, mask, src, path=p))
-                     for name in ("auto",) + PATHS}
-        loop_us = _interleaved_loop_us(api_calls, device, rounds)
-        decision = explain(dst, src, mask)
-        direct = {name: (lambda r=runner: r(dst, mask, src, False))
-                  for name, runner in paths.RUNNERS.items()}
-        configs = set(triton_configs(case.hidden, case.mask == "gpu"))
-        configs.add(default_config(case.hidden, src.shape[0], case.n, case.mask == "gpu"))
-        if decision.config is not None:
-            configs.add(decision.config)
-        for cfg in configs:
-            direct[config_name(cfg)] = lambda c=cfg: executor.merge_triton(dst, mask, src, False, config=c)
-        chosen = config_name(decision.config) if decision.path == "triton" else decision.path
-        screened = _interleaved_loop_us(direct, device, 1)
-        final_names = set(sorted(screened, key=screened.get)[:finalists]) | {chosen}
-        final_us = _interleaved_loop_us({name: direct[name] for name in final_names}, device, rounds)
-        best, ratio = auto_against_others(loop_us, decision.path)
-        oracle = min(final_us, key=final_us.get)
-        points.append({"case": case.as_dict(), "loop_us": loop_us, "best_path": best, "auto_path": decision.path,
-                       "ratio": ratio, "screened_loop_us": screened,
-                       "final_loop_us": final_us, "auto_choice": chosen, "oracle_choice": oracle,
-                       "oracle_ratio": final_us[chosen] / final_us[oracle]})
-        del dst, mask, src
-        torch.cuda.empty_cache()
-    ours, oracle = (ratio_summary([p[key] for p in points]) for key in ("ratio", "oracle_ratio"))
-    return {
-        "points": points,
-        "within_5pct": ours["within_5pct"],
-        "worst_ratio": ours["worst"],
-        "median_ratio": ours["median"],
-        "oracle_within_5pct": oracle["within_5pct"],
-        "oracle_worst_ratio": oracle["worst"],
-        "oracle_median_ratio": oracle["median"],
-        "dispatch_us": _dispatch_cost(device),
-    }
-
-
-def _dispatch_cost(device: torch.device, calls: int = 20000) -> float:
-    """Host µs that a cached dispatch decision adds to a call (dispatch.choose on a warm cache)."""
-    dst, mask, src = make_inputs(Case(2048, 4096, 0.5), device)
-    dispatch.choose(dst, mask, src.dtype, src.shape[0])
-    start = time.perf_counter()
-    for _ in range(calls):
-        dispatch.choose(dst, mask, src.dtype, src.shape[0])
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,17 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         dispatch.clear_cache()
         return 0
     if args.evaluate:
-        out = args.out or DEFAULT_OUT / f"regret_{name}.json"
-        result = evaluate(device)
-        result["environment"] = environment(device)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        print(f"held-out points: {len(result['points'])}; auto within 5% of the best path at "
-              f"{100 * result['within_5pct']:.1f}%; worst {result['worst_ratio']:.3f}x, median "
-              f"{result['median_ratio']:.3f}x; against the per-point oracle within 5% at "
-              f"{100 * result['oracle_within_5pct']:.1f}%, worst {result['oracle_worst_ratio']:.3f}x, median "
-              f"{result['oracle_median_ratio']:.3f}x; cached dispatch {result['dispatch_us']:.2f} µs per call")
-        print(f"wrote {out}")
+        from .heldout import write_evaluation  # imported here: heldout reads the sweep's grid and configurations
+
+        write_evaluation(device, args.out or DEFAULT_OUT / f"regret_{name}.json")
         return 0
     out = args.out or dispatch.table_dir() / dispatch.table_file_name(name)
     sweep("quick" if args.quick else "full", device, out, args.resume)
