@@ -386,8 +386,8 @@ def test_tune_device_times_times_each_layout_then_repicks_and_goes_on_where_it_s
 
 @pytest.mark.skipif(not launch.INTERPRET, reason="the merges run on the CPU under the interpreter")
 def test_heldout_check_writes_a_regret_table_the_report_reads(tmp_path, monkeypatch):
-    """mmmerge-tune --evaluate's body (heldout.write_evaluation) on a two-point grid, each call run once and
-    given a time by what it ran: auto against every path and the oracle, the summary, a file report prints."""
+    """mmmerge-tune --evaluate's body (heldout.write_evaluation) on a two-point grid, each timing one call given
+    the next of rising times: auto against every path and the oracle, the summary, a file report prints."""
     monkeypatch.setattr(heldout, "HELD_OUT", dict(n=(64,), hidden=(32,), density=(0.5,),
                                                   dtypes=(("bf16", "bf16"),), mask=("cpu", "gpu")))
     times = iter(range(1, 10_000))  # every timing distinct: a fastest exists at each step
